@@ -1,0 +1,141 @@
+"""Checkpoints that load without running code and survive a crash mid-write.
+
+A checkpoint is a folder: `model.safetensors` (weights), `state.pt` (optimizer, step, RNG: tensors
+and plain values only, read with `torch.load(weights_only=True)`), and `manifest.json` (step, config
+hash, each file's size and sha256). It is written to a temporary folder and renamed into place, so a
+folder with a manifest is always whole; the manifest is checked again on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import fsync_dir
+from .errors import UserError
+
+MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+                    manifest: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically, replacing any folder of the same name."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+        torch.save(train_state, tmp / STATE_FILE)
+        files = {}
+        for name in (MODEL_FILE, STATE_FILE):
+            _fsync_file(tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": file_digest(tmp / name)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": files}, indent=1))
+        _fsync_file(tmp / MANIFEST_FILE)
+        fsync_dir(tmp)
+        old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, after checking every file against it; UserError names what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {folder} is incomplete (no {MANIFEST_FILE}); "
+                        "resume from an earlier checkpoint") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"checkpoint {folder} has a corrupt {MANIFEST_FILE}; "
+                        "resume from an earlier checkpoint") from None
+    for name in (MODEL_FILE, STATE_FILE):
+        path, want = folder / name, files.get(name, {})
+        if not path.is_file() or path.stat().st_size != want.get("size") or file_digest(path) != want.get("sha256"):
+            raise UserError(f"checkpoint {folder} is corrupt ({name} does not match its manifest); "
+                            "resume from an earlier checkpoint")
+    return manifest
+
+
+def load_checkpoint(folder: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Weights, trainer state and manifest. Never unpickles objects: a pickled payload is refused."""
+    manifest = read_manifest(folder) if verify else {}
+    try:
+        weights = load_file(folder / MODEL_FILE)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({err}); "
+                        "resume from an earlier checkpoint") from None
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise UserError(f"checkpoint {folder}: {STATE_FILE} holds more than tensors and plain values "
+                        f"and was refused without running it ({first[:120]}); only load checkpoints "
+                        "you trust, made by moe-tui") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"checkpoint {folder}: {STATE_FILE} cannot be read ({err}); "
+                        "resume from an earlier checkpoint") from None
+    return weights, state, manifest
+
+
+def step_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Step checkpoint folders under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest step checkpoint whose files match its manifest, and the problems met on the way."""
+    problems = []
+    for _, folder in step_checkpoints(root):
+        try:
+            read_manifest(folder)
+            return folder, problems
+        except UserError as err:
+            problems.append(str(err))
+    return None, problems
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints (plus `best`), and clear leftovers of crashed writes."""
+    for _, folder in step_checkpoints(root)[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

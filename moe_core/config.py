@@ -1,0 +1,239 @@
+"""Run configuration: presets, TOML files and validation.
+
+One flat dataclass keeps the CLI flags, the TOML keys and the saved run config the same names.
+The resolved config is written to each run as `config.toml`, grouped into sections for reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .atomic import atomic_write_text
+from .errors import UserError
+
+ROUTERS = ("topk", "noisy_topk")
+INITS = ("kaiming", "xavier", "normal")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MOE_IMPLS = ("fast", "reference")
+
+
+@dataclass
+class Config:
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    num_experts: int = 4
+    top_k: int = 2
+    router: str = "topk"
+    capacity_factor: float = 0.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+    moe_impl: str = "fast"  # "reference" = the textbook per-expert mask loop (for learning and bench)
+    # training
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    warmup_iters: int = 100
+    max_iters: int = 2000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    # evaluation, logging, sampling, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_interval: int = 500
+    sample_tokens: int = 200
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 3
+    # data
+    dataset: str = "shakespeare"
+    columns: list[str] = field(default_factory=list)
+    encoding: str = "utf-8"
+    val_fraction: float = 0.1
+    preset: str = "cpu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router",
+              "capacity_factor", "dropout", "init", "moe_impl"),
+    "train": ("batch_size", "lr", "min_lr_ratio", "lr_schedule", "warmup_iters", "max_iters",
+              "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "seed", "device", "compile"),
+    "schedule": ("eval_interval", "eval_iters", "log_interval", "sample_interval", "sample_tokens",
+                 "ckpt_interval", "keep_checkpoints"),
+    "data": ("dataset", "columns", "encoding", "val_fraction", "preset"),
+}
+
+# Keys that may change when a run is resumed: they alter neither the model nor the data.
+RESUMABLE_KEYS = frozenset(SECTIONS["schedule"]) | {
+    "max_iters", "lr", "min_lr_ratio", "device", "compile", "grad_clip", "preset"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seeds' hyperparameters exactly (makeMoE / Mixture of Idiotic Experts): constant lr, no aux losses.
+    "seed": dict(n_layer=8, n_head=8, n_embd=128, block_size=32, num_experts=8, top_k=2,
+                 router="noisy_topk", capacity_factor=1.0, dropout=0.1, init="kaiming",
+                 batch_size=16, lr=1e-3, lr_schedule="constant", warmup_iters=0, max_iters=5000,
+                 weight_decay=0.01, grad_clip=0.0, aux_loss_coef=0.0, z_loss_coef=0.0,
+                 eval_interval=100, eval_iters=20, sample_interval=500, ckpt_interval=500),
+    # Default on CPU: small and wide-batched, tuned for a low validation loss fast on 2 cores.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, num_experts=4, top_k=2,
+                router="topk", capacity_factor=0.0, dropout=0.0, batch_size=32, lr=2e-3,
+                lr_schedule="cosine", warmup_iters=100, max_iters=2000, eval_interval=250,
+                sample_interval=500, ckpt_interval=500),
+    # Default on CUDA: larger model, longer context.
+    "gpu": dict(n_layer=8, n_head=8, n_embd=384, block_size=256, num_experts=8, top_k=2,
+                router="noisy_topk", capacity_factor=1.25, dropout=0.1, batch_size=64, lr=1e-3,
+                lr_schedule="cosine", warmup_iters=200, max_iters=5000, eval_interval=250,
+                eval_iters=40, sample_interval=500, ckpt_interval=1000),
+}
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    """Check a value's type against the field, accepting ints for floats."""
+    kind = FIELD_TYPES[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise UserError(f"{origin}: '{key}' must be {kind}, got {value!r}; fix the value")
+    return float(value) if kind == "float" else value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file: flat keys, or keys grouped in [model], [train], [schedule], [data]."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found; check the path given to --config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML ({err}); fix the syntax") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        items = value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            if k not in FIELD_TYPES:
+                raise UserError(f"config file {path}: unknown key '{k}'; valid keys: {', '.join(FIELD_TYPES)}")
+            flat[k] = _coerce(k, v, f"config file {path}")
+    return flat
+
+
+def write_toml(config: Config, path: Path) -> None:
+    """Write the resolved config grouped into sections (a tiny writer: values are simple)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    values = config.to_dict()
+    lines = ["# moe-tui run config (resolved: preset + config file + flags)"]
+    for section, keys in SECTIONS.items():
+        lines += ["", f"[{section}]"] + [f"{k} = {fmt(values[k])}" for k in keys]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def build_config(preset: str | None, file_values: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """Preset, then config file, then flags: later wins. No preset: `gpu` on CUDA, else `cpu`."""
+    device = overrides.get("device", file_values.get("device", "auto"))
+    if device not in DEVICES:
+        raise UserError(f"unknown device '{device}'; use one of {', '.join(DEVICES)}")
+    if preset is None:
+        preset = file_values.get("preset") or ("gpu" if resolve_device(device) == "cuda" else "cpu")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; use one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **file_values, **overrides, "preset": preset}
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "batch_size",
+                 "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
+                 "ckpt_interval", "keep_checkpoints"):
+        need(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(c, name)}")
+    need(c.sample_tokens >= 0, f"--sample-tokens must be 0 or more, got {c.sample_tokens}")
+    need(c.n_embd % c.n_head == 0,
+         f"--n-embd {c.n_embd} is not divisible by --n-head {c.n_head}; pick sizes where it is (e.g. 128 and 8)")
+    need(c.top_k <= c.num_experts,
+         f"--top-k {c.top_k} is larger than --num-experts {c.num_experts}; use --top-k {c.num_experts} or fewer")
+    need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
+    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be between 0 and 1, got {c.min_lr_ratio}")
+    need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
+    need(0 < c.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {c.val_fraction}")
+    need(c.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {c.warmup_iters}")
+    need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
+    need(c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}")
+    need(c.aux_loss_coef >= 0, f"--aux-loss-coef must be >= 0, got {c.aux_loss_coef}")
+    need(c.z_loss_coef >= 0, f"--z-loss-coef must be >= 0, got {c.z_loss_coef}")
+    for key, allowed in (("router", ROUTERS), ("init", INITS), ("lr_schedule", SCHEDULES),
+                         ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
+        need(getattr(c, key) in allowed,
+             f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
+
+
+def diff_for_resume(saved: Config, wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split requested changes into allowed ones and the keys that would change the model or data."""
+    allowed, refused = {}, []
+    for key, value in wanted.items():
+        if getattr(saved, key) == value:
+            continue
+        if key in RESUMABLE_KEYS:
+            allowed[key] = value
+        else:
+            refused.append(key)
+    return allowed, refused

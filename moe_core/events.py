@@ -1,0 +1,140 @@
+"""Typed events: everything the trainer tells its front ends (headless reporter, dashboard, metrics file).
+
+Events are plain dataclasses of numbers and strings, so they cross threads, go into `metrics.jsonl`
+unchanged, and can be replayed to draw a dashboard without a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_name: str
+    dataset: str
+    device: str
+    params_total: int
+    params_active: int
+    start_step: int
+    max_iters: int
+    tokens_per_step: int
+    vocab_size: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """Training figures averaged over the last `log_interval` steps."""
+
+    step: int
+    loss: float  # LM cross-entropy, nats/char
+    aux_loss: float
+    z_loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_sec: float
+    elapsed: float  # wall seconds of training so far (pauses excluded)
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    step: int
+    train_loss: float  # nats/char
+    val_loss: float
+    elapsed: float
+
+    @property
+    def train_bpc(self) -> float:
+        return self.train_loss / LN2
+
+    @property
+    def val_bpc(self) -> float:
+        return self.val_loss / LN2
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    expert_fraction: list[float]  # share of routed assignments per expert (sums to 1)
+    dropped_fraction: float  # share of assignments over capacity
+    entropy: float  # mean router entropy per token, nats (max: ln E)
+
+    @property
+    def imbalance(self) -> float:
+        """Coefficient of variation of the expert loads: 0 = perfectly balanced."""
+        n = len(self.expert_fraction)
+        mean = 1.0 / n
+        var = sum((f - mean) ** 2 for f in self.expert_fraction) / n
+        return math.sqrt(var) / mean
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    step: int
+    layers: list[LayerRouting]
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int
+    prompt: str
+    text: str  # starts with the prompt
+    requested: bool  # True when a user asked for it, False for the periodic sample
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+    best: bool
+    val_loss: float | None
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: str  # one of STATES
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know: a warning or an error, with its text."""
+
+    level: str  # "info" | "warning" | "error"
+    message: str
+    step: int = 0
+
+
+STATES = ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error",
+          "stopped")
+
+Event = Union[RunStarted, StepMetrics, EvalMetrics, RouterStats, Sample, CheckpointSaved,
+              StateChanged, Notice]
+EventSink = Callable[[Event], None]
+
+EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}  # type: ignore[attr-defined]
+
+
+def to_record(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict with the event's type under "event"."""
+    record = {"event": type(event).__name__, **dataclasses.asdict(event)}
+    if isinstance(event, EvalMetrics):
+        record.update(train_bpc=event.train_bpc, val_bpc=event.val_bpc)
+    return record
+
+
+def from_record(record: dict[str, Any]) -> Event:
+    """Rebuild an event from a `metrics.jsonl` line (derived fields are dropped)."""
+    cls = EVENT_TYPES[record["event"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in record.items() if k in names}
+    if cls is RouterStats:
+        values["layers"] = [LayerRouting(**layer) for layer in values["layers"]]
+    return cls(**values)
+

@@ -1,0 +1,233 @@
+"""A GPT-style character language model whose feed-forward layers are sparse MoE layers.
+
+Pre-LayerNorm blocks, token + learned position embeddings, fused-QKV causal attention through
+`scaled_dot_product_attention`, and a KV cache for fast sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .moe import MoE, ReferenceMoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None  # language-model cross-entropy, nats per character
+    aux_loss: torch.Tensor  # load-balancing loss, averaged over layers
+    z_loss: torch.Tensor  # router z-loss, averaged over layers
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0  # tokens stored (the same in every layer)
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one matmul for all heads' q, k, v
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        causal = True
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            # A prefill from an empty cache is causal; one new token may see everything cached.
+            causal = start == 0
+            assert start == 0 or T == 1, "the cache takes a prefill or one token at a time"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class ReferenceAttention(nn.Module):
+    """The seeds' attention: one Linear per head for each of q, k, v, and a masked softmax."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        hs = config.head_dim
+        self.keys = nn.ModuleList(nn.Linear(config.n_embd, hs, bias=False) for _ in range(config.n_head))
+        self.queries = nn.ModuleList(nn.Linear(config.n_embd, hs, bias=False) for _ in range(config.n_head))
+        self.values = nn.ModuleList(nn.Linear(config.n_embd, hs, bias=False) for _ in range(config.n_head))
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        assert cache is None, "the reference attention has no KV cache"
+        T = x.shape[1]
+        heads = []
+        for key, query, value in zip(self.keys, self.queries, self.values):
+            k, q, v = key(x), query(x), value(x)
+            w = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
+            w = w.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
+            heads.append(self.attn_dropout(F.softmax(w, dim=-1)) @ v)
+        return self.resid_dropout(self.proj(torch.cat(heads, dim=-1)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        reference = config.moe_impl == "reference"
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn = (ReferenceAttention if reference else CausalSelfAttention)(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.moe = (ReferenceMoE if reference else MoE)(
+            config.n_embd, config.num_experts, config.top_k, noisy=config.router == "noisy_topk",
+            capacity_factor=config.capacity_factor, dropout=config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.moe(self.ln2(x))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        self.config, self.vocab_size = config, vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init = self.config.init
+        if isinstance(module, nn.Linear):
+            if init == "kaiming":  # the seeds' choice, suited to ReLU experts
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:  # GPT-2's N(0, 0.02)
+                nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.moe for block in self.blocks]
+
+    def num_params(self) -> tuple[int, int]:
+        """Total parameters, and those a token actually uses (its top-k experts, not all E)."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = sum(p.numel() for p in self.blocks[0].moe.experts[0].parameters())
+        idle = self.config.n_layer * (self.config.num_experts - self.config.top_k) * per_expert
+        return total, total - idle
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 x active matmul weights + attention (PaLM appendix B)."""
+        _, active = self.num_params()
+        matmul = active - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
+        c = self.config
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if targets is None:
+            logits = self.lm_head(x[:, -1:])  # sampling needs only the last position
+            loss = None
+        else:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        layers = self.moe_layers()
+        aux = torch.stack([m.aux_loss for m in layers]).mean()
+        z = torch.stack([m.z_loss for m in layers]).mean()
+        return ModelOutput(logits, loss, aux, z)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Yield (B,) next-token tensors, one per step, continuing the prompt `idx` (B, T).
+
+        Context is a window of at most block_size tokens. When it is full we keep its last half and
+        start again from there, so the cache is refilled once per block_size/2 tokens rather than
+        recomputed for every token. `use_cache=False` follows the same windows with full recompute,
+        so greedy output is identical either way.
+        """
+        bs = self.config.block_size
+        keep = max(1, bs // 2)
+        window = idx[:, -bs:]
+        cache, fresh = None, window  # `fresh`: tokens the model has not seen yet
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if cache is None:
+                    p = next(self.parameters())
+                    cache = KVCache(len(self.blocks), idx.shape[0], self.config.n_head, bs,
+                                    self.config.head_dim, p.device, p.dtype)
+                logits = self(fresh, cache=cache).logits[:, -1]
+            else:
+                logits = self(window).logits[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            yield nxt
+            window = torch.cat([window, nxt[:, None]], dim=1)
+            fresh = nxt[:, None]
+            if window.shape[1] > bs:
+                window = window[:, -keep:]
+                cache, fresh = None, window
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token from (B, V) logits; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop tokens once the mass before them already reaches top_p (always keep the first).
+        remove = cum - F.softmax(sorted_logits, dim=-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def reference_generate(model: MoETransformer, idx: torch.Tensor, max_new_tokens: int):
+    """The seeds' greedy loop: re-run the last block_size tokens for every new token (for bench)."""
+    bs = model.config.block_size
+    for _ in range(max_new_tokens):
+        nxt = model(idx[:, -bs:]).logits[:, -1].argmax(-1)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        yield nxt
+

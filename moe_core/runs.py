@@ -1,0 +1,165 @@
+"""A run folder: config, vocabulary, metrics log, samples and checkpoints of one training run.
+
+    runs/<name>/
+        config.toml       the resolved config, human-readable
+        vocab.json        the character vocabulary
+        metrics.jsonl     one JSON object per event
+        samples.txt       generated text, tagged with its step
+        checkpoints/      step-NNNNNNNN/ (the newest K) and best/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_text
+from .checkpoint import newest_intact, read_manifest
+from .config import Config, read_toml, write_toml
+from .data import Vocab
+from .errors import UserError
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("MOE_TUI_RUNS") or "runs")
+
+
+def check_run_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise UserError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.', with no path "
+                        "separators or '..' (e.g. --run-name shakespeare-small)")
+    if any(ch.isspace() or not ch.isprintable() for ch in name):
+        raise UserError(f"bad run name {name!r}: no spaces or control characters (e.g. shakespeare-small)")
+    return name
+
+
+@dataclass
+class Run:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config_path = property(lambda self: self.path / "config.toml")
+    vocab_path = property(lambda self: self.path / "vocab.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    samples_path = property(lambda self: self.path / "samples.txt")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best_checkpoint = property(lambda self: self.path / "checkpoints" / "best")
+
+    @classmethod
+    def prepare(cls, runs_dir: Path, name: str, overwrite: bool) -> "Run":
+        """Check that a new run may take this name; writes nothing (see `initialise`)."""
+        path = Path(runs_dir) / check_run_name(name)
+        if path.exists() and not overwrite:
+            raise UserError(f"run '{name}' already exists in {runs_dir}; continue it with "
+                            f"--resume {name}, or start afresh with --overwrite")
+        return cls(path)
+
+    def initialise(self, config: Config, vocab: Vocab) -> None:
+        """Create the run folder (replacing an old one, once everything else has been checked)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self.save_config(config)
+        atomic_write_text(self.vocab_path, vocab.to_json())
+
+    @classmethod
+    def open(cls, runs_dir: Path, name: str) -> "Run":
+        path = Path(runs_dir) / check_run_name(name)
+        if not (path / "config.toml").is_file():
+            known = ", ".join(sorted(list_run_names(runs_dir))[:8]) or "none yet"
+            raise UserError(f"no run '{name}' in {Path(runs_dir).resolve()} (runs: {known}); "
+                            "see `moe-tui runs` or pass --runs-dir")
+        return cls(path)
+
+    def save_config(self, config: Config) -> None:
+        write_toml(config, self.config_path)
+
+    def load_config(self) -> Config:
+        return Config(**read_toml(self.config_path))
+
+    def load_vocab(self) -> Vocab:
+        try:
+            return Vocab.from_json(self.vocab_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"run '{self.name}': vocab.json is missing or corrupt ({err}); "
+                            "the run cannot be used") from None
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every intact line; a torn last line (a crash mid-write) is skipped."""
+        if not self.metrics_path.exists():
+            return []
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop lines after `step` (and torn ones), so a resumed curve has no phantom steps."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append_sample(self, step: int, text: str) -> None:
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(f"--- step {step} ---\n{text}\n\n")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint(self, which: str = "latest") -> Path:
+        """The folder of the newest intact step checkpoint, or of `best`."""
+        if which == "best":
+            if not self.best_checkpoint.is_dir():
+                raise UserError(f"run '{self.name}' has no best checkpoint yet (one is written at each "
+                                "evaluation); use --checkpoint latest")
+            read_manifest(self.best_checkpoint)
+            return self.best_checkpoint
+        folder, problems = newest_intact(self.checkpoints)
+        if folder is None:
+            why = f" ({problems[0]})" if problems else ""
+            raise UserError(f"run '{self.name}' has no usable checkpoint{why}; train it first or "
+                            f"start afresh with --overwrite")
+        return folder
+
+    def summary(self) -> dict[str, Any]:
+        """Name, dataset, step, best val loss, params and last update, for `moe-tui runs`."""
+        info: dict[str, Any] = {"name": self.name, "dataset": "?", "step": 0, "best_val": None,
+                                "params": None, "active": None, "updated": None, "max_iters": None}
+        try:
+            config = self.load_config()
+            info.update(dataset=config.dataset, max_iters=config.max_iters)
+        except UserError:
+            pass
+        for record in self.read_metrics():
+            kind = record.get("event")
+            info["step"] = max(info["step"], record.get("step", 0) or 0)
+            if kind == "RunStarted":
+                info.update(params=record["params_total"], active=record["params_active"])
+            elif kind == "EvalMetrics":
+                best = info["best_val"]
+                info["best_val"] = record["val_loss"] if best is None else min(best, record["val_loss"])
+        stamp = max((p.stat().st_mtime for p in self.path.rglob("*") if p.is_file()), default=None)
+        info["updated"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+        return info
+
+
+def list_run_names(runs_dir: Path) -> list[str]:
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p.name for p in runs_dir.iterdir() if (p / "config.toml").is_file())

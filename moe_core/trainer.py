@@ -1,0 +1,381 @@
+"""The training loop, driven by any front end through events out and a small control interface in.
+
+    trainer = Trainer(config, run, vocab, ids, on_event=print)
+    trainer.control.pause()        # safe from any thread
+    trainer.run()                  # returns "finished", "stopped" or "error"
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, prune, save_checkpoint
+from .config import Config, resolve_device
+from .data import Vocab
+from .errors import UserError
+from .events import (CheckpointSaved, EvalMetrics, Event, EventSink, LayerRouting, Notice, RouterStats,
+                     RunStarted, Sample, StateChanged, StepMetrics, to_record)
+from .model import MoETransformer
+from .runs import Run
+from .sampling import SampleRequest, complete
+
+# Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router", "dataset",
+              "columns", "encoding", "val_fraction")
+
+
+class Control:
+    """Commands from a front end, safe to call from any thread; the loop acts between steps."""
+
+    def __init__(self) -> None:
+        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def pause(self) -> None:
+        self._commands.put(("pause", None))
+
+    def resume(self) -> None:
+        self._commands.put(("resume", None))
+
+    def toggle_pause(self) -> None:
+        self._commands.put(("toggle", None))
+
+    def stop(self, reason: str = "") -> None:
+        """Finish the current step, save a checkpoint and return from `run()`."""
+        self._commands.put(("stop", reason))
+
+    def sample(self, request: SampleRequest) -> None:
+        self._commands.put(("sample", request))
+
+    def save(self) -> None:
+        self._commands.put(("save", None))
+
+    def evaluate(self) -> None:
+        self._commands.put(("eval", None))
+
+    def next(self, wait: float | None) -> tuple[str, object] | None:
+        try:
+            return self._commands.get(timeout=wait) if wait else self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class Batches:
+    """Random (x, y) windows from a token stream, with its own RNG so resume can restore it."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int):
+        self.windows = ids.unfold(0, block_size + 1, 1)  # a view: row i = ids[i : i + block_size + 1]
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.windows[torch.randint(len(self.windows), (self.batch_size,), generator=self.generator)]
+        rows = rows.to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor,
+                 on_event: EventSink | None = None, resume: bool = False):
+        self.config, self.run_dir, self.vocab = config, run, vocab
+        self.on_event = on_event or (lambda event: None)
+        self.control = Control()
+        self.device = resolve_device(config.device)
+        self.state = "starting"
+
+        split = int(len(ids) * (1 - config.val_fraction))
+        self.train_ids, self.val_ids = ids[:split], ids[split:]
+        shortest = min(len(self.train_ids), len(self.val_ids))
+        if shortest <= config.block_size + 1:
+            raise UserError(f"the corpus is too short: {len(ids)} characters leave {shortest} in the smaller "
+                            f"split, and --block-size {config.block_size} needs more than "
+                            f"{config.block_size + 1}; use a longer text or a smaller --block-size")
+
+        torch.manual_seed(config.seed)
+        self.model = MoETransformer(config, len(vocab)).to(self.device)
+        self.params_total, self.params_active = self.model.num_params()
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.batches = Batches(self.train_ids, config.block_size, config.batch_size, config.seed)
+        # bf16 autocast on CUDA: matmuls at tensor-core speed, weights and optimizer stay fp32.
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda"
+                         else nullcontext())
+
+        self.step_num = 0
+        self.best_val = math.inf
+        self.elapsed = 0.0  # training wall time, pauses excluded
+        self.last_saved_step = -1
+        self.resumed = resume
+        if resume:
+            self._restore(run.checkpoint("latest"))
+        self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
+        self._window_time = 0.0
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # Decay matrices only (nanoGPT): biases, LayerNorm gains and embeddings' scale stay free.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fast = {"fused": True} if self.device == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), **fast)
+
+    def _restore(self, folder: Path) -> None:
+        weights, state, manifest = load_checkpoint(folder)
+        saved_shape = manifest.get("shape", {})
+        wanted = {k: getattr(self.config, k) for k in SHAPE_KEYS}
+        differ = [k for k in SHAPE_KEYS if k in saved_shape and saved_shape[k] != wanted[k]]
+        if differ:
+            raise UserError(f"checkpoint {folder} was made with a different "
+                            f"{', '.join(differ)}; resume with the run's own settings or start a new run")
+        try:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            if self.device == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            self.batches.generator.set_state(state["batches_rng"])
+            self.step_num = int(state["step"])
+            self.best_val = float(state["best_val"])
+            self.elapsed = float(state["elapsed"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise UserError(f"checkpoint {folder} does not fit this model ({str(err).splitlines()[0][:160]}); "
+                            "resume with the run's own settings or start a new run") from None
+        for group in self.optimizer.param_groups:  # a resumed run may ask for a new --lr
+            group["initial_lr"] = self.config.lr
+        self.last_saved_step = self.step_num
+
+    # -- the pieces a front end may call -------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_iters:
+            return c.lr * (step + 1) / c.warmup_iters
+        if c.lr_schedule == "constant":
+            return c.lr
+        progress = min(1.0, (step - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
+        floor = c.lr * c.min_lr_ratio
+        return floor + 0.5 * (c.lr - floor) * (1 + math.cos(math.pi * progress))
+
+    def step(self) -> None:
+        """One optimizer step on one batch."""
+        c = self.config
+        lr = self.lr_at(self.step_num)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        x, y = self.batches.next(self.device)
+        with self.autocast:
+            out = self.forward(x, y)
+        loss = out.loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.step_num += 1
+        # Kept as tensors: reading them back every step would stall an accelerator.
+        self._window.append((out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), norm.detach()))
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalMetrics:
+        """Mean loss over `eval_iters` batches of each split; the same batches every time."""
+        self.model.eval()
+        losses = []
+        for i, ids in enumerate((self.train_ids, self.val_ids)):
+            batches = Batches(ids, self.config.block_size, self.config.batch_size, self.config.seed + 1 + i)
+            total = torch.zeros((), device=self.device)
+            for _ in range(self.config.eval_iters):
+                x, y = batches.next(self.device)
+                with self.autocast:
+                    total += self.forward(x, y).loss
+            losses.append(total.item() / self.config.eval_iters)
+        return EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3))
+
+    def sample(self, request: SampleRequest) -> str:
+        """Text that starts with the prompt (seeded by the step unless the request names a seed)."""
+        return complete(self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
+
+    def save(self, best: bool = False) -> Path:
+        c = self.config
+        state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "batches_rng": self.batches.generator.get_state(), "step": self.step_num,
+                 "best_val": self.best_val, "elapsed": self.elapsed}
+        if self.device == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        manifest = {"step": self.step_num, "shape": {k: getattr(c, k) for k in SHAPE_KEYS},
+                    "val_loss": None if math.isinf(self.best_val) else self.best_val,
+                    "created": time.time()}
+        root = self.run_dir.checkpoints
+        folder = root / ("best" if best else f"step-{self.step_num:08d}")
+        save_checkpoint(folder, self.model.state_dict(), state, manifest)
+        if not best:
+            prune(root, c.keep_checkpoints)
+            self.last_saved_step = self.step_num
+        return folder
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        if not isinstance(event, StateChanged):
+            self.run_dir.log(to_record(event))
+        self.on_event(event)
+
+    def set_state(self, state: str, message: str = "") -> None:
+        self.state = state
+        self.emit(StateChanged(state, message))
+
+    def run(self, serve_after_finish: bool = False) -> str:
+        """Train to `max_iters`, acting on control commands between steps.
+
+        With `serve_after_finish` (the dashboard) the loop stays alive after the last step, or after
+        an error, answering sample/save/eval commands until `control.stop()`.
+        """
+        c = self.config
+        self.emit(RunStarted(self.run_dir.name, c.dataset, self.device, self.params_total, self.params_active,
+                             self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
+                             self.resumed))
+        self.set_state("running")
+        paused, done = False, False
+        while True:
+            command = self.control.next(wait=0.2 if (paused or done) else None)
+            if command is not None:
+                kind, arg = command
+                if kind == "stop":
+                    self._checkpoint_quietly()
+                    self.set_state("stopped", str(arg or ""))
+                    return "stopped"
+                if kind in ("pause", "resume", "toggle") and not done:
+                    paused = {"pause": True, "resume": False, "toggle": not paused}[kind]
+                    self.set_state("paused" if paused else "running")
+                else:
+                    self._serve(kind, arg)
+                continue
+            if paused or done:
+                continue
+            if self.step_num >= c.max_iters:
+                self._finish()
+                done = True
+                if not serve_after_finish:
+                    return "finished"
+                continue
+            try:
+                self._train_one()
+            except (NonFiniteLoss, RuntimeError, OSError) as err:
+                self._fail(err)
+                if not serve_after_finish:
+                    return "error"
+                done = True
+
+    def _train_one(self) -> None:
+        c = self.config
+        t0 = time.perf_counter()
+        self.step()
+        s = self.step_num
+        log_now = s % c.log_interval == 0 or s == c.max_iters
+        if log_now:
+            self._log_window(t0)
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        self._window_time = 0.0 if log_now else self._window_time + seconds
+        if s % c.eval_interval == 0 and s < c.max_iters:
+            self._serve("eval", None)
+        if s % c.sample_interval == 0 and c.sample_tokens > 0 and s < c.max_iters:
+            self._serve("sample", None)
+        if s % c.ckpt_interval == 0 and s < c.max_iters:
+            self._serve("save", None)
+
+    def _log_window(self, step_started: float) -> None:
+        """Turn the per-step tensors of the last few steps into one StepMetrics and RouterStats."""
+        stacked = torch.stack([torch.stack(row).float() for row in self._window]).cpu()  # one sync
+        n = len(self._window)
+        self._window = []
+        bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
+        if len(bad):
+            raise NonFiniteLoss(f"loss or gradient norm became non-finite at step {self.step_num - n + 1 + int(bad[0])}")
+        loss, aux, z, norm = stacked.mean(dim=0).tolist()
+        this_step = time.perf_counter() - step_started  # includes the sync above
+        seconds = self._window_time + this_step
+        c = self.config
+        self.emit(StepMetrics(self.step_num, loss, aux, z, self.optimizer.param_groups[0]["lr"], norm,
+                              n * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
+        layers = []
+        for moe in self.model.moe_layers():
+            st = moe.stats
+            counts = st.tokens_per_expert.float()
+            layers.append(LayerRouting((counts / counts.sum()).tolist(), st.dropped.item() / st.assignments,
+                                       st.entropy.item()))
+        self.emit(RouterStats(self.step_num, layers))
+
+    def _serve(self, kind: str, arg: object) -> None:
+        """Evaluate, sample or save on request; the time spent counts towards `elapsed`."""
+        t0 = time.perf_counter()
+        previous = self.state
+        try:
+            if kind == "eval":
+                self.set_state("evaluating")
+                result = self.evaluate()
+                self.emit(result)
+                if result.val_loss < self.best_val:
+                    self.best_val = result.val_loss
+                    self._save_or_warn(best=True)
+            elif kind == "sample":
+                self.set_state("sampling")
+                request = arg if isinstance(arg, SampleRequest) else SampleRequest(
+                    prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
+                text = self.sample(request)
+                self.run_dir.append_sample(self.step_num, text)
+                self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest),
+                                 request.temperature))
+            elif kind == "save":
+                self._save_or_warn(best=False)
+        except UserError as err:
+            self.emit(Notice("warning", str(err), self.step_num))
+        finally:
+            if self.state not in ("error",):
+                self.set_state(previous)
+            if previous not in ("paused", "finished", "error"):
+                self.elapsed += time.perf_counter() - t0
+
+    def _default_prompt(self) -> str:
+        return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]
+
+    def _save_or_warn(self, best: bool) -> None:
+        self.set_state("saving")
+        try:
+            folder = self.save(best=best)
+        except OSError as err:
+            self.emit(Notice("warning", f"could not save a checkpoint at step {self.step_num} ({err}); "
+                                        "training goes on and the previous checkpoint is kept", self.step_num))
+            return
+        self.emit(CheckpointSaved(self.step_num, str(folder), best,
+                                  None if math.isinf(self.best_val) else self.best_val))
+
+    def _checkpoint_quietly(self) -> None:
+        if self.step_num != self.last_saved_step and self.state != "error":
+            self._save_or_warn(best=False)
+
+    def _finish(self) -> None:
+        self._serve("eval", None)
+        if self.config.sample_tokens > 0:
+            self._serve("sample", None)
+        self._checkpoint_quietly()
+        self.set_state("finished")
+
+    def _fail(self, err: Exception) -> None:
+        self._window = []
+        last = self.last_saved_step
+        hint = (f"the last good checkpoint (step {last}) is kept" if last >= 0 else "no checkpoint was saved yet")
+        if isinstance(err, NonFiniteLoss):
+            hint += "; resume with a lower --lr" if last >= 0 else "; try a lower --lr"
+        self.set_state("error", str(err))
+        self.emit(Notice("error", f"{err}. Training stopped; {hint}", self.step_num))

@@ -1,0 +1,81 @@
+"""The plain reporter: one line per log interval and per evaluation, for nohup, CI and pipes.
+
+On a terminal it adds a Rich progress bar under the lines; elsewhere it prints plain text only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RunStarted, Sample, StateChanged,
+                             StepMetrics)
+
+
+def format_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+class HeadlessReporter:
+    def __init__(self, stream: TextIO | None = None, progress: bool | None = None):
+        stream = stream or sys.stdout
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.use_bar = self.console.is_terminal if progress is None else progress
+        self.progress: Progress | None = None
+        self.task = None
+        self.best_val = float("inf")
+
+    def __call__(self, event: Event) -> None:
+        line = self.describe(event)
+        if line:
+            self.console.print(line, markup=False)
+        if self.progress is not None and isinstance(event, StepMetrics):
+            self.progress.update(self.task, completed=event.step)
+
+    def describe(self, event: Event) -> str | None:
+        if isinstance(event, RunStarted):
+            verb = f"resuming at step {event.start_step}" if event.resumed else "training"
+            self._start_bar(event)
+            return (f"{verb} run '{event.run_name}' on {event.dataset} | device {event.device} | "
+                    f"{format_params(event.params_total)} params, {format_params(event.params_active)} active "
+                    f"per token | vocab {event.vocab_size} | {event.max_iters} steps of {event.tokens_per_step} tokens")
+        if isinstance(event, StepMetrics):
+            return (f"step {event.step:>6} | loss {event.loss:.4f} | aux {event.aux_loss:.3f} z {event.z_loss:.3f} "
+                    f"| lr {event.lr:.2e} | {event.tokens_per_sec:,.0f} tok/s | {event.elapsed:.0f}s")
+        if isinstance(event, EvalMetrics):
+            mark = " *best*" if event.val_loss < self.best_val else ""
+            self.best_val = min(self.best_val, event.val_loss)
+            return (f"eval {event.step:>6} | train {event.train_loss:.4f} | val {event.val_loss:.4f} nats/char "
+                    f"({event.val_bpc:.3f} bits/char){mark}")
+        if isinstance(event, Sample):
+            body = event.text.replace("\n", "\n    ")
+            return f"sample @ step {event.step}:\n    {body}"
+        if isinstance(event, CheckpointSaved):
+            return f"saved {'best ' if event.best else ''}checkpoint at step {event.step} -> {event.path}"
+        if isinstance(event, Notice):
+            return f"{event.level}: {event.message}"
+        if isinstance(event, StateChanged) and event.state in ("finished", "stopped"):
+            self._stop_bar()
+            return f"{event.state}{': ' + event.message if event.message else ''}"
+        if isinstance(event, StateChanged) and event.state == "error":
+            self._stop_bar()
+        return None
+
+    def _start_bar(self, event: RunStarted) -> None:
+        if not self.use_bar or self.progress is not None:
+            return
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+        self.task = self.progress.add_task(event.run_name, total=event.max_iters, completed=event.start_step)
+        self.progress.start()
+
+    def _stop_bar(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def close(self) -> None:
+        self._stop_bar()
