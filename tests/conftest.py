@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core.data import CORPORA
+from moe_core.data import CORPORA, load_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,17 +18,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def shared_data_dir() -> Path:
-    # CI sets MOE_TUI_DATA relative to the repo root; resolve it from there whatever the cwd.
-    path = Path(os.environ.get("MOE_TUI_DATA", REPO / ".." / "shared" / "data"))
+    """$MOE_TUI_DATA (CI points it at the offline copies), else the project's own data/ cache."""
+    path = Path(os.environ.get("MOE_TUI_DATA") or REPO / "data")
     return path if path.is_absolute() else REPO / path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The read-only folder with byte-exact copies of the named corpora (never written to)."""
+    """A folder holding both named corpora, checked by sha256; downloaded once if it lacks them."""
     path = shared_data_dir()
-    if not all((path / c.filename).is_file() for c in CORPORA.values()):
-        pytest.skip(f"offline copies of the named corpora not found in {path} (set MOE_TUI_DATA)")
+    for name in CORPORA:
+        load_corpus(name, path)  # no network when the file is there with the right hash
     return path
 
 

@@ -61,8 +61,10 @@ def train(
     z_loss_coef: Annotated[Optional[float], _opt("Router z-loss weight")] = None,
     init: Annotated[Optional[str], _opt("kaiming | xavier | normal")] = None,
     dropout: Annotated[Optional[float], _opt("Dropout rate")] = None,
+    moe_impl: Annotated[Optional[str], _opt("fast | reference (the textbook per-expert loop)")] = None,
     batch_size: Annotated[Optional[int], _opt("Sequences per step", TRAINING)] = None,
     lr: Annotated[Optional[float], _opt("Peak learning rate", TRAINING)] = None,
+    lr_schedule: Annotated[Optional[str], _opt("cosine | constant", TRAINING)] = None,
     warmup_iters: Annotated[Optional[int], _opt("Linear warmup steps", TRAINING)] = None,
     max_iters: Annotated[Optional[int], _opt("Training steps", TRAINING)] = None,
     weight_decay: Annotated[Optional[float], _opt("AdamW weight decay", TRAINING)] = None,
@@ -74,6 +76,7 @@ def train(
     eval_iters: Annotated[Optional[int], _opt("Batches per evaluation", SCHEDULE)] = None,
     log_interval: Annotated[Optional[int], _opt("Steps between log lines", SCHEDULE)] = None,
     sample_interval: Annotated[Optional[int], _opt("Steps between generated samples", SCHEDULE)] = None,
+    sample_tokens: Annotated[Optional[int], _opt("Characters per periodic sample (0 = none)", SCHEDULE)] = None,
     ckpt_interval: Annotated[Optional[int], _opt("Steps between checkpoints", SCHEDULE)] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("Step checkpoints kept (plus best)", SCHEDULE)] = None,
     column: Annotated[Optional[list[str]], _opt("CSV column to train on (repeatable; joined as 'A: B')", DATA)] = None,
@@ -231,7 +234,7 @@ def _download_progress():
 @app.command()
 def sample(
     run: Annotated[str, typer.Argument(help="Run name (see `moe-tui runs`)")],
-    prompt: Annotated[str, typer.Option(help="Text to continue; the output starts with it")] = "\n",
+    prompt: Annotated[str, typer.Option(help="Text to continue; the output starts with it", show_default="a newline")] = "\n",
     max_new_tokens: Annotated[int, typer.Option(help="Characters to generate")] = 500,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy)")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely characters", show_default=False)] = None,
