@@ -165,9 +165,12 @@ class MoETransformer(nn.Module):
         else:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        layers = self.moe_layers()
-        aux = torch.stack([m.aux_loss for m in layers]).mean()
-        z = torch.stack([m.z_loss for m in layers]).mean()
+        if self.training:
+            layers = self.moe_layers()
+            aux = torch.stack([m.aux_loss for m in layers]).mean()
+            z = torch.stack([m.z_loss for m in layers]).mean()
+        else:
+            aux = z = torch.zeros((), device=idx.device)
         return ModelOutput(logits, loss, aux, z)
 
     @torch.no_grad()

@@ -112,6 +112,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, weights, expert_idx = self.router(x)
         out, dropped, counts = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]))
+        if not self.training:  # losses and routing stats are for training; sampling skips their cost
+            return out.reshape(shape)
 
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts)

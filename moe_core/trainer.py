@@ -127,8 +127,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fast = {"fused": True} if self.device == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), **fast)
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), fused=True)
 
     def _restore(self, folder: Path) -> None:
         weights, state, manifest = load_checkpoint(folder)

@@ -265,6 +265,52 @@ def sample(
         out.write(f"--- sample {i} ---\n{text}\n")
 
 
+@app.command()
+def bench(
+    preset: Annotated[str, typer.Option(help="Model to measure: seed | cpu | gpu")] = "seed",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "cpu",
+    steps: Annotated[int, typer.Option(help="Training steps per timed repeat")] = 10,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats (the median is reported)")] = 5,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile both models")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
+) -> None:
+    """Measure training and sampling speed here: fast layers vs the textbook ones, MFU, KV cache."""
+    import json
+
+    from moe_core.bench import matmul_peak, sample_speed, train_speed
+
+    if steps <= 0 or repeats <= 0:
+        raise UserError("--steps and --repeats must be positive integers")
+    config = build_config(preset, {}, {"device": device})
+    where = resolve_device(device)
+    train = train_speed(config, device=where, steps=steps, repeats=repeats, compile=compile)
+    peak = matmul_peak(where)
+    sampling = sample_speed(config, device=where)
+    mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
+    result = {
+        "preset": preset, "device": where, "compile": compile,
+        "train_tokens_per_sec": round(train.fast_tokens_per_sec, 1),
+        "reference_tokens_per_sec": round(train.reference_tokens_per_sec, 1),
+        "train_speedup": round(train.speedup, 3),
+        "flops_per_token": train.flops_per_token, "matmul_peak_gflops": round(peak / 1e9, 2),
+        "mfu": round(mfu, 4),
+        "sample_chars_per_sec": round(sampling.cached_chars_per_sec, 1),
+        "reference_sample_chars_per_sec": round(sampling.reference_chars_per_sec, 1),
+        "sample_speedup": round(sampling.speedup, 2), "first_char_ms": round(sampling.first_char_ms, 2),
+    }
+    if json_out:
+        print(json.dumps(result))
+        return
+    table = Table("measure", "moe-tui", "textbook reference", "ratio", title=f"moe-tui bench: {preset} preset on {where}")
+    table.add_row("training tokens/s", f"{train.fast_tokens_per_sec:,.0f}", f"{train.reference_tokens_per_sec:,.0f}",
+                  f"{train.speedup:.2f}x")
+    table.add_row("model FLOPs utilisation", f"{mfu:.1%}", "", f"of {peak / 1e9:,.1f} GFLOP/s matmul peak")
+    table.add_row("sampling chars/s", f"{sampling.cached_chars_per_sec:,.0f}",
+                  f"{sampling.reference_chars_per_sec:,.0f}", f"{sampling.speedup:.1f}x")
+    table.add_row("time to first char", f"{sampling.first_char_ms:.1f} ms", "", "")
+    Console().print(table)
+
+
 @runs_app.callback()
 def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
     """List runs: name, dataset, step, best val loss, parameters, last update."""
