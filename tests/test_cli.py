@@ -80,6 +80,7 @@ def test_headless_output_lines(env, capsys):
     assert lines[0].startswith("training run 'lines' on simpsons | device cpu |")
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == 2 and "tok/s" in steps[0] and "lr " in steps[0] and "loss " in steps[0]
+    assert "experts cv " in steps[0] and "drop 0.0%" in steps[0]  # the tiny config is dropless
     evals = [line for line in lines if line.startswith("eval ")]
     assert len(evals) == 2 and "val " in evals[0] and "bits/char" in evals[0]
     assert "moe-tui sample lines" in err

@@ -11,8 +11,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RunStarted, Sample, StateChanged,
-                             StepMetrics)
+from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample,
+                             StateChanged, StepMetrics)
 
 
 def format_params(n: int) -> str:
@@ -27,12 +27,13 @@ class HeadlessReporter:
         self.progress: Progress | None = None
         self.task = None
         self.best_val = float("inf")
+        self.pending_step: StepMetrics | None = None
 
     def __call__(self, event: Event) -> None:
         line = self.describe(event)
         if line:
             self.console.print(line, markup=False)
-        if self.progress is not None and isinstance(event, StepMetrics):
+        if self.progress is not None and isinstance(event, RouterStats):
             self.progress.update(self.task, completed=event.step)
 
     def describe(self, event: Event) -> str | None:
@@ -42,9 +43,17 @@ class HeadlessReporter:
             return (f"{verb} run '{event.run_name}' on {event.dataset} | device {event.device} | "
                     f"{format_params(event.params_total)} params, {format_params(event.params_active)} active "
                     f"per token | vocab {event.vocab_size} | {event.max_iters} steps of {event.tokens_per_step} tokens")
-        if isinstance(event, StepMetrics):
-            return (f"step {event.step:>6} | loss {event.loss:.4f} | aux {event.aux_loss:.3f} z {event.z_loss:.3f} "
-                    f"| lr {event.lr:.2e} | {event.tokens_per_sec:,.0f} tok/s | {event.elapsed:.0f}s")
+        if isinstance(event, StepMetrics):  # printed with the routing figures that follow it
+            self.pending_step = event
+            return None
+        if isinstance(event, RouterStats) and self.pending_step is not None:
+            step, self.pending_step = self.pending_step, None
+            layers = event.layers
+            balance = sum(layer.imbalance for layer in layers) / len(layers)
+            dropped = sum(layer.dropped_fraction for layer in layers) / len(layers)
+            return (f"step {step.step:>6} | loss {step.loss:.4f} | aux {step.aux_loss:.3f} z {step.z_loss:.3f} "
+                    f"| experts cv {balance:.2f} drop {dropped:.1%} | lr {step.lr:.2e} "
+                    f"| {step.tokens_per_sec:,.0f} tok/s | {step.elapsed:.0f}s")
         if isinstance(event, EvalMetrics):
             mark = " *best*" if event.val_loss < self.best_val else ""
             self.best_val = min(self.best_val, event.val_loss)
