@@ -111,7 +111,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, expert_idx = self.router(x)
-        out, dropped, counts = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]))
+        out, dropped = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]))
         if not self.training:  # losses and routing stats are for training; sampling skips their cost
             return out.reshape(shape)
 
@@ -120,12 +120,21 @@ class MoE(nn.Module):
         self.z_loss = router_z_loss(logits)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+            counts = torch.bincount(expert_idx.flatten(), minlength=self.num_experts)
         self.stats = RoutingStats(counts, dropped, entropy, expert_idx.numel())
         return out.reshape(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sort assignments by expert so each expert runs once on a contiguous slice."""
+                 capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sort assignments by expert so each expert runs once on a contiguous slice.
+
+        Returns the combined output (N, C) and the number of assignments dropped by capacity.
+        """
+        dropped = torch.zeros((), device=x.device, dtype=torch.long)
+        if x.shape[0] == 1 and capacity is None:
+            # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
+            chosen = zip(expert_idx[0].tolist(), weights[0].unbind())
+            return sum(gate * self.experts[e](x) for e, gate in chosen), dropped
         flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
         # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
         order = torch.argsort(flat_expert, stable=True)
@@ -133,7 +142,6 @@ class MoE(nn.Module):
         token = order // self.top_k
         gate = weights.flatten()[order].unsqueeze(-1)
 
-        dropped = torch.zeros((), device=x.device, dtype=torch.long)
         if capacity is not None:
             # Position of each sorted assignment inside its expert's group; keep the first `capacity`.
             starts = torch.cumsum(counts, 0) - counts
@@ -152,7 +160,7 @@ class MoE(nn.Module):
         outputs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
         if outputs:
             out.index_add_(0, token, torch.cat(outputs) * gate)
-        return out, dropped, counts
+        return out, dropped
 
 
 class ReferenceMoE(MoE):
@@ -161,7 +169,6 @@ class ReferenceMoE(MoE):
     def dispatch(self, x, weights, expert_idx, capacity):
         out = torch.zeros_like(x)
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        counts = torch.bincount(expert_idx.flatten(), minlength=self.num_experts)
         for e, expert in enumerate(self.experts):
             chosen = expert_idx == e  # (N, k): where token n picked expert e
             rows = chosen.any(dim=-1).nonzero().squeeze(-1)  # tokens routed to e, in order
@@ -172,4 +179,4 @@ class ReferenceMoE(MoE):
                 continue
             gate = (weights * chosen).sum(dim=-1)[rows].unsqueeze(-1)
             out.index_add_(0, rows, expert(x[rows]) * gate)
-        return out, dropped, counts
+        return out, dropped
