@@ -115,6 +115,7 @@ class Trainer:
         self.elapsed = 0.0  # training wall time, pauses excluded
         self.last_saved_step = -1
         self.resumed = resume
+        self._paused = self._done = False  # loop state of run()
         if resume:
             self._restore(run.checkpoint("latest"))
         self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
@@ -244,36 +245,42 @@ class Trainer:
                              self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
                              self.resumed))
         self.set_state("running")
-        paused, done = False, False
+        self._paused = self._done = False
         while True:
-            command = self.control.next(wait=0.2 if (paused or done) else None)
-            if command is not None:
-                kind, arg = command
-                if kind == "stop":
-                    self._checkpoint_quietly()
-                    self.set_state("stopped", str(arg or ""))
-                    return "stopped"
-                if kind in ("pause", "resume", "toggle") and not done:
-                    paused = {"pause": True, "resume": False, "toggle": not paused}[kind]
-                    self.set_state("paused" if paused else "running")
-                else:
-                    self._serve(kind, arg)
-                continue
-            if paused or done:
-                continue
-            if self.step_num >= c.max_iters:
-                self._finish()
-                done = True
-                if not serve_after_finish:
-                    return "finished"
-                continue
             try:
-                self._train_one()
+                outcome = self._tick(serve_after_finish)
             except (NonFiniteLoss, RuntimeError, OSError) as err:
                 self._fail(err)
                 if not serve_after_finish:
                     return "error"
-                done = True
+                self._done = True
+                continue
+            if outcome is not None:
+                return outcome
+
+    def _tick(self, serve_after_finish: bool) -> str | None:
+        """Act on one command, or take one step; returns how `run()` ends, or None to go on."""
+        command = self.control.next(wait=0.2 if (self._paused or self._done) else None)
+        if command is not None:
+            kind, arg = command
+            if kind == "stop":
+                self._checkpoint_quietly()
+                self.set_state("stopped", str(arg or ""))
+                return "stopped"
+            if kind in ("pause", "resume", "toggle") and not self._done:
+                self._paused = {"pause": True, "resume": False, "toggle": not self._paused}[kind]
+                self.set_state("paused" if self._paused else "running")
+            else:
+                self._serve(kind, arg)
+            return None
+        if self._paused or self._done:
+            return None
+        if self.step_num >= self.config.max_iters:
+            self._finish()
+            self._done = True
+            return None if serve_after_finish else "finished"
+        self._train_one()
+        return None
 
     def _train_one(self) -> None:
         c = self.config
@@ -295,12 +302,9 @@ class Trainer:
 
     def _log_window(self, step_started: float) -> None:
         """Turn the per-step tensors of the last few steps into one StepMetrics and RouterStats."""
-        stacked = torch.stack([torch.stack(row).float() for row in self._window]).cpu()  # one sync
+        stacked = self._check_window()
         n = len(self._window)
         self._window = []
-        bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
-        if len(bad):
-            raise NonFiniteLoss(f"loss or gradient norm became non-finite at step {self.step_num - n + 1 + int(bad[0])}")
         loss, aux, z, norm = stacked.mean(dim=0).tolist()
         this_step = time.perf_counter() - step_started  # includes the sync above
         seconds = self._window_time + this_step
@@ -315,10 +319,26 @@ class Trainer:
                                        st.entropy.item()))
         self.emit(RouterStats(self.step_num, layers))
 
+    def _check_window(self) -> torch.Tensor:
+        """The per-step figures since the last log line, after checking that all are finite."""
+        if not self._window:
+            return torch.zeros(0, 4)
+        stacked = torch.stack([torch.stack(row).float() for row in self._window]).cpu()  # one sync
+        bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
+        if len(bad):
+            first = self.step_num - len(self._window) + 1 + int(bad[0])
+            raise NonFiniteLoss(f"loss or gradient norm became non-finite at step {first}")
+        return stacked
+
     def _serve(self, kind: str, arg: object) -> None:
         """Evaluate, sample or save on request; the time spent counts towards `elapsed`."""
         t0 = time.perf_counter()
         previous = self.state
+        if previous == "error" and kind in ("eval", "save"):
+            # After a failure the weights in memory may be NaN: never let them reach a checkpoint.
+            self.emit(Notice("warning", f"{kind} refused: training failed and the weights in memory are not "
+                                        "trusted; resume from the last checkpoint instead", self.step_num))
+            return
         try:
             if kind == "eval":
                 self.set_state("evaluating")
@@ -339,6 +359,11 @@ class Trainer:
                 self._save_or_warn(best=False)
         except UserError as err:
             self.emit(Notice("warning", str(err), self.step_num))
+        except NonFiniteLoss:
+            raise  # a diverged run is a failure of training, not of this request
+        except RuntimeError as err:  # e.g. out of memory while sampling: report it, keep the run alive
+            self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
+                             self.step_num))
         finally:
             if self.state not in ("error",):
                 self.set_state(previous)
@@ -349,6 +374,7 @@ class Trainer:
         return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]
 
     def _save_or_warn(self, best: bool) -> None:
+        self._check_window()  # a step since the last log line may have diverged: never save that
         self.set_state("saving")
         try:
             folder = self.save(best=best)

@@ -215,3 +215,26 @@ def test_sampling_does_not_disturb_the_training_random_stream(tmp_path, shared_d
     make_trainer(tmp_path, shared_dir, name="a", sink=a.append, max_iters=30, sample_interval=10).run()
     make_trainer(tmp_path, shared_dir, name="b", sink=b.append, max_iters=30, sample_interval=1000).run()
     assert losses_by_step(a) == losses_by_step(b)
+
+
+def test_after_a_failure_save_and_eval_are_refused(tmp_path, shared_dir):
+    events = []
+    trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=100, ckpt_interval=10,
+                           eval_interval=1000, sample_interval=1000)
+
+    def sink(event):
+        events.append(event)
+        if isinstance(event, CheckpointSaved) and event.step == 10:
+            with torch.no_grad():
+                trainer.model.lm_head.weight[0, 0] = float("nan")
+        if isinstance(event, Notice) and event.level == "error":
+            trainer.control.save()  # acted on after the failure, as a user's keypress would be
+            trainer.control.evaluate()
+            trainer.control.stop("done")
+
+    trainer.on_event = sink
+    assert trainer.run(serve_after_finish=True) == "stopped"
+    refused = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
+    assert any(m.startswith("save refused") for m in refused)
+    assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [10]
+    assert not any(isinstance(e, EvalMetrics) for e in events)
