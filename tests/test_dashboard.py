@@ -1,0 +1,323 @@
+"""The dashboard: pilot tests on a tiny real trainer, layout snapshots from a recorded event stream.
+
+The snapshots replay `fixtures/dashboard_events.jsonl` (300 steps of a TINY simpsons run, recorded with
+`python -m tests.test_dashboard --record`), so they never depend on timing. Update them after a
+deliberate layout change with `pytest tests/test_dashboard.py --snapshot-update`; they live in
+tests/snapshots/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
+from tui.app import Dashboard
+from tui.widgets import SamplesPanel, StatusBar
+from tui.widgets.history import SeriesBuffer, bucket_means
+
+from .test_training import make_trainer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dashboard_events.jsonl"
+SIZE = (100, 30)
+# Nothing scheduled: each test asks for what it checks.
+QUIET = dict(max_iters=100_000, eval_interval=100_000, sample_interval=100_000, ckpt_interval=100_000,
+             log_interval=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The UI loop and the trainer share 2 cores (and other tests may run beside these).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fast_keys(monkeypatch):
+    """Pilot waits after each key until the process is idle, for up to a second per wait; with a
+    trainer busy on another thread it never is, so a key would cost 2 s. A short fixed wait instead."""
+    import textual.app
+
+    async def short_wait(*args, **kwargs) -> None:
+        await asyncio.sleep(0.02)
+
+    monkeypatch.setattr(textual.app, "wait_for_idle", short_wait)
+
+
+def drive(scenario) -> None:
+    asyncio.run(scenario())
+
+
+async def wait_until(pilot, condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the dashboard"
+        await pilot.pause(0.05)
+
+
+def shown(widget) -> str:
+    """The text a Static-based panel shows now."""
+    return str(widget.content if hasattr(widget, "content") else widget.body.content)
+
+
+def status_text(app: Dashboard) -> str:
+    return str(app.query_one(StatusBar).render())
+
+
+# -- pilot tests on a real trainer ---------------------------------------------------------------
+
+
+def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+    pressed_at = []
+    pause = trainer.control.pause
+    trainer.control.pause = lambda: (pressed_at.append(trainer.step_num), pause())
+
+    async def scenario():
+        app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 10)
+            assert "RUNNING" in status_text(app) and f"step {app.model.step}/100000" in status_text(app)
+            await pilot.press("space")
+            assert "pausing…" in status_text(app)  # the key shows at once, before the trainer answers
+            await wait_until(pilot, lambda: "PAUSED" in status_text(app))
+            assert app.active_bindings["space"].binding.description == "Resume"
+            paused_at = trainer.step_num
+            assert paused_at - pressed_at[0] <= 1
+            await pilot.pause(0.6)
+            assert trainer.step_num == paused_at
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.model.step >= paused_at + 10)
+            assert "RUNNING" in status_text(app)
+
+    drive(scenario)
+
+
+def test_sample_dialog_puts_text_that_starts_with_the_prompt_in_the_samples_panel(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 5)
+            await pilot.press("s")
+            prompt = app.screen.query_one("#prompt")
+            prompt.value = "Moe€"  # a character the model does not know: refused in the dialog
+            await pilot.press("enter")
+            assert "does not know" in str(app.screen.query_one("#sample-error").content)
+            await pilot.press("end", "ctrl+u", *"Moe:", "tab", "end", "ctrl+u", "3", "0", "enter")
+            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
+            sample = next(s for s in app.model.samples if s.requested)
+            assert sample.text.startswith("Moe:") and len(sample.text) == 4 + 30
+            await wait_until(pilot, lambda: sample.text.strip() in shown(app.query_one(SamplesPanel)))
+            assert "yours" in shown(app.query_one(SamplesPanel))
+            assert app.model.state == "running"  # sampling while training, and training went on
+
+    drive(scenario)
+    assert "Moe:" in trainer.run_dir.samples_path.read_text()  # the trainer logged it to the run
+
+
+def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 5)
+            await pilot.press("c")
+            await wait_until(pilot, lambda: any(line.level == "checkpoint" for line in app.model.log))
+            saved = next(line for line in app.model.log if line.level == "checkpoint")
+            assert (trainer.run_dir.checkpoints / f"step-{saved.step:08d}" / "model.safetensors").is_file()
+            await pilot.press("q")
+            assert "moe-tui train --resume run" in str(app.screen.query_one("#confirm-message").content)
+            await pilot.press("y")
+            await wait_until(pilot, lambda: app.return_code is not None)
+        return app
+
+    app = asyncio.run(scenario())
+    assert app.return_code == 0 and trainer.state == "stopped"
+    last = trainer.run_dir.checkpoint("latest")
+    assert last.name == f"step-{trainer.step_num:08d}"  # the final step was saved on the way out
+
+
+def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 3)
+            await pilot.press("ctrl+c")
+            await wait_until(pilot, lambda: app.return_code is not None)
+        return app
+
+    assert asyncio.run(scenario()).return_code == 130
+    assert trainer.run_dir.checkpoint("latest").name == f"step-{trainer.step_num:08d}"
+
+
+def test_finished_run_stays_up_and_still_samples(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **{**QUIET, "max_iters": 20, "eval_iters": 2, "sample_tokens": 0})
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "finished")
+            assert "FINISHED" in status_text(app) and "step 20/20" in status_text(app)
+            assert "ETA" not in status_text(app)
+            await pilot.press("s", "tab", "end", "ctrl+u", "1", "0", "enter")
+            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
+            assert app.model.state == "finished" and trainer.step_num == 20
+
+    drive(scenario)
+
+
+class TappedQueue:
+    """The app's event queue, with a hook that runs on the trainer thread as each event arrives."""
+
+    def __init__(self, queue, hook):
+        self.queue, self.hook = queue, hook
+
+    def put(self, event):
+        self.hook(event)
+        self.queue.put(event)
+
+    def get_nowait(self):
+        return self.queue.get_nowait()
+
+
+def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **{**QUIET, "ckpt_interval": 20})
+
+    def poison(event):
+        if isinstance(event, CheckpointSaved) and event.step == 20:
+            with torch.no_grad():  # a real NaN in the weights, as a diverging run would produce
+                trainer.model.lm_head.weight[0, 0] = float("nan")
+
+    async def scenario():
+        app = Dashboard(trainer)
+        app.events = TappedQueue(app.events, poison)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "error")
+            banner = str(app.query_one("#error-banner").content)
+            assert app.query_one("#error-banner").display
+            assert "non-finite" in banner and "step 20" in banner
+            assert "ERROR" in status_text(app)
+            stopped_at = trainer.step_num
+            await pilot.press("c", "space")  # neither saves the broken weights nor restarts training
+            await pilot.pause(0.5)
+            assert trainer.step_num == stopped_at
+            assert [line.step for line in app.model.log if line.level == "checkpoint"] == [20]
+
+    drive(scenario)
+    assert trainer.run_dir.checkpoint("latest").name == "step-00000020"
+
+
+# -- layout snapshots from a recorded stream -----------------------------------------------------
+
+
+# Snapshots are pictures of Textual's output: another Textual version may draw a border or the
+# Footer a little differently, which is not a regression of ours.
+SNAPSHOT_TEXTUAL = "8.2.8"
+same_textual = pytest.mark.skipif(version("textual") != SNAPSHOT_TEXTUAL,
+                                  reason=f"snapshots were drawn with Textual {SNAPSHOT_TEXTUAL}")
+
+
+def recorded_events() -> list:
+    return [from_record(json.loads(line)) for line in FIXTURE.read_text().splitlines()]
+
+
+@pytest.fixture
+def snapshot(snapshot):
+    """Keep snapshot files in tests/snapshots/ rather than syrupy's __snapshots__."""
+    from pytest_textual_snapshot import SVGImageExtension
+
+    class InSnapshotsFolder(SVGImageExtension):
+        @classmethod
+        def dirname(cls, *, test_location) -> str:
+            return str(Path(test_location.filepath).parent / "snapshots" / test_location.basename)
+
+    original = snapshot.use_extension
+    snapshot.use_extension = lambda extension_class=None: original(InSnapshotsFolder)
+    return snapshot
+
+
+@same_textual
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_layout(snap_compare, size):
+    assert snap_compare(Dashboard(replay=recorded_events()), terminal_size=size)
+
+
+@same_textual
+def test_layout_log_y_recent_window(snap_compare):
+    assert snap_compare(Dashboard(replay=recorded_events()), press=["l", "w"], terminal_size=(100, 30))
+
+
+@same_textual
+def test_layout_error(snap_compare):
+    message = "loss or gradient norm became non-finite at step 301"
+    events = recorded_events() + [
+        StateChanged("error", message),
+        Notice("error", f"{message}. Training stopped; the last good checkpoint (step 300) is kept; "
+                        "resume with a lower --lr", 300)]
+    assert snap_compare(Dashboard(replay=events), terminal_size=(80, 24))
+
+
+# -- the chart's cost does not grow with the run -------------------------------------------------
+
+
+def test_series_buffer_is_bounded_and_keeps_the_shape():
+    buffer = SeriesBuffer(capacity=64)
+    for step in range(1, 100_001):
+        buffer.append(step, 1000.0 / step)
+    steps, values = buffer.points()
+    assert len(steps) <= 64 and steps == sorted(steps)
+    assert steps[0] < 2000 and steps[-1] > 98_000  # still the whole run
+    gaps = [b - a for a, b in zip(steps, steps[1:-1])]
+    assert max(gaps) == min(gaps)  # evenly spaced: merged pairs, never thinned at random
+    assert bucket_means(steps, values, 10)[1] == sorted(bucket_means(steps, values, 10)[1], reverse=True)
+
+
+def record(path: Path = FIXTURE) -> None:
+    """Re-record the snapshot stream: 300 steps of a TINY simpsons run with one requested sample."""
+    import tempfile
+
+    from moe_core.sampling import SampleRequest
+
+    from .conftest import shared_data_dir
+
+    events = []
+
+    def sink(event):
+        events.append(event)
+        if isinstance(event, StepMetrics) and event.step == 220:
+            trainer.control.sample(SampleRequest("Homer Simpson:", 120, temperature=0.7, top_k=20))
+        if isinstance(event, StepMetrics) and event.step == 300:
+            trainer.control.stop("recorded")
+
+    trainer = make_trainer(Path(tempfile.mkdtemp()), shared_data_dir(), name="simpsons-demo", sink=sink,
+                           max_iters=1000, sample_interval=100, sample_tokens=160, ckpt_interval=100)
+    trainer.run()
+    records = []
+    for event in events:
+        if isinstance(event, StateChanged) and event.state == "stopped":
+            break
+        record = to_record(event)
+        if "path" in record:  # no temporary folder names in the fixture
+            record["path"] = f"runs/simpsons-demo/checkpoints/{Path(record['path']).name}"
+        records.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--record" in sys.argv:
+        record()

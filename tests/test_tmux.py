@@ -1,0 +1,133 @@
+"""End to end in a real terminal: `moe-tui train simpsons` in tmux, driven by keys, read off the screen."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_FLAGS
+
+TMUX = shutil.which("tmux")
+MOE_TUI = Path(sys.executable).with_name("moe-tui")
+pytestmark = [pytest.mark.skipif(TMUX is None, reason="tmux is not installed (.ci/run installs it)"),
+              pytest.mark.skipif(not MOE_TUI.is_file(), reason="the moe-tui console script is not installed")]
+
+# Nothing scheduled, so that every checkpoint on disk is one the test asked for.
+QUIET_FLAGS = ["--max-iters", "100000", "--eval-interval", "100000", "--sample-interval", "100000",
+               "--ckpt-interval", "100000", "--log-interval", "5"]
+
+
+class Terminal:
+    """One tmux server of our own (its own socket), one window of a fixed size."""
+
+    def __init__(self, tmp_path: Path, width: int = 100, height: int = 30):
+        self.socket = f"moe-tui-test-{os.getpid()}-{tmp_path.name}"
+        self.width, self.height = width, height
+
+    def tmux(self, *args: str, env: dict | None = None) -> str:
+        return subprocess.run([TMUX, "-L", self.socket, *args], capture_output=True, text=True, env=env,
+                              timeout=30).stdout
+
+    def start(self, command: str, env: dict) -> None:
+        self.tmux("new-session", "-d", "-s", "main", "-x", str(self.width), "-y", str(self.height), command,
+                  env=env)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "main")
+
+    def send(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "main", *keys)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if re.search(pattern, screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not on screen after {timeout}s:\n{screen}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.tmux("kill-server")
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    term = Terminal(tmp_path)
+    yield term
+    term.close()
+
+
+@pytest.fixture
+def user_env(tmp_path, shared_dir) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TMUX")}
+    env.update(MOE_TUI_DATA=str(shared_dir), MOE_TUI_RUNS=str(tmp_path / "runs"))
+    return env
+
+
+def train_command(*extra: str) -> str:
+    return " ".join([str(MOE_TUI), "train", "simpsons", "--run-name", "e2e", *TINY_FLAGS, *QUIET_FLAGS, *extra])
+
+
+def shown_step(screen: str) -> int:
+    return int(re.search(r"step (\d+)/100000", screen).group(1))
+
+
+def test_train_pause_save_and_quit_in_a_real_terminal(terminal, user_env, tmp_path):
+    terminal.start(f"{train_command()}; echo exit=$?; sleep 600", user_env)
+    screen = terminal.wait_for(r"RUNNING +step [1-9]\d*/100000")
+    for panel in ("loss, nats/char", "experts", "samples", "events", "space Pause", "q Quit"):
+        assert panel in screen
+
+    terminal.send("Space")
+    screen = terminal.wait_for(r"PAUSED +step")
+    paused_at = shown_step(screen)
+    time.sleep(1.0)
+    assert shown_step(terminal.screen()) == paused_at
+
+    terminal.send("c")
+    terminal.wait_for(rf"✓ saved step-{paused_at:08d}")
+    assert (tmp_path / "runs" / "e2e" / "checkpoints" / f"step-{paused_at:08d}").is_dir()
+
+    terminal.send("Space")
+    terminal.wait_for(r"RUNNING +step")
+    terminal.send("q")
+    terminal.wait_for(r"Stop training and quit\?")
+    terminal.send("y")
+    screen = terminal.wait_for(r"exit=\d+")
+    assert "exit=0" in screen
+    assert "resume with: moe-tui train --resume e2e" in screen
+    steps = sorted((tmp_path / "runs" / "e2e" / "checkpoints").glob("step-*"))
+    assert len(steps) == 2 and steps[-1].name > f"step-{paused_at:08d}"  # quitting saved the last step
+
+
+# The session leader in the terminal, as a login shell is over SSH: on hangup it passes SIGHUP on to
+# its job (bash does the same), then records the job's exit status.
+LOGIN_SHELL = """
+import signal, subprocess, sys
+job = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGHUP, lambda *_: job.send_signal(signal.SIGHUP))
+open(sys.argv[1], "w").write(str(job.wait()))
+"""
+
+
+def test_a_lost_connection_saves_and_exits_129(terminal, user_env, tmp_path):
+    exit_file = tmp_path / "exit"
+    terminal.start(f"exec {sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command()}", user_env)
+    terminal.wait_for(r"RUNNING +step [1-9]\d*/100000")
+    terminal.close()  # the terminal goes away, as when an SSH connection drops
+    deadline = time.monotonic() + 60
+    while not (exit_file.is_file() and exit_file.read_text().strip()):
+        assert time.monotonic() < deadline, "moe-tui did not exit after SIGHUP"
+        time.sleep(0.1)
+    assert exit_file.read_text().strip() == "129"  # a clean exit of its own, not killed by the signal
+    assert list((tmp_path / "runs" / "e2e" / "checkpoints").glob("step-*")), "no checkpoint saved on hangup"
