@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Iterable
 
@@ -32,6 +30,7 @@ from textual.worker import Worker, WorkerState
 from moe_core.events import Event
 from moe_core.sampling import SampleRequest
 
+from .exits import print_next_step, signal_exit_code, stop_signals_handled
 from .screens import ConfirmQuit, HelpScreen, SampleDialog
 from .widgets import DashboardState, EventsLog, ExpertPanel, LossChart, SamplesPanel, StatusBar
 from .widgets.state import CHART, EXPERTS, LOG, SAMPLES, STATUS
@@ -39,9 +38,6 @@ from .widgets.state import CHART, EXPERTS, LOG, SAMPLES, STATUS
 DRAIN_SECONDS = 0.25  # UI refresh period: a few updates a second, whatever the training speed
 ANSWER_POLL_SECONDS = 0.05  # while a command waits for the trainer's answer
 CHART_SECONDS = 1.0  # the loss chart and expert bars redraw at most this often (the status line: every drain)
-EXIT_CODES = {"quit": 0, "interrupt": 130, signal.SIGINT: 130, signal.SIGTERM: 143}
-if hasattr(signal, "SIGHUP"):
-    EXIT_CODES[signal.SIGHUP] = 129
 
 # Actions that send a command to the trainer, and the states in which the trainer can take them.
 TRAINER_ACTIONS = {
@@ -122,7 +118,7 @@ class Dashboard(App[int]):
             self.model.observe_step(self.trainer.step_num)  # an int read: safe across threads
         if self.signal_received is not None and not self.stopping:
             name = signal.Signals(self.signal_received).name.replace("SIG", "").lower()
-            self.stop_and_exit(EXIT_CODES.get(self.signal_received, 130), f"{name} received")
+            self.stop_and_exit(signal_exit_code(self.signal_received), f"{name} received")
         self.refresh_panels()
 
     def refresh_panels(self) -> None:
@@ -227,12 +223,12 @@ class Dashboard(App[int]):
                        f"continue from it with a lower learning rate:\n{self.resume_hint} --lr <lower>")
         else:
             message = f"Stop training and quit?\nA checkpoint is saved first; continue later with\n{self.resume_hint}"
-        self.push_screen(ConfirmQuit(message), lambda yes: yes and self.stop_and_exit(EXIT_CODES["quit"], "quit"))
+        self.push_screen(ConfirmQuit(message), lambda yes: yes and self.stop_and_exit(0, "quit"))
 
     def action_interrupt(self) -> None:
         """Ctrl-C: no question asked (the terminal sends it as a key, not as SIGINT)."""
         if not self.stopping:
-            self.stop_and_exit(EXIT_CODES["interrupt"], "interrupted")
+            self.stop_and_exit(signal_exit_code(signal.SIGINT), "interrupted")
 
     def stop_and_exit(self, code: int, reason: str) -> None:
         """Ask the trainer to save and stop; the app exits when the worker has returned."""
@@ -266,7 +262,7 @@ class Dashboard(App[int]):
             self.trainer.control.stop("dashboard closed")
 
 
-def run_dashboard(trainer, resume_hint: str) -> int:
+def run_dashboard(trainer, resume_hint: str, sample_hint: str = "") -> int:
     """Run the dashboard until the user quits; returns the process exit code."""
     app = Dashboard(trainer, resume_hint=resume_hint)
     with stop_on_signals(app, trainer):
@@ -277,7 +273,7 @@ def run_dashboard(trainer, resume_hint: str) -> int:
                 raise
             # After a hangup the terminal is gone: restoring it fails, and nothing is lost by that.
     code = app.exit_code if app.stopping else (app.return_code or 0)
-    _print_after_exit(trainer, resume_hint)
+    print_next_step(trainer, resume_hint, sample_hint or f"moe-tui sample {trainer.run_dir.name}")
     return code
 
 
@@ -302,13 +298,8 @@ def stop_on_signals(app: Dashboard, trainer):
             _detach_from_terminal()
             threading.Thread(target=_exit_after_hangup, args=(app, trainer), name="hangup", daemon=True).start()
 
-    wanted = [s for s in (getattr(signal, "SIGHUP", None), signal.SIGTERM, signal.SIGINT) if s is not None]
-    previous = {s: signal.signal(s, on_signal) for s in wanted}
-    try:
+    with stop_signals_handled(on_signal):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _detach_from_terminal() -> None:
@@ -323,17 +314,4 @@ def _exit_after_hangup(app: Dashboard, trainer) -> None:
     while app._worker_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(HANGUP_GRACE_SECONDS)
-    os._exit(EXIT_CODES[signal.SIGHUP])
-
-
-def _print_after_exit(trainer, resume_hint: str) -> None:
-    try:
-        if trainer.state == "error":
-            print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=sys.stderr)
-        elif trainer.step_num < trainer.config.max_iters:
-            print(f"resume with: {resume_hint}", file=sys.stderr)
-        else:
-            print(f"run {trainer.run_dir.name} finished at step {trainer.step_num}; "
-                  f"its checkpoints are in {Path(trainer.run_dir.path) / 'checkpoints'}", file=sys.stderr)
-    except OSError:  # no terminal left to print to after a hangup
-        pass
+    os._exit(signal_exit_code(signal.SIGHUP))

@@ -23,6 +23,7 @@ from moe_core.data import Vocab, default_data_dir, load_corpus, named_corpus_sta
 from moe_core.errors import UserError
 from moe_core.runs import Run, default_runs_dir, list_run_names
 from moe_core.sampling import SampleRequest, generate_text, load_model
+from tui.exits import print_next_step, signal_exit_code, stop_signals_handled
 
 app = typer.Typer(help="Train and watch a sparse Mixture-of-Experts character language model.",
                   no_args_is_help=True, rich_markup_mode="rich", add_completion=False)
@@ -161,12 +162,8 @@ def _dashboard_available() -> bool:
 def _run_dashboard(trainer, runs_dir: Path) -> int:
     from tui.app import run_dashboard
 
-    return run_dashboard(trainer, resume_hint=_resume_command(trainer.run_dir.name, runs_dir))
-
-
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-if hasattr(signal, "SIGHUP"):
-    EXIT_CODES[signal.SIGHUP] = 129
+    name = trainer.run_dir.name
+    return run_dashboard(trainer, _resume_command(name, runs_dir), _sample_command(name, runs_dir))
 
 
 def _run_headless(trainer, runs_dir: Path) -> int:
@@ -182,23 +179,16 @@ def _run_headless(trainer, runs_dir: Path) -> int:
         received.append(signum)
         trainer.control.stop(f"{signal.Signals(signum).name.replace('SIG', '').lower()} received")
 
-    previous = {s: signal.signal(s, on_signal) for s in EXIT_CODES}
-    try:
-        outcome = trainer.run()
-    finally:
-        reporter.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    hint = _resume_command(trainer.run_dir.name, runs_dir)
+    with stop_signals_handled(on_signal):
+        try:
+            outcome = trainer.run()
+        finally:
+            reporter.close()
+    name = trainer.run_dir.name
+    print_next_step(trainer, _resume_command(name, runs_dir), _sample_command(name, runs_dir))
     if outcome == "stopped":
-        print(f"resume with: {hint}", file=sys.stderr)
-        return EXIT_CODES.get(received[0], 130) if received else 130
-    if outcome == "error":
-        print(f"resume from the last checkpoint with: {hint} --lr <lower>", file=sys.stderr)
-        return 1
-    print(f"sample from it with: moe-tui sample {trainer.run_dir.name}"
-          f"{_runs_dir_flag(runs_dir)}", file=sys.stderr)
-    return 0
+        return signal_exit_code(received[0]) if received else 130
+    return 1 if outcome == "error" else 0
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:
@@ -207,6 +197,10 @@ def _runs_dir_flag(runs_dir: Path) -> str:
 
 def _resume_command(name: str, runs_dir: Path) -> str:
     return f"moe-tui train --resume {name}{_runs_dir_flag(runs_dir)}"
+
+
+def _sample_command(name: str, runs_dir: Path) -> str:
+    return f"moe-tui sample {name}{_runs_dir_flag(runs_dir)}"
 
 
 def _download_progress():
