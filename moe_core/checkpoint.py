@@ -138,4 +138,8 @@ def prune(root: Path, keep: int) -> None:
     for leftover in root.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in root.glob(".old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        # `.old-NAME-PID` is the previous NAME, set aside during a replace; a crash before the new
+        # one was renamed in leaves it the only copy, so it goes only once NAME is back in place.
+        name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
+        if (root / name).is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)

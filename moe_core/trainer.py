@@ -365,7 +365,7 @@ class Trainer:
             self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
                              self.step_num))
         finally:
-            if self.state not in ("error",):
+            if self.state != "error":
                 self.set_state(previous)
             if previous not in ("paused", "finished", "error"):
                 self.elapsed += time.perf_counter() - t0

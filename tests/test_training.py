@@ -238,3 +238,16 @@ def test_after_a_failure_save_and_eval_are_refused(tmp_path, shared_dir):
     assert any(m.startswith("save refused") for m in refused)
     assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [10]
     assert not any(isinstance(e, EvalMetrics) for e in events)
+
+
+def test_pruning_keeps_a_set_aside_checkpoint_that_is_the_only_copy(tmp_path, shared_dir):
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=10, ckpt_interval=10)
+    trainer.run()
+    root = trainer.run_dir.checkpoints
+    # A crash between "set the old best aside" and "rename the new one in" leaves only `.old-best-PID`.
+    os.replace(root / "best", root / ".old-best-4242")
+    trainer.save()
+    assert (root / ".old-best-4242").is_dir(), "the only copy of best was deleted"
+    trainer.save(best=True)
+    trainer.save()
+    assert not (root / ".old-best-4242").exists()  # best is whole again: the leftover can go
