@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,11 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], train_st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
-        torch.save(train_state, tmp / STATE_FILE)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+            torch.save(train_state, tmp / STATE_FILE)
+        except (SafetensorError, RuntimeError) as err:  # how both report a full disk: make it an OSError
+            raise OSError(str(err).splitlines()[0]) from err
         files = {}
         for name in (MODEL_FILE, STATE_FILE):
             _fsync_file(tmp / name)
@@ -99,12 +103,14 @@ def load_checkpoint(folder: Path, verify: bool = True) -> tuple[dict[str, torch.
         raise UserError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({err}); "
                         "resume from an earlier checkpoint") from None
     try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise UserError(f"checkpoint {folder}: {STATE_FILE} holds more than tensors and plain values "
-                        f"and was refused without running it ({first[:120]}); only load checkpoints "
-                        "you trust, made by moe-tui") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it asks to call {found[1]}" if found else "it is not plain tensors and values"
+        raise UserError(f"checkpoint {folder}: {STATE_FILE} was refused without running it ({what}); only "
+                        "load checkpoints you trust, made by moe-tui") from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise UserError(f"checkpoint {folder}: {STATE_FILE} cannot be read ({err}); "
                         "resume from an earlier checkpoint") from None
@@ -129,6 +135,18 @@ def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
         except UserError as err:
             problems.append(str(err))
     return None, problems
+
+
+def restore_set_aside(root: Path) -> list[str]:
+    """Put back `.old-NAME-PID` folders whose NAME is missing: a crash between the two renames of a
+    replace leaves the previous checkpoint there, whole. Returns the names restored."""
+    restored = []
+    for leftover in sorted(root.glob(".old-*")) if root.is_dir() else []:
+        name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
+        if not (root / name).exists():
+            os.replace(leftover, root / name)
+            restored.append(name)
+    return restored
 
 
 def prune(root: Path, keep: int) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def check_run_name(name: str) -> str:
 @dataclass
 class Run:
     path: Path
+    _torn: bool = field(default=False, init=False, repr=False, compare=False)  # a metrics write failed
 
     @property
     def name(self) -> str:
@@ -57,6 +59,8 @@ class Run:
     def prepare(cls, runs_dir: Path, name: str, overwrite: bool) -> "Run":
         """Check that a new run may take this name; writes nothing (see `initialise`)."""
         path = Path(runs_dir) / check_run_name(name)
+        if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+            raise UserError(f"the runs folder {runs_dir} is a file, not a folder; pass --runs-dir with a folder")
         if path.exists() and not overwrite:
             raise UserError(f"run '{name}' already exists in {runs_dir}; continue it with "
                             f"--resume {name}, or start afresh with --overwrite")
@@ -64,11 +68,15 @@ class Run:
 
     def initialise(self, config: Config, vocab: Vocab) -> None:
         """Create the run folder (replacing an old one, once everything else has been checked)."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        self.save_config(config)
-        atomic_write_text(self.vocab_path, vocab.to_json())
+        try:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            self.save_config(config)
+            atomic_write_text(self.vocab_path, vocab.to_json())
+        except OSError as err:
+            raise UserError(f"cannot create the run folder {self.path} ({err.strerror or err}); pass --runs-dir "
+                            "with a folder you can write to") from None
 
     @classmethod
     def open(cls, runs_dir: Path, name: str) -> "Run":
@@ -88,15 +96,23 @@ class Run:
     def load_vocab(self) -> Vocab:
         try:
             return Vocab.from_json(self.vocab_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"run '{self.name}': vocab.json is missing or corrupt ({err}); "
-                            "the run cannot be used") from None
+        except (OSError, ValueError, UserError):
+            raise UserError(f"run '{self.name}': {self.vocab_path} is missing or corrupt, and the run cannot be "
+                            "used without it; restore the file, or start afresh with --overwrite") from None
 
     # -- metrics -------------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._torn:  # a failed write (disk full) may have left half a line: end it first
+            line = "\n" + line
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError:
+            self._torn = True
+            raise
+        self._torn = False
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every intact line; a torn last line (a crash mid-write) is skipped."""
@@ -110,10 +126,22 @@ class Run:
                 continue
         return records
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop lines after `step` (and torn ones), so a resumed curve has no phantom steps."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    def rewind(self, step: int) -> int:
+        """Drop metrics and samples after `step`, and torn metric lines, so that a run resumed from
+        the checkpoint at `step` has no duplicated or phantom steps. Returns the lines dropped."""
+        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines() \
+            if self.metrics_path.exists() else []
+        kept = [r for r in self.read_metrics() if (r.get("step") or 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.samples_path.exists():
+            text = self.samples_path.read_text(encoding="utf-8", errors="replace")
+            blocks = re.split(r"(?m)^(?=--- step \d+ ---$)", text)
+            kept_blocks = [b for b in blocks if not (m := re.match(r"--- step (\d+) ---", b)) or int(m[1]) <= step]
+            if len(kept_blocks) != len(blocks):
+                atomic_write_text(self.samples_path, "".join(kept_blocks))
+        self._torn = False
+        return len(lines) - len(kept)
 
     def append_sample(self, step: int, text: str) -> None:
         with open(self.samples_path, "a", encoding="utf-8") as f:
@@ -131,9 +159,9 @@ class Run:
             return self.best_checkpoint
         folder, problems = newest_intact(self.checkpoints)
         if folder is None:
-            why = f" ({problems[0]})" if problems else ""
-            raise UserError(f"run '{self.name}' has no usable checkpoint{why}; train it first or "
-                            f"start afresh with --overwrite")
+            raise UserError(f"run '{self.name}' has no usable checkpoint"
+                            f"{f' ({problems[0]})' if problems else ''}; train it first or start afresh "
+                            "with --overwrite")
         return folder
 
     def summary(self) -> dict[str, Any]:

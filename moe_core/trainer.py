@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import queue
 import time
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, prune, save_checkpoint
-from .config import Config, resolve_device
+from .checkpoint import load_checkpoint, newest_intact, prune, restore_set_aside, save_checkpoint
+from .config import RESUMABLE_KEYS, Config, resolve_device
 from .data import Vocab
 from .errors import UserError
 from .events import (CheckpointSaved, EvalMetrics, Event, EventSink, LayerRouting, Notice, RouterStats,
@@ -116,8 +118,10 @@ class Trainer:
         self.last_saved_step = -1
         self.resumed = resume
         self._paused = self._done = False  # loop state of run()
+        self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
+        self._log_failed = False
         if resume:
-            self._restore(run.checkpoint("latest"))
+            self._resume()
         self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
         self._window_time = 0.0
 
@@ -129,6 +133,33 @@ class Trainer:
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), fused=True)
+
+    def _resume(self) -> None:
+        """Continue from the newest intact checkpoint, after repairing what a crash can leave behind."""
+        root = self.run_dir.checkpoints
+        for name in restore_set_aside(root):
+            self._note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
+        folder, problems = newest_intact(root)
+        for problem in problems:
+            self._note("warning", f"skipped: {problem}")
+        if folder is not None:
+            self._restore(folder)
+        elif problems:
+            raise UserError(f"run '{self.run_dir.name}' has no intact checkpoint (the oldest: "
+                            f"{problems[-1].split('; ')[0]}); start afresh with --overwrite")
+        else:
+            self._note("info", "the run stopped before its first checkpoint; training starts again from step 0")
+        try:
+            dropped = self.run_dir.rewind(self.step_num)
+        except OSError as err:
+            raise UserError(f"cannot rewrite {self.run_dir.metrics_path} ({err}); free some space or fix "
+                            "its permissions, then resume again") from None
+        if dropped:
+            self._note("info", f"dropped {dropped} metrics line(s) logged after step {self.step_num} "
+                               "(or torn by the interruption); they will be logged again")
+
+    def _note(self, level: str, message: str) -> None:
+        self._notices.append(Notice(level, message, self.step_num))
 
     def _restore(self, folder: Path) -> None:
         weights, state, manifest = load_checkpoint(folder)
@@ -154,6 +185,11 @@ class Trainer:
         for group in self.optimizer.param_groups:  # a resumed run may ask for a new --lr
             group["initial_lr"] = self.config.lr
         self.last_saved_step = self.step_num
+        before = manifest.get("config", {})
+        changed = [f"{k} {before[k]} -> {getattr(self.config, k)}" for k in sorted(before)
+                   if k in RESUMABLE_KEYS and before[k] != getattr(self.config, k)]
+        if changed:
+            self._note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
 
     # -- the pieces a front end may call -------------------------------------------------------
 
@@ -212,7 +248,10 @@ class Trainer:
                  "best_val": self.best_val, "elapsed": self.elapsed}
         if self.device == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        manifest = {"step": self.step_num, "shape": {k: getattr(c, k) for k in SHAPE_KEYS},
+        shape = {k: getattr(c, k) for k in SHAPE_KEYS}
+        manifest = {"step": self.step_num, "shape": shape,
+                    "config_hash": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
+                    "config": {k: getattr(c, k) for k in sorted(RESUMABLE_KEYS)},
                     "val_loss": None if math.isinf(self.best_val) else self.best_val,
                     "created": time.time()}
         root = self.run_dir.checkpoints
@@ -227,7 +266,14 @@ class Trainer:
 
     def emit(self, event: Event) -> None:
         if not isinstance(event, StateChanged):
-            self.run_dir.log(to_record(event))
+            try:
+                self.run_dir.log(to_record(event))
+                self._log_failed = False
+            except OSError as err:  # disk full: losing log lines is no reason to stop training
+                if not self._log_failed:
+                    self._log_failed = True
+                    self.on_event(Notice("warning", f"cannot write {self.run_dir.metrics_path.name} ({err}); "
+                                                    "training goes on, metrics are not being logged", self.step_num))
         self.on_event(event)
 
     def set_state(self, state: str, message: str = "") -> None:
@@ -244,6 +290,9 @@ class Trainer:
         self.emit(RunStarted(self.run_dir.name, c.dataset, self.device, self.params_total, self.params_active,
                              self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
                              self.resumed))
+        for notice in self._notices:
+            self.emit(notice)
+        self._notices = []
         self.set_state("running")
         self._paused = self._done = False
         while True:
@@ -361,7 +410,7 @@ class Trainer:
             self.emit(Notice("warning", str(err), self.step_num))
         except NonFiniteLoss:
             raise  # a diverged run is a failure of training, not of this request
-        except RuntimeError as err:  # e.g. out of memory while sampling: report it, keep the run alive
+        except (RuntimeError, OSError) as err:  # out of memory while sampling, disk full: keep the run alive
             self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
                              self.step_num))
         finally:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_core.data import CORPORA, load_corpus
+from tui.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,4 +40,62 @@ def shared_dir() -> Path:
 TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, num_experts=4, top_k=2, batch_size=32,
             lr=3e-3, warmup_iters=20, eval_interval=50, eval_iters=5, log_interval=10, sample_interval=100,
             sample_tokens=40, ckpt_interval=50, device="cpu")
-TINY_FLAGS = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def as_flags(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+TINY_FLAGS = as_flags(TINY)
+
+
+def start_moe_tui(args: list[str], runs: Path, stdout=subprocess.PIPE, **popen) -> subprocess.Popen:
+    """`moe-tui ARGS` as a real process of its own, with the offline corpora and `runs` as its runs folder."""
+    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs),
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tui", *args], stdout=stdout, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO, **popen)
+
+
+# -- the command line, in process ------------------------------------------------------------
+
+@pytest.fixture
+def env(tmp_path, shared_dir, monkeypatch):
+    """Point the CLI at the offline corpora and a fresh runs folder."""
+    monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
+    monkeypatch.setenv("MOE_TUI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "runs"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree(path: Path) -> dict[str, tuple[int, float]]:
+    """Every file under `path` with its size and mtime: to prove a failed command wrote nothing."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory) -> Path:
+    """One finished tiny run (30 steps, checkpoints at 10, 20, 30), trained once per session."""
+    runs = tmp_path_factory.mktemp("trained")
+    code = main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
+                 "--eval-interval", "10", "--run-name", "tiny", "--headless",
+                 "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
+    assert code == 0
+    return runs / "tiny"
+
+
+@pytest.fixture
+def trained(env, trained_once, capsys) -> Path:
+    """A private copy of the tiny run, named 'tiny', in this test's runs folder."""
+    capsys.readouterr()
+    shutil.copytree(trained_once, env / "tiny")
+    return env / "tiny"

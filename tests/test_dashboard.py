@@ -9,7 +9,9 @@ tests/snapshots/.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_core import checkpoint as checkpoint_module
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from tui.app import Dashboard
 from tui.widgets import SamplesPanel, StatusBar
@@ -177,6 +180,32 @@ def test_finished_run_stays_up_and_still_samples(tmp_path, shared_dir, fast_keys
             assert app.model.state == "finished" and trainer.step_num == 20
 
     drive(scenario)
+
+
+def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_dir, fast_keys, monkeypatch):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    def save_file_on_a_full_disk(tensors, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file_on_a_full_disk)
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 3)
+            await pilot.press("c")
+            await wait_until(pilot, lambda: any(line.level == "warning" for line in app.model.log))
+            warning = next(line for line in app.model.log if line.level == "warning")
+            assert "could not save a checkpoint" in warning.text and "No space left on device" in warning.text
+            failed_at = warning.step
+            await wait_until(pilot, lambda: app.model.step >= failed_at + 10)  # training went on
+            assert app.model.state == "running"
+            await pilot.press("ctrl+c")
+            await wait_until(pilot, lambda: app.return_code is not None)
+
+    drive(scenario)
+    assert not any(trainer.run_dir.checkpoints.iterdir())  # nothing half-written left behind
 
 
 class TappedQueue:

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,23 +112,44 @@ def test_train_pause_save_and_quit_in_a_real_terminal(terminal, user_env, tmp_pa
 
 
 # The session leader in the terminal, as a login shell is over SSH: on hangup it passes SIGHUP on to
-# its job (bash does the same), then records the job's exit status.
+# its job (bash does the same), then records the job's pid and exit status.
 LOGIN_SHELL = """
 import signal, subprocess, sys
 job = subprocess.Popen(sys.argv[2:])
+open(sys.argv[1] + ".pid", "w").write(str(job.pid))
 signal.signal(signal.SIGHUP, lambda *_: job.send_signal(signal.SIGHUP))
 open(sys.argv[1], "w").write(str(job.wait()))
 """
 
 
-def test_a_lost_connection_saves_and_exits_129(terminal, user_env, tmp_path):
+def start_under_login_shell(terminal, user_env, tmp_path, keep_screen: bool = False) -> Path:
+    """Start training under LOGIN_SHELL; with `keep_screen` the window stays up after it exits."""
     exit_file = tmp_path / "exit"
-    terminal.start(f"exec {sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command()}", user_env)
+    command = f"{sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command()}"
+    terminal.start(f"{command}; sleep 600" if keep_screen else f"exec {command}", user_env)
     terminal.wait_for(r"RUNNING +step [1-9]\d*/100000")
-    terminal.close()  # the terminal goes away, as when an SSH connection drops
+    return exit_file
+
+
+def exit_status(exit_file: Path) -> int:
     deadline = time.monotonic() + 60
     while not (exit_file.is_file() and exit_file.read_text().strip()):
-        assert time.monotonic() < deadline, "moe-tui did not exit after SIGHUP"
-        time.sleep(0.1)
-    assert exit_file.read_text().strip() == "129"  # a clean exit of its own, not killed by the signal
+        assert time.monotonic() < deadline, "moe-tui did not exit after the signal"
+        time.sleep(0.05)
+    return int(exit_file.read_text())
+
+
+def test_a_lost_connection_saves_and_exits_129(terminal, user_env, tmp_path):
+    exit_file = start_under_login_shell(terminal, user_env, tmp_path)
+    terminal.close()  # the terminal goes away, as when an SSH connection drops
+    assert exit_status(exit_file) == 129  # a clean exit of its own, not killed by the signal
     assert list((tmp_path / "runs" / "e2e" / "checkpoints").glob("step-*")), "no checkpoint saved on hangup"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_kill_saves_and_exits_128_plus_n_with_the_resume_command_on_screen(sig, terminal, user_env, tmp_path):
+    exit_file = start_under_login_shell(terminal, user_env, tmp_path, keep_screen=True)
+    os.kill(int(Path(f"{exit_file}.pid").read_text()), sig)
+    assert exit_status(exit_file) == 128 + sig
+    terminal.wait_for("resume with: moe-tui train --resume e2e")
+    assert list((tmp_path / "runs" / "e2e" / "checkpoints").glob("step-*")), f"no checkpoint saved on {sig.name}"

@@ -167,6 +167,10 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_
     folder = trainer.run_dir.checkpoint("latest")
     weights, state, _ = load_checkpoint(folder)
     assert state["step"] == 20 and all(torch.isfinite(w).all() for w in weights.values())
+    # Resuming from the last good checkpoint, with a lower learning rate, trains on.
+    resumed = make_trainer(tmp_path, shared_dir, resume=True, max_iters=40, lr=1e-3, ckpt_interval=20,
+                           eval_interval=1000, sample_interval=1000)
+    assert resumed.step_num == 20 and resumed.run() == "finished"
 
 
 class Payload:
