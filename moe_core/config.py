@@ -139,6 +139,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid TOML ({err}); fix the syntax") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if isinstance(value, dict) and key not in SECTIONS:
+            raise UserError(f"config file {path}: unknown section [{key}]; use [{'], ['.join(SECTIONS)}] or "
+                            "keys without a section")
         items = value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]
         for k, v in items:
             if k not in FIELD_TYPES:

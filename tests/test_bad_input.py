@@ -1,0 +1,245 @@
+"""Every bad input moe-tui handles: one line on stderr naming the problem and the fix, exit code 2,
+no traceback, and nothing on disk changed.
+
+docs/bad-input.md is the table of these cases with what moe-tui really says; each test checks its
+row there, so the table cannot drift. After changing a message, regenerate it with
+`python -m tests.test_bad_input` (it runs every case).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from moe_core.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, file_digest
+from tui.cli import main
+
+from .conftest import REPO, TINY_FLAGS, shared_data_dir, tree
+
+DOC = REPO / "docs" / "bad-input.md"
+SHORT = ["--max-iters", "5", "--headless"]
+
+
+@dataclass(frozen=True)
+class Case:
+    area: str
+    args: list[str]  # {tmp} stands for the test folder; a finished run 'tiny' is in {tmp}/runs
+    setup: Callable[[Path, Path], None] | None = None  # (the run 'tiny', the test folder)
+
+    def command(self) -> str:
+        return "moe-tui " + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>")
+                                     for a in self.args)
+
+
+# -- what some cases do to the run first ------------------------------------------------------------
+
+def corrupt_best(run: Path, tmp: Path) -> None:
+    model = run / "checkpoints" / "best" / MODEL_FILE
+    model.write_bytes(model.read_bytes()[:-10])
+
+
+def corrupt_every_step_checkpoint(run: Path, tmp: Path) -> None:
+    for folder in (run / "checkpoints").glob("step-*"):
+        model = folder / MODEL_FILE
+        model.write_bytes(model.read_bytes()[:-10])
+
+
+def delete_checkpoints(run: Path, tmp: Path) -> None:
+    shutil.rmtree(run / "checkpoints")
+
+
+class Payload:
+    """A pickle that would create a file if it were ever unpickled."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def plant_a_pickle(run: Path, tmp: Path) -> None:
+    """Replace the newest state.pt with a pickled object, and rewrite the manifest to match."""
+    folder = sorted((run / "checkpoints").glob("step-*"))[-1]
+    with open(folder / STATE_FILE, "wb") as f:
+        pickle.dump({"step": Payload()}, f)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["files"][STATE_FILE] = {"size": (folder / STATE_FILE).stat().st_size,
+                                     "sha256": file_digest(folder / STATE_FILE)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def corrupt_vocab(run: Path, tmp: Path) -> None:
+    (run / "vocab.json").write_text("{ not json")
+
+
+def write_inputs(tmp: Path) -> None:
+    """The bad files the corpus and config cases point at."""
+    files = {"empty.txt": "", "short.txt": "Homer: Doh!\n",
+             "latin1.txt": "Moe's caf\xe9 is closed.\n".encode("latin-1") * 100,
+             "lines.csv": "speaker,line\nHomer,Doh\n", "bad.toml": "n_layer = = 2\n",
+             "unknown.toml": "n_layers = 2\n", "wrongtype.toml": 'n_layer = "two"\n',
+             "negative.toml": "[train]\nlr = -1.0\n", "section.toml": "[modell]\nn_layer = 2\n",
+             "runs-file": "not a folder\n"}
+    for name, content in files.items():
+        (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    (tmp / "corpus-folder").mkdir(exist_ok=True)
+
+
+CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT = ("CLI arguments", "config files", "corpora", "run names",
+                                          "checkpoints", "prompts")
+CASES = {
+    "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
+    "top_k above num_experts": Case(CLI, ["train", "simpsons", "--num-experts", "2", "--top-k", "3", *SHORT]),
+    "zero layers": Case(CLI, ["train", "simpsons", "--n-layer", "0", *SHORT]),
+    "negative batch size": Case(CLI, ["train", "simpsons", "--batch-size", "-4", *SHORT]),
+    "negative capacity factor": Case(CLI, ["train", "simpsons", "--capacity-factor", "-1", *SHORT]),
+    "zero learning rate": Case(CLI, ["train", "simpsons", "--lr", "0", *SHORT]),
+    "negative learning rate": Case(CLI, ["train", "simpsons", "--lr", "-0.1", *SHORT]),
+    "validation share of 1.5": Case(CLI, ["train", "simpsons", "--val-fraction", "1.5", *SHORT]),
+    "keep no checkpoints": Case(CLI, ["train", "simpsons", "--keep-checkpoints", "0", *SHORT]),
+    "unknown router": Case(CLI, ["train", "simpsons", "--router", "softmax", *SHORT]),
+    "unknown preset": Case(CLI, ["train", "simpsons", "--preset", "huge", *SHORT]),
+    "no CUDA": Case(CLI, ["train", "simpsons", "--device", "cuda", *SHORT]),
+    "not an integer": Case(CLI, ["train", "simpsons", "--n-layer", "two", *SHORT]),
+    "unknown flag": Case(CLI, ["train", "simpsons", "--layers", "2", *SHORT]),
+    "resume and overwrite": Case(CLI, ["train", "--resume", "tiny", "--overwrite", *SHORT]),
+    "resume with another shape": Case(CLI, ["train", "--resume", "tiny", "--n-layer", "3", *SHORT]),
+    "resume with another dataset": Case(CLI, ["train", "shakespeare", "--resume", "tiny", *SHORT]),
+    "bench with no steps": Case(CLI, ["bench", "--steps", "0"]),
+    "config file missing": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/none.toml", *SHORT]),
+    "config file not TOML": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/bad.toml", *SHORT]),
+    "config file unknown key": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/unknown.toml", *SHORT]),
+    "config file unknown section": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/section.toml", *SHORT]),
+    "config file wrong type": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/wrongtype.toml", *SHORT]),
+    "config file bad value": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/negative.toml", *SHORT]),
+    "unknown dataset": Case(CORPUS, ["train", "nosuch", *SHORT]),
+    "missing corpus file": Case(CORPUS, ["train", "{tmp}/missing.txt", *SHORT]),
+    "a folder as corpus": Case(CORPUS, ["train", "{tmp}/corpus-folder", *SHORT]),
+    "empty corpus": Case(CORPUS, ["train", "{tmp}/empty.txt", *SHORT]),
+    "too-short corpus": Case(CORPUS, ["train", "{tmp}/short.txt", *SHORT]),
+    "non-UTF-8 corpus": Case(CORPUS, ["train", "{tmp}/latin1.txt", *SHORT]),
+    "unknown CSV column": Case(CORPUS, ["train", "{tmp}/lines.csv", "--column", "nope", *SHORT]),
+    "unreachable URL": Case(CORPUS, ["train", "http://127.0.0.1:9/corpus.txt", *SHORT]),
+    "run name with a slash": Case(RUN, ["train", "simpsons", "--run-name", "a/b", *SHORT]),
+    "run name ..": Case(RUN, ["train", "simpsons", "--run-name", "..", *SHORT]),
+    "run name with a space": Case(RUN, ["train", "simpsons", "--run-name", "my run", *SHORT]),
+    "existing run name": Case(RUN, ["train", "simpsons", "--run-name", "tiny", *SHORT]),
+    "runs folder is a file": Case(RUN, ["train", "simpsons", "--runs-dir", "{tmp}/runs-file", *SHORT]),
+    "resume unknown run": Case(RUN, ["train", "--resume", "ghost", *SHORT]),
+    "sample unknown run": Case(RUN, ["sample", "ghost"]),
+    "sample a corrupt best": Case(CKPT, ["sample", "tiny", "--checkpoint", "best"], corrupt_best),
+    "resume with every checkpoint corrupt": Case(CKPT, ["train", "--resume", "tiny", *SHORT],
+                                                 corrupt_every_step_checkpoint),
+    "sample a run with no checkpoint": Case(CKPT, ["sample", "tiny"], delete_checkpoints),
+    "a pickle in state.pt": Case(CKPT, ["sample", "tiny"], plant_a_pickle),
+    "unknown checkpoint name": Case(CKPT, ["sample", "tiny", "--checkpoint", "oldest"]),
+    "corrupt vocab.json": Case(CKPT, ["sample", "tiny"], corrupt_vocab),
+    "prompt outside the vocabulary": Case(PROMPT, ["sample", "tiny", "--prompt", "Ω≈"]),
+    "empty prompt": Case(PROMPT, ["sample", "tiny", "--prompt", ""]),
+    "negative temperature": Case(PROMPT, ["sample", "tiny", "--temperature", "-1"]),
+    "negative length": Case(PROMPT, ["sample", "tiny", "--max-new-tokens", "-1"]),
+    "top-k of 0": Case(PROMPT, ["sample", "tiny", "--top-k", "0"]),
+    "top-p above 1": Case(PROMPT, ["sample", "tiny", "--top-p", "1.5"]),
+    "no samples": Case(PROMPT, ["sample", "tiny", "--num-samples", "0"]),
+}
+
+
+@contextmanager
+def user_session(tmp: Path) -> Iterator[None]:
+    """As a user in `tmp` would run it: that folder current, the offline corpora, runs in tmp/runs."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(MOE_TUI_DATA=str(shared_data_dir()), MOE_TUI_RUNS=str(tmp / "runs"))
+    os.chdir(tmp)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
+    """Run one case against a private copy of the run 'tiny': exit code, stdout, stderr, and the
+    files under `tmp` before it ran."""
+    case = CASES[name]
+    write_inputs(tmp)
+    shutil.copytree(trained, tmp / "runs" / "tiny")
+    if case.setup:
+        case.setup(tmp / "runs" / "tiny", tmp)
+    before = tree(tmp)
+    out, err = io.StringIO(), io.StringIO()
+    with user_session(tmp), redirect_stdout(out), redirect_stderr(err):
+        code = main([a.replace("{tmp}", str(tmp)) for a in case.args])
+    return code, out.getvalue(), err.getvalue(), before
+
+
+def row(number: int, name: str, stderr: str, tmp: Path) -> str:
+    message = stderr.strip().replace(str(tmp), "<tmp>").replace(str(shared_data_dir()), "<data>")
+    cells = [str(number), CASES[name].area, name, f"`{CASES[name].command()}`", message.replace("|", "\\|")]
+    return "| " + " | ".join(cells) + " |"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_clear_line_exit_2_and_changes_nothing(name, trained_once, tmp_path):
+    code, out, err, before = run_case(name, tmp_path, trained_once)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err + out
+    assert tree(tmp_path) == before, "a failed command changed files on disk"
+    assert not (tmp_path / "pwned").exists()
+    documented = DOC.read_text(encoding="utf-8").splitlines()
+    assert row(list(CASES).index(name) + 1, name, err, tmp_path) in documented, \
+        "docs/bad-input.md does not show this message: regenerate it with `python -m tests.test_bad_input`"
+
+
+def test_the_table_has_one_row_per_case():
+    rows = [line for line in DOC.read_text(encoding="utf-8").splitlines() if line.startswith("| ") and
+            line[2:3].isdigit()]
+    assert len(rows) == len(CASES) >= 25
+
+
+HEADER = """# Bad input
+
+Every mistake below gets one line on stderr that names the problem and the fix, exit code 2, no
+traceback, and no change to anything on disk. Each row is a test (`tests/test_bad_input.py`) that
+runs the command and checks that this is exactly what it prints; `<tmp>` is the folder the command
+runs in, where a finished run `tiny` exists. Regenerate the table with `python -m tests.test_bad_input`.
+
+| # | area | case | command | what moe-tui says |
+|---|---|---|---|---|
+"""
+
+
+def write_doc() -> None:
+    """Run every case and write docs/bad-input.md from what moe-tui really printed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = Path(scratch) / "trained"
+        with redirect_stdout(io.StringIO()):
+            assert main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
+                         "--eval-interval", "10", "--run-name", "tiny", "--headless",
+                         "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)]) == 0
+        rows = []
+        for number, name in enumerate(CASES, 1):
+            tmp = Path(scratch) / f"case-{number}"
+            tmp.mkdir()
+            code, _, err, _ = run_case(name, tmp, runs / "tiny")
+            if code != 2:
+                print(f"warning: case '{name}' exited {code}: {err.strip()}", file=sys.stderr)
+            rows.append(row(number, name, err, tmp))
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    print(f"wrote {DOC} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    write_doc()
