@@ -20,11 +20,14 @@ import pytest
 import torch
 
 from moe_core import checkpoint as checkpoint_module
+from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from tui.app import Dashboard
+from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar
 from tui.widgets.history import SeriesBuffer, bucket_means
 
+from .conftest import TINY
 from .test_training import make_trainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dashboard_events.jsonl"
@@ -206,6 +209,13 @@ def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_di
 
     drive(scenario)
     assert not any(trainer.run_dir.checkpoints.iterdir())  # nothing half-written left behind
+
+
+def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
+    monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
+    config = build_config(None, {}, {**TINY, "dataset": "simpsons"})
+    plain, watched = dashboard_overhead(config, steps=20, rounds=1)  # each reads its run's logged tok/s
+    assert plain > 0 and watched > 0
 
 
 class TappedQueue:

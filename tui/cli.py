@@ -267,21 +267,27 @@ def bench(
     steps: Annotated[int, typer.Option(help="Training steps per timed repeat")] = 10,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (the median is reported)")] = 5,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile both models")] = False,
+    dashboard_steps: Annotated[int, typer.Option(help="Training steps per front end and round of the dashboard overhead measure (0 = skip it)")] = 60,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
 ) -> None:
-    """Measure training and sampling speed here: fast layers vs the textbook ones, MFU, KV cache."""
+    """Measure speed here: fast layers vs the textbook ones, MFU, KV-cache sampling, dashboard overhead."""
     import json
 
     from moe_core.bench import matmul_peak, sample_speed, train_speed
 
-    if steps <= 0 or repeats <= 0:
-        raise UserError("--steps and --repeats must be positive integers")
-    config = build_config(preset, {}, {"device": device})
+    if steps <= 0 or repeats <= 0 or dashboard_steps < 0:
+        raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
+    config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
     train = train_speed(config, device=where, steps=steps, repeats=repeats, compile=compile)
     peak = matmul_peak(where)
     sampling = sample_speed(config, device=where)
     mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
+    plain = watched = None
+    if dashboard_steps:
+        from tui.overhead import dashboard_overhead
+
+        plain, watched = dashboard_overhead(config, steps=dashboard_steps)
     result = {
         "preset": preset, "device": where, "compile": compile,
         "train_tokens_per_sec": round(train.fast_tokens_per_sec, 1),
@@ -292,6 +298,8 @@ def bench(
         "sample_chars_per_sec": round(sampling.cached_chars_per_sec, 1),
         "reference_sample_chars_per_sec": round(sampling.reference_chars_per_sec, 1),
         "sample_speedup": round(sampling.speedup, 2), "first_char_ms": round(sampling.first_char_ms, 2),
+        "headless_tokens_per_sec": plain and round(plain, 1), "dashboard_tokens_per_sec": watched and round(watched, 1),
+        "dashboard_overhead": plain and round(max(0.0, 1 - watched / plain), 4),
     }
     if json_out:
         print(json.dumps(result))
@@ -303,6 +311,9 @@ def bench(
     table.add_row("sampling chars/s", f"{sampling.cached_chars_per_sec:,.0f}",
                   f"{sampling.reference_chars_per_sec:,.0f}", f"{sampling.speedup:.1f}x")
     table.add_row("time to first char", f"{sampling.first_char_ms:.1f} ms", "", "")
+    if plain:
+        table.add_row("training tokens/s, dashboard vs plain reporter", f"{watched:,.0f}", f"{plain:,.0f}",
+                      f"{result['dashboard_overhead']:.1%} overhead")
     Console().print(table)
 
 
