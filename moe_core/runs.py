@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .atomic import atomic_write_text
 from .checkpoint import newest_intact, read_manifest
@@ -149,8 +149,9 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def checkpoint(self, which: str = "latest") -> Path:
-        """The folder of the newest intact step checkpoint, or of `best`."""
+    def checkpoint(self, which: str = "latest", on_skip: Callable[[str], None] | None = None) -> Path:
+        """The folder of the newest intact step checkpoint, or of `best`; `on_skip` hears of each
+        newer checkpoint passed over, and why."""
         if which == "best":
             if not self.best_checkpoint.is_dir():
                 raise UserError(f"run '{self.name}' has no best checkpoint yet (one is written at each "
@@ -158,6 +159,9 @@ class Run:
             read_manifest(self.best_checkpoint)
             return self.best_checkpoint
         folder, problems = newest_intact(self.checkpoints)
+        if folder is not None and on_skip is not None:
+            for problem in problems:
+                on_skip(f"{problem.split('; ')[0]}; using {folder.name}, the newest intact one")
         if folder is None:
             raise UserError(f"run '{self.name}' has no usable checkpoint"
                             f"{f' ({problems[0]})' if problems else ''}; train it first or start afresh "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -72,12 +72,14 @@ def complete(model: MoETransformer, vocab: Vocab, request: SampleRequest, defaul
     return texts
 
 
-def load_model(run: Run, which: str = "latest", device: str = "auto") -> tuple[MoETransformer, Vocab, int]:
-    """A run's model from its `latest` or `best` checkpoint, ready to sample; also the checkpoint step."""
+def load_model(run: Run, which: str = "latest", device: str = "auto",
+               on_skip: Callable[[str], None] | None = None) -> tuple[MoETransformer, Vocab, int]:
+    """A run's model from its `latest` or `best` checkpoint, ready to sample; also the checkpoint step.
+    `on_skip` hears of corrupt newer checkpoints passed over."""
     if which not in ("latest", "best"):
         raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest or --checkpoint best")
     config, vocab = run.load_config(), run.load_vocab()
-    folder = run.checkpoint(which)
+    folder = run.checkpoint(which, on_skip)
     weights, _, manifest = load_checkpoint(folder)
     model = MoETransformer(config, len(vocab))
     try:

@@ -54,6 +54,15 @@ def test_sample_streams_text_that_starts_with_the_prompt(trained, capsys):
     assert code == 0 and out.count("--- sample") == 3
 
 
+def test_sample_skips_a_corrupt_newest_checkpoint_and_says_so(trained, capsys):
+    model = trained / "checkpoints" / "step-00000030" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])
+    code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Moe:", "--max-new-tokens", "20")
+    assert code == 0 and out.startswith("Moe:")
+    assert err.startswith("warning: checkpoint ") and "step-00000030 is corrupt" in err
+    assert err.rstrip().endswith("using step-00000020, the newest intact one")
+
+
 def test_runs_and_datasets_listings(trained, capsys):
     code, out, _ = cli(capsys, "runs")
     assert code == 0 and "tiny" in out and "simpsons" in out and "30/30" in out

@@ -243,7 +243,8 @@ def sample(
     """Generate text from a run's checkpoint, with a KV cache; streams as it goes."""
     request = SampleRequest(prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     request.check()
-    model, vocab, _ = load_model(Run.open(runs_dir or default_runs_dir(), run), checkpoint, device)
+    model, vocab, _ = load_model(Run.open(runs_dir or default_runs_dir(), run), checkpoint, device,
+                                 on_skip=lambda why: print(f"warning: {why}", file=sys.stderr))
     vocab.encode(prompt)  # unknown characters: a clear error before anything is printed
     out = sys.stdout
     if num_samples == 1:  # stream character by character
