@@ -22,7 +22,7 @@ import torch
 from moe_core import checkpoint as checkpoint_module
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
-from tui.app import Dashboard
+from tui.app import Dashboard, run_history
 from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar
 from tui.widgets.history import SeriesBuffer, bucket_means
@@ -167,6 +167,20 @@ def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_ke
 
     assert asyncio.run(scenario()).return_code == 130
     assert trainer.run_dir.checkpoint("latest").name == f"step-{trainer.step_num:08d}"
+
+
+def test_a_resumed_run_shows_its_whole_history(tmp_path, shared_dir, fast_keys):
+    make_trainer(tmp_path, shared_dir, **{**QUIET, "max_iters": 30, "ckpt_interval": 30}).run()
+    trainer = make_trainer(tmp_path, shared_dir, resume=True, **{**QUIET, "max_iters": 40})
+
+    async def scenario():
+        app = Dashboard(trainer, replay=run_history(trainer.run_dir))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.step >= 40)
+            steps, _ = app.model.train_loss.points()
+            assert steps[0] == 5 and steps[-1] == 40  # the first session's steps, then this one's
+
+    drive(scenario)
 
 
 def test_finished_run_stays_up_and_still_samples(tmp_path, shared_dir, fast_keys):

@@ -27,7 +27,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
-from moe_core.events import Event
+from moe_core.events import Event, from_record
 from moe_core.sampling import SampleRequest
 
 from .exits import print_next_step, signal_exit_code, stop_signals_handled
@@ -262,9 +262,22 @@ class Dashboard(App[int]):
             self.trainer.control.stop("dashboard closed")
 
 
+def run_history(run) -> list[Event]:
+    """A resumed run's logged events (already cut back to its checkpoint), so that the charts show
+    the whole run and not only this session. Lines of unknown kinds are skipped."""
+    events = []
+    for record in run.read_metrics():
+        try:
+            events.append(from_record(record))
+        except (KeyError, TypeError):
+            continue
+    return events
+
+
 def run_dashboard(trainer, resume_hint: str, sample_hint: str = "") -> int:
     """Run the dashboard until the user quits; returns the process exit code."""
-    app = Dashboard(trainer, resume_hint=resume_hint)
+    history = run_history(trainer.run_dir) if trainer.resumed else []
+    app = Dashboard(trainer, replay=history, resume_hint=resume_hint)
     with stop_on_signals(app, trainer):
         try:
             app.run()
