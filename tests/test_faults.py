@@ -114,6 +114,10 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
     steps = [r["step"] for r in records(killed, "StepMetrics")]
     assert steps == [r["step"] for r in records(runs / "straight", "StepMetrics")]
     assert (killed / "samples.txt").read_text() == (runs / "straight" / "samples.txt").read_text()
+    # The newest --keep-checkpoints 3 and best, and nothing left over from the crashes.
+    n = 40 * trials
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "best", f"step-{n - 10:08d}", f"step-{n - 5:08d}", f"step-{n:08d}"]
     print(f"\nkill -9 trials: {trials} ({mid_write_kills} mid-checkpoint-write), corrupt checkpoints found: "
           f"{corrupt_found}, final weights equal to the uninterrupted run's")
 
