@@ -75,28 +75,35 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], train_st
     return folder
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files do not match its manifest. `reason` says what is wrong, without the
+    advice, for callers that go on to an older checkpoint."""
+
+    def __init__(self, folder: Path, problem: str):
+        self.reason = f"checkpoint {folder} {problem}"
+        super().__init__(f"{self.reason}; resume from an earlier checkpoint")
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest, after checking every file against it; UserError names what is wrong."""
+    """The manifest, after checking every file against it; CorruptCheckpoint names what is wrong."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        raise UserError(f"checkpoint {folder} is incomplete (no {MANIFEST_FILE}); "
-                        "resume from an earlier checkpoint") from None
+        raise CorruptCheckpoint(folder, f"is incomplete (no {MANIFEST_FILE})") from None
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"checkpoint {folder} has a corrupt {MANIFEST_FILE}; "
-                        "resume from an earlier checkpoint") from None
+        raise CorruptCheckpoint(folder, f"has a corrupt {MANIFEST_FILE}") from None
     for name in (MODEL_FILE, STATE_FILE):
         path, want = folder / name, files.get(name, {})
         if not path.is_file() or path.stat().st_size != want.get("size") or file_digest(path) != want.get("sha256"):
-            raise UserError(f"checkpoint {folder} is corrupt ({name} does not match its manifest); "
-                            "resume from an earlier checkpoint")
+            raise CorruptCheckpoint(folder, f"is corrupt ({name} does not match its manifest)")
     return manifest
 
 
 def load_checkpoint(folder: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Weights, trainer state and manifest. Never unpickles objects: a pickled payload is refused."""
-    manifest = read_manifest(folder) if verify else {}
+    """Weights, trainer state and manifest. Never unpickles objects: a pickled payload is refused.
+    `verify=False` skips hashing the files, for a folder that `read_manifest` has just checked."""
+    manifest = read_manifest(folder) if verify else json.loads((folder / MANIFEST_FILE).read_text())
     try:
         weights = load_file(folder / MODEL_FILE)
     except (SafetensorError, OSError, ValueError) as err:
@@ -126,15 +133,20 @@ def step_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest step checkpoint whose files match its manifest, and the problems met on the way."""
+    """The newest step checkpoint whose files match its manifest, and what was wrong with newer ones."""
     problems = []
     for _, folder in step_checkpoints(root):
         try:
             read_manifest(folder)
             return folder, problems
-        except UserError as err:
-            problems.append(str(err))
+        except CorruptCheckpoint as err:
+            problems.append(err.reason)
     return None, problems
+
+
+def _set_aside_name(leftover: Path) -> str:
+    """NAME of a `.old-NAME-PID` folder: the previous NAME, set aside while a new one is renamed in."""
+    return leftover.name[len(".old-"):].rsplit("-", 1)[0]
 
 
 def restore_set_aside(root: Path) -> list[str]:
@@ -142,7 +154,7 @@ def restore_set_aside(root: Path) -> list[str]:
     replace leaves the previous checkpoint there, whole. Returns the names restored."""
     restored = []
     for leftover in sorted(root.glob(".old-*")) if root.is_dir() else []:
-        name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
+        name = _set_aside_name(leftover)
         if not (root / name).exists():
             os.replace(leftover, root / name)
             restored.append(name)
@@ -156,8 +168,7 @@ def prune(root: Path, keep: int) -> None:
     for leftover in root.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in root.glob(".old-*"):
-        # `.old-NAME-PID` is the previous NAME, set aside during a replace; a crash before the new
-        # one was renamed in leaves it the only copy, so it goes only once NAME is back in place.
-        name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
-        if (root / name).is_dir():
+        # A crash before the new NAME was renamed in leaves this the only copy: it goes only once
+        # NAME is back in place.
+        if (root / _set_aside_name(leftover)).is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

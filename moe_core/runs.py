@@ -42,7 +42,8 @@ def check_run_name(name: str) -> str:
 @dataclass
 class Run:
     path: Path
-    _torn: bool = field(default=False, init=False, repr=False, compare=False)  # a metrics write failed
+    # The last metrics write failed (disk full): it may have left half a line, and front ends warn once.
+    log_failing: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -104,43 +105,46 @@ class Run:
 
     def log(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
-        if self._torn:  # a failed write (disk full) may have left half a line: end it first
+        if self.log_failing:  # end the half line the failed write may have left
             line = "\n" + line
         try:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(line)
         except OSError:
-            self._torn = True
+            self.log_failing = True
             raise
-        self._torn = False
+        self.log_failing = False
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every intact line; a torn last line (a crash mid-write) is skipped."""
+        return [record for _, record in self._metric_lines() if record is not None]
+
+    def _metric_lines(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Each line of metrics.jsonl with its record, or None where the line is torn."""
         if not self.metrics_path.exists():
             return []
-        records = []
+        lines = []
         for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                lines.append((line, json.loads(line)))
             except ValueError:
-                continue
-        return records
+                lines.append((line, None))
+        return lines
 
     def rewind(self, step: int) -> int:
         """Drop metrics and samples after `step`, and torn metric lines, so that a run resumed from
         the checkpoint at `step` has no duplicated or phantom steps. Returns the lines dropped."""
-        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines() \
-            if self.metrics_path.exists() else []
-        kept = [r for r in self.read_metrics() if (r.get("step") or 0) <= step]
+        lines = self._metric_lines()
+        kept = [line for line, record in lines if record is not None and (record.get("step") or 0) <= step]
         if len(kept) != len(lines):
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         if self.samples_path.exists():
             text = self.samples_path.read_text(encoding="utf-8", errors="replace")
             blocks = re.split(r"(?m)^(?=--- step \d+ ---$)", text)
             kept_blocks = [b for b in blocks if not (m := re.match(r"--- step (\d+) ---", b)) or int(m[1]) <= step]
             if len(kept_blocks) != len(blocks):
                 atomic_write_text(self.samples_path, "".join(kept_blocks))
-        self._torn = False
+        self.log_failing = False
         return len(lines) - len(kept)
 
     def append_sample(self, step: int, text: str) -> None:
@@ -150,8 +154,8 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def checkpoint(self, which: str = "latest", on_skip: Callable[[str], None] | None = None) -> Path:
-        """The folder of the newest intact step checkpoint, or of `best`; `on_skip` hears of each
-        newer checkpoint passed over, and why."""
+        """The folder of the newest intact step checkpoint, or of `best`, checked against its
+        manifest; `on_skip` hears of each newer checkpoint passed over, and why."""
         if which == "best":
             if not self.best_checkpoint.is_dir():
                 raise UserError(f"run '{self.name}' has no best checkpoint yet (one is written at each "
@@ -159,13 +163,14 @@ class Run:
             read_manifest(self.best_checkpoint)
             return self.best_checkpoint
         folder, problems = newest_intact(self.checkpoints)
-        if folder is not None and on_skip is not None:
-            for problem in problems:
-                on_skip(f"{problem.split('; ')[0]}; using {folder.name}, the newest intact one")
+        if folder is None and problems:
+            raise UserError(f"run '{self.name}' has no intact checkpoint (the newest: {problems[0]}); start "
+                            "afresh with --overwrite")
         if folder is None:
-            raise UserError(f"run '{self.name}' has no usable checkpoint"
-                            f"{f' ({problems[0]})' if problems else ''}; train it first or start afresh "
-                            "with --overwrite")
+            raise UserError(f"run '{self.name}' has no checkpoint yet; train it first or start afresh with "
+                            "--overwrite")
+        for problem in problems if on_skip else []:
+            on_skip(f"skipped: {problem}; using {folder.name}, the newest intact one")
         return folder
 
     def summary(self) -> dict[str, Any]:

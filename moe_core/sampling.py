@@ -80,7 +80,7 @@ def load_model(run: Run, which: str = "latest", device: str = "auto",
         raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest or --checkpoint best")
     config, vocab = run.load_config(), run.load_vocab()
     folder = run.checkpoint(which, on_skip)
-    weights, _, manifest = load_checkpoint(folder)
+    weights, _, manifest = load_checkpoint(folder, verify=False)  # `checkpoint()` checked it
     model = MoETransformer(config, len(vocab))
     try:
         model.load_state_dict(weights)

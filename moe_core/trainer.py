@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, newest_intact, prune, restore_set_aside, save_checkpoint
+from .checkpoint import load_checkpoint, prune, restore_set_aside, save_checkpoint, step_checkpoints
 from .config import RESUMABLE_KEYS, Config, resolve_device
 from .data import Vocab
 from .errors import UserError
@@ -119,7 +119,6 @@ class Trainer:
         self.resumed = resume
         self._paused = self._done = False  # loop state of run()
         self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
-        self._log_failed = False
         if resume:
             self._resume()
         self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
@@ -139,14 +138,8 @@ class Trainer:
         root = self.run_dir.checkpoints
         for name in restore_set_aside(root):
             self._note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
-        folder, problems = newest_intact(root)
-        for problem in problems:
-            self._note("warning", f"skipped: {problem}")
-        if folder is not None:
-            self._restore(folder)
-        elif problems:
-            raise UserError(f"run '{self.run_dir.name}' has no intact checkpoint (the oldest: "
-                            f"{problems[-1].split('; ')[0]}); start afresh with --overwrite")
+        if step_checkpoints(root):
+            self._restore(self.run_dir.checkpoint("latest", on_skip=lambda why: self._note("warning", why)))
         else:
             self._note("info", "the run stopped before its first checkpoint; training starts again from step 0")
         try:
@@ -162,7 +155,7 @@ class Trainer:
         self._notices.append(Notice(level, message, self.step_num))
 
     def _restore(self, folder: Path) -> None:
-        weights, state, manifest = load_checkpoint(folder)
+        weights, state, manifest = load_checkpoint(folder, verify=False)  # `checkpoint()` checked it
         saved_shape = manifest.get("shape", {})
         wanted = {k: getattr(self.config, k) for k in SHAPE_KEYS}
         differ = [k for k in SHAPE_KEYS if k in saved_shape and saved_shape[k] != wanted[k]]
@@ -190,6 +183,11 @@ class Trainer:
                    if k in RESUMABLE_KEYS and before[k] != getattr(self.config, k)]
         if changed:
             self._note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
+
+    @property
+    def unsaved(self) -> bool:
+        """Steps taken since the last checkpoint (after a failed final save, say)."""
+        return self.last_saved_step < self.step_num
 
     # -- the pieces a front end may call -------------------------------------------------------
 
@@ -266,12 +264,11 @@ class Trainer:
 
     def emit(self, event: Event) -> None:
         if not isinstance(event, StateChanged):
+            already_failing = self.run_dir.log_failing
             try:
                 self.run_dir.log(to_record(event))
-                self._log_failed = False
             except OSError as err:  # disk full: losing log lines is no reason to stop training
-                if not self._log_failed:
-                    self._log_failed = True
+                if not already_failing:  # warn once, not at every event
                     self.on_event(Notice("warning", f"cannot write {self.run_dir.metrics_path.name} ({err}); "
                                                     "training goes on, metrics are not being logged", self.step_num))
         self.on_event(event)
@@ -435,7 +432,7 @@ class Trainer:
                                   None if math.isinf(self.best_val) else self.best_val))
 
     def _checkpoint_quietly(self) -> None:
-        if self.step_num != self.last_saved_step and self.state != "error":
+        if self.unsaved and self.state != "error":
             self._save_or_warn(best=False)
 
     def _finish(self) -> None:

@@ -59,7 +59,7 @@ def test_sample_skips_a_corrupt_newest_checkpoint_and_says_so(trained, capsys):
     model.write_bytes(model.read_bytes()[:-10])
     code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Moe:", "--max-new-tokens", "20")
     assert code == 0 and out.startswith("Moe:")
-    assert err.startswith("warning: checkpoint ") and "step-00000030 is corrupt" in err
+    assert err.startswith("warning: skipped: checkpoint ") and "step-00000030 is corrupt" in err
     assert err.rstrip().endswith("using step-00000020, the newest intact one")
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import checkpoint as checkpoint_module
+from moe_core import runs as runs_module
 from moe_core.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.errors import UserError
 from moe_core.events import Notice
@@ -258,14 +259,13 @@ def test_a_run_whose_checkpoints_are_all_corrupt_is_refused(tmp_path, shared_dir
 def test_a_failing_metrics_log_warns_once_and_training_goes_on(tmp_path, shared_dir, monkeypatch):
     events = []
     trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=30, ckpt_interval=10)
-    real_log = Run.log
 
-    def log_on_a_full_disk(self, record):
-        if (record.get("step") or 0) >= 15:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_log(self, record)
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):  # the disk fills at step 15
+        if Path(path).name == "metrics.jsonl" and "a" in mode and trainer.step_num >= 15:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "log", log_on_a_full_disk)
+    monkeypatch.setattr(runs_module, "open", open_on_a_full_disk, raising=False)  # what Run.log opens
     assert trainer.run() == "finished"
     warnings = [e for e in events if isinstance(e, Notice) and "cannot write metrics.jsonl" in e.message]
     assert len(warnings) == 1 and trainer.step_num == 30

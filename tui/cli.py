@@ -188,8 +188,7 @@ def _run_headless(trainer, runs_dir: Path) -> int:
     print_next_step(trainer, _resume_command(name, runs_dir), _sample_command(name, runs_dir))
     if outcome == "stopped":
         return signal_exit_code(received[0]) if received else 130
-    unsaved = trainer.last_saved_step < trainer.step_num  # finished, but the last save failed
-    return 1 if outcome == "error" or unsaved else 0
+    return 1 if outcome == "error" or trainer.unsaved else 0  # unsaved: finished, but the final save failed
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:

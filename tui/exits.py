@@ -33,7 +33,7 @@ def print_next_step(trainer, resume_hint: str, sample_hint: str) -> None:
     try:
         if trainer.state == "error":
             print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=sys.stderr)
-        elif trainer.last_saved_step < trainer.step_num:  # the final save failed (disk full?)
+        elif trainer.unsaved:  # finished, but the final save failed (disk full?)
             last = trainer.last_saved_step
             print(f"steps after {last} were not saved (the last checkpoint is step {last}); once the disk is "
                   f"writable, resume with: {resume_hint}", file=sys.stderr)
