@@ -184,7 +184,11 @@ def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
 
 
 def row(number: int, name: str, stderr: str, tmp: Path) -> str:
-    message = stderr.strip().replace(str(tmp), "<tmp>").replace(str(shared_data_dir()), "<data>")
+    message = stderr.strip()
+    # Paths as given and as resolved (CI reaches the corpora through a symlink).
+    for path, placeholder in ((tmp, "<tmp>"), (tmp.resolve(), "<tmp>"), (shared_data_dir(), "<data>"),
+                              (shared_data_dir().resolve(), "<data>")):
+        message = message.replace(str(path), placeholder)
     cells = [str(number), CASES[name].area, name, f"`{CASES[name].command()}`", message.replace("|", "\\|")]
     return "| " + " | ".join(cells) + " |"
 
