@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .moe import MoE, ReferenceMoE
+from .dropout import Dropout
+from .moe import MoE, ReferenceMoE, StackedExperts
 
 
 @dataclass
@@ -42,8 +43,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one matmul for all heads' q, k, v
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -57,8 +58,14 @@ class CausalSelfAttention(nn.Module):
             # A prefill from an empty cache is causal; one new token may see everything cached.
             causal = start == 0
             assert start == 0 or T == 1, "the cache takes a prefill or one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.attn_dropout.threshold > 0:
+            # SDPA's CPU kernels cannot drop attention weights, so it would run these same steps
+            # with nn.Dropout's slower mask.
+            scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+            scores = scores + torch.full((T, T), float("-inf"), device=x.device).triu(1)
+            y = self.attn_dropout(scores.softmax(dim=-1)) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -111,25 +118,34 @@ class MoETransformer(nn.Module):
         self.config, self.vocab_size = config, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, vocab_size)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        init = self.config.init
         if isinstance(module, nn.Linear):
-            if init == "kaiming":  # the seeds' choice, suited to ReLU experts
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            elif init == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-            else:  # GPT-2's N(0, 0.02)
-                nn.init.normal_(module.weight, std=0.02)
+            self._init_matrix(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, StackedExperts):  # each expert's matrices as if they were nn.Linear's
+            for weight in (*module.w1, *module.w2):
+                self._init_matrix(weight)
+            nn.init.zeros_(module.b1)
+            nn.init.zeros_(module.b2)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    def _init_matrix(self, weight: torch.Tensor) -> None:
+        """An (out, in) weight matrix."""
+        init = self.config.init
+        if init == "kaiming":  # the seeds' choice, suited to ReLU experts
+            nn.init.kaiming_normal_(weight, nonlinearity="relu")
+        elif init == "xavier":
+            nn.init.xavier_uniform_(weight)
+        else:  # GPT-2's N(0, 0.02)
+            nn.init.normal_(weight, std=0.02)
 
     def moe_layers(self) -> list[MoE]:
         return [block.moe for block in self.blocks]
@@ -137,7 +153,7 @@ class MoETransformer(nn.Module):
     def num_params(self) -> tuple[int, int]:
         """Total parameters, and those a token actually uses (its top-k experts, not all E)."""
         total = sum(p.numel() for p in self.parameters())
-        per_expert = sum(p.numel() for p in self.blocks[0].moe.experts[0].parameters())
+        per_expert = sum(p.numel() for p in self.blocks[0].moe.experts.parameters()) // self.config.num_experts
         idle = self.config.n_layer * (self.config.num_experts - self.config.top_k) * per_expert
         return total, total - idle
 

@@ -4,10 +4,12 @@ Each token is sent by a learned router to `top_k` of `num_experts` small MLPs; t
 the gate-weighted sum of those experts' outputs. Two dispatch strategies share one router, one set
 of experts and one set of auxiliary losses:
 
-* `MoE` (fast): sort the token->expert assignments by expert, run each expert once on a contiguous
-  slice, and scatter the results back with `index_add_`.
+* `MoE` (fast): the experts' weights are stacked into one tensor per layer; sort the token->expert
+  assignments by expert and run all experts in one grouped matmul (each on its contiguous slice of
+  rows), then scatter the results back with `index_add_`.
 * `ReferenceMoE` (textbook, as in makeMoE): loop over experts, pick each one's tokens with a boolean
-  mask. Slower, but the clearest way to read what MoE does; the tests use it as the oracle.
+  mask, one `nn.Linear` pair per expert. Slower, but the clearest way to read what MoE does; the
+  tests use it as the oracle. Its state dict converts to and from the stacked one on load.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .dropout import Dropout
 
 
 class Expert(nn.Module):
@@ -31,6 +35,52 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.relu(self.fc(x))))
+
+
+class StackedExperts(nn.Module):
+    """All E experts of a layer, with the weights of each kind stacked: w1 (E, 4C, C), b1 (E, 4C),
+    w2 (E, C, 4C), b2 (E, C). Expert e computes the same as `Expert` with fc = (w1[e], b1[e]) and
+    proj = (w2[e], b2[e]); stacking lets one grouped matmul run every expert on its own rows.
+    """
+
+    def __init__(self, num_experts: int, n_embd: int, dropout: float):
+        super().__init__()
+        E, C = num_experts, n_embd
+        self.w1 = nn.Parameter(torch.empty(E, 4 * C, C))  # per expert, an nn.Linear's (out, in)
+        self.b1 = nn.Parameter(torch.zeros(E, 4 * C))
+        self.w2 = nn.Parameter(torch.empty(E, C, 4 * C))
+        self.b2 = nn.Parameter(torch.zeros(E, C))
+        self.dropout = Dropout(dropout)
+        for w in (*self.w1, *self.w2):  # nn.Linear's default init, expert by expert
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, C) rows sorted by expert; expert: (M,) each row's expert; counts: (E,) rows each."""
+        if _grouped_mm_supported(x, self.w1):
+            offs = counts.cumsum(0).to(torch.int32)
+            # index_select, not b1[expert]: its backward is a fast index_add, not an index_put.
+            h = F.grouped_mm(x, self.w1.transpose(1, 2), offs=offs) + self.b1.index_select(0, expert)
+            y = F.grouped_mm(F.relu(h), self.w2.transpose(1, 2), offs=offs) + self.b2.index_select(0, expert)
+        else:  # one matmul per expert; unbind once, so the backward writes one weight gradient
+            sizes = counts.tolist()
+            parts = zip(x.split(sizes), self.w1.unbind(), self.b1.unbind(), self.w2.unbind(), self.b2.unbind())
+            y = torch.cat([F.linear(F.relu(F.linear(rows, w1, b1)), w2, b2) for rows, w1, b1, w2, b2 in parts])
+        return self.dropout(y)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on x (N, C): the single-token sampling path (no gradient)."""
+        return F.linear(F.relu(F.linear(x, self.w1[e], self.b1[e])), self.w2[e], self.b2[e])
+
+
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """`F.grouped_mm` runs on CPU in float32/bfloat16 with 16-byte-aligned rows. On CUDA it needs
+    bf16 on recent GPUs, untested here, and torch.compile only traces it in bf16: both take the loop."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
+            and all(size * x.element_size() % 16 == 0 for size in w.shape[1:]))
+
+
+# Per-expert names in the reference's (and older checkpoints') state dict, and their stacked names.
+_PER_EXPERT = {"fc.weight": "w1", "fc.bias": "b1", "proj.weight": "w2", "proj.bias": "b2"}
 
 
 class Router(nn.Module):
@@ -90,11 +140,25 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.router = Router(n_embd, num_experts, top_k, noisy)
-        self.experts = nn.ModuleList(Expert(n_embd, dropout) for _ in range(num_experts))
+        self.experts = self.build_experts(n_embd, num_experts, dropout)
+        self.register_load_state_dict_pre_hook(self.convert_expert_keys)
         # Filled by forward(): read by the trainer for losses and the dashboard's utilisation bars.
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.stats: RoutingStats | None = None
+
+    @staticmethod
+    def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
+        return StackedExperts(num_experts, n_embd, dropout)
+
+    @staticmethod
+    def convert_expert_keys(module: MoE, state: dict, prefix: str, *_) -> None:
+        """Load hook: per-expert keys (`experts.3.fc.weight`, as the reference layer and checkpoints
+        saved before stacking have them) -> stacked ones (`experts.w1`)."""
+        for old, new in _PER_EXPERT.items():
+            keys = [f"{prefix}experts.{e}.{old}" for e in range(module.num_experts)]
+            if all(k in state for k in keys):
+                state[f"{prefix}experts.{new}"] = torch.stack([state.pop(k) for k in keys])
 
     def capacity(self, num_tokens: int) -> int | None:
         """Most assignments one expert may take: ceil(F * tokens * k / E); None = dropless.
@@ -126,7 +190,7 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
                  capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort assignments by expert so each expert runs once on a contiguous slice.
+        """Sort assignments by expert and run every expert on its contiguous slice in one go.
 
         Returns the combined output (N, C) and the number of assignments dropped by capacity.
         """
@@ -134,37 +198,40 @@ class MoE(nn.Module):
         if x.shape[0] == 1 and capacity is None:
             # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
             chosen = zip(expert_idx[0].tolist(), weights[0].unbind())
-            return sum(gate * self.experts[e](x) for e, gate in chosen), dropped
+            return sum(gate * self.experts.one(e, x) for e, gate in chosen), dropped
         flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
         # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
         order = torch.argsort(flat_expert, stable=True)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        token = order // self.top_k
-        gate = weights.flatten()[order].unsqueeze(-1)
+        token, expert = order // self.top_k, flat_expert[order]
+        gate = weights.flatten().index_select(0, order).unsqueeze(-1)
 
         if capacity is not None:
             # Position of each sorted assignment inside its expert's group; keep the first `capacity`.
             starts = torch.cumsum(counts, 0) - counts
-            position = torch.arange(order.numel(), device=x.device) - starts[flat_expert[order]]
-            keep = position < capacity
+            keep = torch.arange(order.numel(), device=x.device) - starts[expert] < capacity
             dropped = (~keep).sum()
-            token, gate = token[keep], gate[keep]
-            counts_kept = counts.clamp(max=capacity)
-        else:
-            counts_kept = counts
+            token, expert, gate = token[keep], expert[keep], gate[keep]
+            counts = counts.clamp(max=capacity)
 
         out = torch.zeros_like(x)
-        inputs = x[token]
-        # The split sizes must live on the host: one sync per layer, the price of ragged slices.
-        chunks = inputs.split(counts_kept.tolist())
-        outputs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0] > 0]
-        if outputs:
-            out.index_add_(0, token, torch.cat(outputs) * gate)
-        return out, dropped
+        rows = self.experts(x.index_select(0, token), expert, counts)
+        return out.index_add_(0, token, rows * gate), dropped
 
 
 class ReferenceMoE(MoE):
     """The seeds' dispatch: for each expert, a boolean mask over all tokens. Same weights, same maths."""
+
+    @staticmethod
+    def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
+        return nn.ModuleList(Expert(n_embd, dropout) for _ in range(num_experts))
+
+    @staticmethod
+    def convert_expert_keys(module: MoE, state: dict, prefix: str, *_) -> None:
+        """Load hook: stacked keys (`experts.w1`) -> per-expert ones (`experts.3.fc.weight`)."""
+        for old, new in _PER_EXPERT.items():
+            for e, tensor in enumerate(state.pop(f"{prefix}experts.{new}", ())):
+                state[f"{prefix}experts.{e}.{old}"] = tensor
 
     def dispatch(self, x, weights, expert_idx, capacity):
         out = torch.zeros_like(x)

@@ -162,6 +162,10 @@ class Trainer:
         if differ:
             raise UserError(f"checkpoint {folder} was made with a different "
                             f"{', '.join(differ)}; resume with the run's own settings or start a new run")
+        if any(key.endswith(".experts.0.fc.weight") for key in weights):
+            # Its weights convert on load (see MoE.convert_expert_keys); its optimizer state does not.
+            raise UserError(f"checkpoint {folder} was saved by an older moe-tui, with one tensor per expert: "
+                            "`moe-tui sample` still reads it, but training cannot resume from it; start a new run")
         try:
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])

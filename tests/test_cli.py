@@ -88,3 +88,29 @@ def test_csv_columns_train(env, tmp_path, capsys):
                          *TINY_FLAGS, "--max-iters", "10", "--headless")
     assert code == 0, err
     assert "training run 'dialogue-" in out
+
+
+def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(trained, capsys):
+    # Rewrite the latest checkpoint as moe-tui saved it before the experts' weights were stacked:
+    # one fc/proj pair per expert, the names the reference layer still uses.
+    from moe_core.checkpoint import load_checkpoint, save_checkpoint
+    from moe_core.moe import ReferenceMoE
+
+    folder = trained / "checkpoints" / "step-00000030"
+    weights, state, manifest = load_checkpoint(folder)
+    for prefix in {key.split("experts.")[0] for key in weights if ".experts." in key}:
+        ReferenceMoE.convert_expert_keys(None, weights, prefix)
+    assert "blocks.0.moe.experts.3.proj.bias" in weights and "blocks.0.moe.experts.w1" not in weights
+    save_checkpoint(folder, weights, state, {k: v for k, v in manifest.items() if k != "files"})
+
+    code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Homer:", "--max-new-tokens", "40",
+                         "--temperature", "0")
+    assert code == 0, err
+    assert out.startswith("Homer:") and len(out.strip()) > len("Homer:")
+
+    before = (trained / "metrics.jsonl").read_bytes()
+    code, out, err = cli(capsys, "train", "--resume", "tiny", "--max-iters", "40", "--headless")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "saved by an older moe-tui, with one tensor per expert" in err and "start a new run" in err
+    assert (trained / "metrics.jsonl").read_bytes() == before

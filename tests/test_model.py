@@ -80,9 +80,9 @@ def test_num_params(E, k, router):
     model = make_model(num_experts=E, top_k=k, router=router)
     total, active = model.num_params()
     assert total == sum(p.numel() for p in model.parameters())
-    per_expert = sum(p.numel() for p in model.blocks[0].moe.experts[0].parameters())
     C, L = 32, 2
-    assert per_expert == _per_expert(C)
+    per_expert = _per_expert(C)
+    assert sum(p.numel() for p in model.blocks[0].moe.experts.parameters()) == E * per_expert
     assert active == total - L * (E - k) * per_expert
 
 
@@ -118,7 +118,7 @@ def test_dense_baseline():
     # One expert, one choice: the load-balancing loss is exactly 1 and z-loss is logit^2.
     assert out.aux_loss.item() == pytest.approx(1.0)
     out.loss.backward()
-    assert all(p.grad is not None for p in model.blocks[0].moe.experts[0].parameters())
+    assert all(p.grad is not None and p.grad.any() for p in model.blocks[0].moe.experts.parameters())
 
 
 # ---------------------------------------------------------------- fused vs reference attention
@@ -361,7 +361,7 @@ def test_inits_finite_and_different():
         out = model(idx, idx)
         assert torch.isfinite(out.loss)
         losses[init] = out.loss.item()
-        weights[init] = model.blocks[0].moe.experts[0].fc.weight.detach().clone()
+        weights[init] = model.blocks[0].moe.experts.w1[0].detach().clone()  # expert 0's first Linear
         assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros_like(model.blocks[0].attn.qkv.bias))
     names = list(losses)
     for i in range(3):
@@ -371,5 +371,8 @@ def test_inits_finite_and_different():
     # normal init uses std 0.02; kaiming (fan_in 32, ReLU gain) has std sqrt(2/32) = 0.25.
     assert weights["normal"].std().item() == pytest.approx(0.02, rel=0.1)
     assert weights["kaiming"].std().item() == pytest.approx(math.sqrt(2 / 32), rel=0.1)
+    # Stacked, each expert's (out, in) matrix is still initialised as one nn.Linear: fan_in 128 here.
+    w2 = make_model(seed=9, init="kaiming").blocks[0].moe.experts.w2
+    assert w2[1].std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.1)
     bound = math.sqrt(6 / (32 + 128))
     assert weights["xavier"].abs().max().item() <= bound

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_core.moe import MoE, ReferenceMoE, load_balancing_loss, router_z_loss
+from moe_core.moe import MoE, ReferenceMoE, StackedExperts, load_balancing_loss, router_z_loss
 
 B, T, C = 4, 16, 32
 
@@ -34,6 +35,21 @@ def _pair(num_experts: int, top_k: int, noisy: bool = False, capacity_factor: fl
     return fast, ref
 
 
+def _stacked(moe: MoE) -> bool:
+    return isinstance(moe.experts, StackedExperts)
+
+
+def _expert(moe: MoE, e: int):
+    """Expert e of either layout, as a function of (N, C) rows."""
+    return partial(moe.experts.one, e) if _stacked(moe) else moe.experts[e]
+
+
+def _fill_expert_output_bias(moe: MoE, value: float) -> None:
+    with torch.no_grad():
+        for bias in (moe.experts.b2 if _stacked(moe) else [ex.proj.bias for ex in moe.experts]):
+            bias.fill_(value)
+
+
 def _run(moe: MoE, x: torch.Tensor, w: torch.Tensor, noise_seed: int):
     moe.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
@@ -41,7 +57,9 @@ def _run(moe: MoE, x: torch.Tensor, w: torch.Tensor, noise_seed: int):
     out = moe(x)
     loss = (out * w).sum() + moe.aux_loss + moe.z_loss
     loss.backward()
-    grads = {name: p.grad for name, p in moe.named_parameters()}
+    # Gradients in the stacked layout (an idle expert's are zero there, None per expert).
+    grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in moe.named_parameters()}
+    MoE.convert_expert_keys(moe, grads, "")
     return out.detach(), x.grad, grads, moe.stats, moe.aux_loss.detach(), moe.z_loss.detach()
 
 
@@ -63,10 +81,7 @@ def test_fast_matches_reference(num_experts, top_k, capacity_factor, noisy):
     torch.testing.assert_close(xg_f, xg_r, atol=1e-5, rtol=0)
     assert grads_f.keys() == grads_r.keys()
     for name in grads_f:
-        gf, gr = grads_f[name], grads_r[name]
-        assert (gf is None) == (gr is None), name
-        if gf is not None:
-            torch.testing.assert_close(gf, gr, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(grads_f[name], grads_r[name], atol=1e-5, rtol=0, msg=name)
     assert torch.equal(stats_f.tokens_per_expert, stats_r.tokens_per_expert)
     assert int(stats_f.dropped) == int(stats_r.dropped)
     assert stats_f.assignments == stats_r.assignments == B * T * top_k
@@ -78,6 +93,36 @@ def test_fast_matches_reference(num_experts, top_k, capacity_factor, noisy):
         assert int(stats_f.dropped) == 0
     else:
         assert int(stats_f.dropped) > 0, "the capacity case must really drop tokens"
+
+
+@pytest.mark.parametrize("width,dtype", [(6, torch.float32), (C, torch.float64)])
+def test_per_expert_fallback_matches_reference(width, dtype):
+    # Rows of 6 floats (24 bytes) or doubles are outside what F.grouped_mm takes: the loop runs.
+    torch.manual_seed(1)
+    fast = MoE(width, 4, 2, capacity_factor=1.0).to(dtype)
+    ref = ReferenceMoE(width, 4, 2, capacity_factor=1.0).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(B, T, width, dtype=dtype)
+    w = torch.randn(B, T, width, dtype=dtype)
+    out_f, xg_f, grads_f, *_ = _run(fast, x, w, noise_seed=3)
+    out_r, xg_r, grads_r, *_ = _run(ref, x, w, noise_seed=3)
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(xg_f, xg_r)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_r[name], msg=name)
+
+
+def test_per_expert_state_dict_loads_into_stacked():
+    # The reference layer (and checkpoints saved before stacking) name each expert's Linears.
+    fast, ref = _pair(4, 2, seed=1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p))
+    assert "experts.3.proj.bias" in ref.state_dict()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, C)
+    torch.testing.assert_close(fast.eval()(x), ref.eval()(x), atol=1e-5, rtol=0)
+    assert torch.equal(fast.experts.b2[3], ref.experts[3].proj.bias)
 
 
 def test_noise_actually_used_in_equality_test():
@@ -114,12 +159,17 @@ def test_capacity_limits_per_expert(impl, top_k, factor):
         moe.router.gate.weight[0, 0] = 3.0
     x = torch.randn(B, T, C)
     x[..., 0] = x[..., 0].abs() + 0.5
-    rows_seen = {}
-    hooks = [ex.register_forward_hook(lambda m, inp, out, e=e: rows_seen.__setitem__(e, inp[0].shape[0]))
-             for e, ex in enumerate(moe.experts)]
+    rows_seen = {}  # rows each expert was really run on
+    if _stacked(moe):  # its forward gets the rows sorted by expert and the count of each
+        hooks = [moe.experts.register_forward_hook(
+            lambda m, inp, out: rows_seen.update(enumerate(inp[2].tolist())))]
+    else:
+        hooks = [ex.register_forward_hook(lambda m, inp, out, e=e: rows_seen.__setitem__(e, inp[0].shape[0]))
+                 for e, ex in enumerate(moe.experts)]
     moe(x)
     for h in hooks:
         h.remove()
+    assert rows_seen
     cap = moe.capacity(B * T)
     assert cap == math.ceil(factor * B * T * top_k / E)
     counts = moe.stats.tokens_per_expert
@@ -140,8 +190,7 @@ def test_capacity_drops_latest_tokens_top1(impl):
     with torch.no_grad():
         moe.router.gate.weight.zero_()
         moe.router.gate.weight[0, 0] = 1.0  # every token: logit 10 for expert 0, 0 for the rest
-        for ex in moe.experts:  # make each expert's output non-zero for every token
-            ex.proj.bias.fill_(1.0)
+    _fill_expert_output_bias(moe, 1.0)  # make each expert's output non-zero for every token
     x = torch.randn(1, N, C)
     x[..., 0] = 10.0
     out = moe(x)[0]
@@ -150,7 +199,7 @@ def test_capacity_drops_latest_tokens_top1(impl):
     assert moe.stats.tokens_per_expert.tolist() == [N, 0, 0, 0]
     assert int(moe.stats.dropped) == N - cap
     # The first `cap` tokens (token order) are processed with gate weight 1, the rest are exactly 0.
-    torch.testing.assert_close(out[:cap], moe.experts[0](x[0, :cap]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:cap], _expert(moe, 0)(x[0, :cap]), atol=1e-6, rtol=0)
     assert (out[:cap].abs().sum(-1) > 0).all()
     assert torch.equal(out[cap:], torch.zeros_like(out[cap:]))
 
@@ -164,8 +213,7 @@ def test_capacity_top2_token_dropped_by_all_experts_is_zero(impl):
         moe.router.gate.weight.zero_()
         moe.router.gate.weight[0, 0] = 1.0  # expert 0: logit 10
         moe.router.gate.weight[1, 0] = 0.5  # expert 1: logit 5; experts 2, 3: logit 0
-        for ex in moe.experts:
-            ex.proj.bias.fill_(1.0)
+    _fill_expert_output_bias(moe, 1.0)
     x = torch.randn(1, N, C)
     x[..., 0] = 10.0
     out = moe(x)[0]
@@ -174,7 +222,7 @@ def test_capacity_top2_token_dropped_by_all_experts_is_zero(impl):
     assert moe.stats.tokens_per_expert.tolist() == [N, N, 0, 0]
     assert int(moe.stats.dropped) == 2 * (N - cap)
     w0, w1 = torch.softmax(torch.tensor([10.0, 5.0]), 0)
-    kept = w0 * moe.experts[0](x[0, :cap]) + w1 * moe.experts[1](x[0, :cap])
+    kept = w0 * _expert(moe, 0)(x[0, :cap]) + w1 * _expert(moe, 1)(x[0, :cap])
     torch.testing.assert_close(out[:cap], kept, atol=1e-5, rtol=0)
     assert torch.equal(out[cap:], torch.zeros_like(out[cap:]))
 
@@ -298,12 +346,16 @@ def test_idle_expert_gets_no_gradient(impl, capacity_factor):
     out = moe(x)
     assert int(moe.stats.tokens_per_expert[3]) == 0
     (out.square().sum() + moe.aux_loss + moe.z_loss).backward()
-    for p in moe.experts[3].parameters():
-        assert p.grad is None, "an expert that got no tokens must not be touched"
-    for e in range(3):
-        assert int(moe.stats.tokens_per_expert[e]) > 0
-        for p in moe.experts[e].parameters():
-            assert p.grad is not None
+    for e in range(4):
+        if _stacked(moe):  # one gradient per stacked tensor: expert e's slice of it
+            grads = [p.grad[e] for p in moe.experts.parameters()]
+        else:
+            grads = [p.grad for p in moe.experts[e].parameters()]
+        if e == 3:  # an expert that got no tokens must not be touched
+            assert all(g is None or not g.any() for g in grads)
+        else:
+            assert int(moe.stats.tokens_per_expert[e]) > 0
+            assert all(g is not None and g.any() for g in grads)
     assert moe.router.gate.weight.grad is not None
 
 
