@@ -22,7 +22,7 @@ import torch
 from moe_core import checkpoint as checkpoint_module
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
-from tui.app import Dashboard, run_history
+from tui.app import Dashboard, reserve_torch_threads, run_history
 from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar
 from tui.widgets.history import SeriesBuffer, bucket_means
@@ -223,6 +223,27 @@ def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_di
 
     drive(scenario)
     assert not any(trainer.run_dir.checkpoints.iterdir())  # nothing half-written left behind
+
+
+def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_path, shared_dir, fast_keys):
+    # The UI thread keeps one torch thread, so OpenMP manages no more threads than there are cores
+    # (see reserve_torch_threads); the trainer's thread sets the count the UI thread had.
+    torch.set_num_threads(2)
+    threads = reserve_torch_threads()
+    assert (threads, torch.get_num_threads()) == (2, 1)
+    trainer = make_trainer(tmp_path, shared_dir, **{**QUIET, "max_iters": 5, "eval_iters": 1, "sample_tokens": 0})
+    seen = []
+    run = trainer.run
+    trainer.run = lambda **kwargs: seen.append(torch.get_num_threads()) or run(**kwargs)
+
+    async def scenario():
+        app = Dashboard(trainer, torch_threads=threads)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "finished")
+
+    drive(scenario)
+    assert seen == [2]
+    assert torch.get_num_threads() == 1  # this thread's own count is untouched by the trainer's
 
 
 def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):

@@ -98,6 +98,11 @@ def train(
         flags["columns"] = list(column)
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
+    use_dashboard = not headless and sys.stdout.isatty() and sys.stdin.isatty() and _dashboard_available()
+    if use_dashboard:
+        from tui.app import reserve_torch_threads
+
+        torch_threads = reserve_torch_threads()  # before any torch work on this, the UI's, thread
     from moe_core.trainer import Trainer  # torch import: only when training
 
     if resume:
@@ -141,9 +146,7 @@ def train(
         trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text))
         run.initialise(config, vocab)
 
-    use_dashboard = not headless and sys.stdout.isatty() and sys.stdin.isatty()
-    code = _run_headless(trainer, runs_dir) if not use_dashboard or not _dashboard_available() else \
-        _run_dashboard(trainer, runs_dir)
+    code = _run_dashboard(trainer, runs_dir, torch_threads) if use_dashboard else _run_headless(trainer, runs_dir)
     raise typer.Exit(code)
 
 
@@ -159,11 +162,11 @@ def _dashboard_available() -> bool:
     return importlib.util.find_spec("tui.app") is not None
 
 
-def _run_dashboard(trainer, runs_dir: Path) -> int:
+def _run_dashboard(trainer, runs_dir: Path, torch_threads: int) -> int:
     from tui.app import run_dashboard
 
     name = trainer.run_dir.name
-    return run_dashboard(trainer, _resume_command(name, runs_dir), _sample_command(name, runs_dir))
+    return run_dashboard(trainer, _resume_command(name, runs_dir), _sample_command(name, runs_dir), torch_threads)
 
 
 def _run_headless(trainer, runs_dir: Path) -> int:
@@ -279,15 +282,15 @@ def bench(
         raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
     config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
+    plain = watched = None
+    if dashboard_steps:  # first: it needs this thread not to have run torch work on several threads yet
+        from tui.overhead import dashboard_overhead
+
+        plain, watched = dashboard_overhead(config, steps=dashboard_steps)
     train = train_speed(config, device=where, steps=steps, repeats=repeats, compile=compile)
     peak = matmul_peak(where)
     sampling = sample_speed(config, device=where)
     mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
-    plain = watched = None
-    if dashboard_steps:
-        from tui.overhead import dashboard_overhead
-
-        plain, watched = dashboard_overhead(config, steps=dashboard_steps)
     result = {
         "preset": preset, "device": where, "compile": compile,
         "train_tokens_per_sec": round(train.fast_tokens_per_sec, 1),

@@ -8,6 +8,7 @@ import asyncio
 import io
 import statistics
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,36 +18,52 @@ from moe_core.config import Config
 from moe_core.data import Vocab, default_data_dir, load_corpus
 from moe_core.runs import Run
 from moe_core.trainer import Trainer
-from tui.app import Dashboard
+from tui.app import Dashboard, reserve_torch_threads
 from tui.headless import HeadlessReporter
 
 
 def dashboard_overhead(config: Config, steps: int = 60, rounds: int = 3) -> tuple[float, float]:
-    """(tokens/s with the plain reporter, tokens/s with the dashboard), each the median over rounds."""
-    corpus = load_corpus(config.dataset, default_data_dir())
-    vocab = Vocab.from_text(corpus.text)
-    ids = torch.tensor(vocab.encode(corpus.text))
-    # Only training steps: no periodic eval, sample or checkpoint, and a minimal final one.
-    quiet = replace(config, max_iters=steps, log_interval=5, eval_interval=10**9, eval_iters=1,
-                    sample_interval=10**9, sample_tokens=0, ckpt_interval=10**9)
-    plain, dashboard = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(rounds):
-            for front_end, results in (("plain", plain), ("dashboard", dashboard)):
-                run = Run.prepare(Path(tmp), f"{front_end}-{round_}", overwrite=False)
-                trainer = Trainer(quiet, run, vocab, ids)
-                run.initialise(quiet, vocab)
-                if front_end == "plain":
-                    trainer.on_event = HeadlessReporter(io.StringIO(), progress=False)
-                    trainer.run()
-                else:
-                    asyncio.run(_train_under_the_dashboard(trainer))
-                results.append(_steady_tokens_per_sec(run))
+    """(tokens/s with the plain reporter, tokens/s with the dashboard), each the median over rounds.
+
+    Both front ends train on a fresh worker thread while this thread keeps one torch thread, as
+    `moe-tui train` does under the dashboard (`reserve_torch_threads`): run before any other torch
+    work in the process, the plain reporter's figure is then what it gets on the main thread.
+    """
+    threads = reserve_torch_threads()
+    try:
+        corpus = load_corpus(config.dataset, default_data_dir())
+        vocab = Vocab.from_text(corpus.text)
+        ids = torch.tensor(vocab.encode(corpus.text))
+        # Only training steps: no periodic eval, sample or checkpoint, and a minimal final one.
+        quiet = replace(config, max_iters=steps, log_interval=5, eval_interval=10**9, eval_iters=1,
+                        sample_interval=10**9, sample_tokens=0, ckpt_interval=10**9)
+        plain, dashboard = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for round_ in range(rounds):
+                for front_end, results in (("plain", plain), ("dashboard", dashboard)):
+                    run = Run.prepare(Path(tmp), f"{front_end}-{round_}", overwrite=False)
+                    trainer = Trainer(quiet, run, vocab, ids)
+                    run.initialise(quiet, vocab)
+                    if front_end == "plain":
+                        trainer.on_event = HeadlessReporter(io.StringIO(), progress=False)
+                        worker = threading.Thread(target=_train_plain, args=(trainer, threads))
+                        worker.start()
+                        worker.join()
+                    else:
+                        asyncio.run(_train_under_the_dashboard(trainer, threads))
+                    results.append(_steady_tokens_per_sec(run))
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(plain), statistics.median(dashboard)
 
 
-async def _train_under_the_dashboard(trainer: Trainer) -> None:
-    app = Dashboard(trainer)
+def _train_plain(trainer: Trainer, threads: int) -> None:
+    torch.set_num_threads(threads)
+    trainer.run()
+
+
+async def _train_under_the_dashboard(trainer: Trainer, threads: int) -> None:
+    app = Dashboard(trainer, torch_threads=threads)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()  # the screen is up
         while trainer.state != "finished":
