@@ -58,14 +58,15 @@ class CausalSelfAttention(nn.Module):
             # A prefill from an empty cache is causal; one new token may see everything cached.
             causal = start == 0
             assert start == 0 or T == 1, "the cache takes a prefill or one token at a time"
-        if self.training and self.attn_dropout.threshold > 0:
+        dropout = self.attn_dropout.p if self.training else 0.0
+        if dropout > 0 and x.device.type == "cpu":
             # SDPA's CPU kernels cannot drop attention weights, so it would run these same steps
-            # with nn.Dropout's slower mask.
+            # with nn.Dropout's slower mask. (CUDA's fused kernels can: they take the else branch.)
             scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
             scores = scores + torch.full((T, T), float("-inf"), device=x.device).triu(1)
             y = self.attn_dropout(scores.softmax(dim=-1)) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
