@@ -75,7 +75,8 @@ class StackedExperts(nn.Module):
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """`F.grouped_mm` runs on CPU in float32/bfloat16 with 16-byte-aligned rows. On CUDA it needs
     bf16 on recent GPUs, untested here, and torch.compile only traces it in bf16: both take the loop."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
             and all(size * x.element_size() % 16 == 0 for size in w.shape[1:]))
 
 
