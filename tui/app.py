@@ -114,6 +114,8 @@ class Dashboard(App[int]):
 
     def drain(self) -> None:
         """Fold queued events into the state, redraw what changed, act on a received signal."""
+        if not self.is_running:  # shutting down: a timer tick can land after the panels are gone
+            return
         while True:
             try:
                 self.model.apply(self.events.get_nowait())
