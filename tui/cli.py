@@ -99,6 +99,7 @@ def train(
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
     use_dashboard = not headless and sys.stdout.isatty() and sys.stdin.isatty() and _dashboard_available()
+    torch_threads = None
     if use_dashboard:
         from tui.app import reserve_torch_threads
 
@@ -162,7 +163,7 @@ def _dashboard_available() -> bool:
     return importlib.util.find_spec("tui.app") is not None
 
 
-def _run_dashboard(trainer, runs_dir: Path, torch_threads: int) -> int:
+def _run_dashboard(trainer, runs_dir: Path, torch_threads: int | None) -> int:
     from tui.app import run_dashboard
 
     name = trainer.run_dir.name
