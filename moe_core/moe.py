@@ -14,6 +14,7 @@ of experts and one set of auxiliary losses:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,7 +78,18 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     bf16 on recent GPUs, untested here, and torch.compile only traces it in bf16: both take the loop."""
     return (x.device.type == "cpu" and not torch.compiler.is_compiling()
             and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
-            and all(size * x.element_size() % 16 == 0 for size in w.shape[1:]))
+            and all(size * x.element_size() % 16 == 0 for size in w.shape[1:])
+            and _torch_has_cpu_grouped_mm())
+
+
+@functools.cache
+def _torch_has_cpu_grouped_mm() -> bool:
+    """Older torch releases (the project allows 2.2 on) have no `F.grouped_mm`, or one for CUDA only."""
+    try:
+        F.grouped_mm(torch.ones(2, 4), torch.ones(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 # Per-expert names in the reference's (and older checkpoints') state dict, and their stacked names.
