@@ -22,6 +22,7 @@ from .errors import UserError
 
 ROUTERS = ("topk", "noisy_topk")
 INITS = ("kaiming", "xavier", "normal")
+POS_ENCODINGS = ("learned", "rope")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MOE_IMPLS = ("fast", "reference")
@@ -34,6 +35,8 @@ class Config:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
+    # "learned" is the default so that run configs saved before RoPE existed load as they trained.
+    pos_encoding: str = "learned"
     num_experts: int = 4
     top_k: int = 2
     router: str = "topk"
@@ -79,7 +82,7 @@ class Config:
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router",
+    "model": ("n_layer", "n_head", "n_embd", "block_size", "pos_encoding", "num_experts", "top_k", "router",
               "capacity_factor", "dropout", "init", "moe_impl"),
     "train": ("batch_size", "lr", "min_lr_ratio", "lr_schedule", "warmup_iters", "max_iters",
               "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "seed", "device", "compile"),
@@ -211,6 +214,9 @@ def validate(c: Config) -> None:
     need(c.sample_tokens >= 0, f"--sample-tokens must be 0 or more, got {c.sample_tokens}")
     need(c.n_embd % c.n_head == 0,
          f"--n-embd {c.n_embd} is not divisible by --n-head {c.n_head}; pick sizes where it is (e.g. 128 and 8)")
+    need(c.pos_encoding != "rope" or c.head_dim % 2 == 0,
+         f"--pos-encoding rope rotates pairs of channels, so each head needs an even width, but --n-embd "
+         f"{c.n_embd} / --n-head {c.n_head} = {c.n_embd / c.n_head:g}; pick sizes where it is even")
     need(c.top_k <= c.num_experts,
          f"--top-k {c.top_k} is larger than --num-experts {c.num_experts}; use --top-k {c.num_experts} or fewer")
     need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
@@ -223,7 +229,7 @@ def validate(c: Config) -> None:
     need(c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}")
     need(c.aux_loss_coef >= 0, f"--aux-loss-coef must be >= 0, got {c.aux_loss_coef}")
     need(c.z_loss_coef >= 0, f"--z-loss-coef must be >= 0, got {c.z_loss_coef}")
-    for key, allowed in (("router", ROUTERS), ("init", INITS), ("lr_schedule", SCHEDULES),
+    for key, allowed in (("router", ROUTERS), ("init", INITS), ("pos_encoding", POS_ENCODINGS), ("lr_schedule", SCHEDULES),
                          ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
         need(getattr(c, key) in allowed,
              f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")

@@ -1,7 +1,8 @@
 """A GPT-style character language model whose feed-forward layers are sparse MoE layers.
 
-Pre-LayerNorm blocks, token + learned position embeddings, fused-QKV causal attention through
-`scaled_dot_product_attention`, and a KV cache for fast sampling.
+Pre-LayerNorm blocks, token embeddings with learned position embeddings (as in the seeds) or rotary
+ones (RoPE), fused-QKV causal attention through `scaled_dot_product_attention`, and a KV cache for
+fast sampling.
 """
 
 from __future__ import annotations
@@ -37,21 +38,52 @@ class KVCache:
         self.max_len = max_len
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021), as in Llama and Mixtral.
+
+    Each pair of channels (i, i + D/2) of a query or key is rotated by an angle proportional to the
+    token's position, so a query-key dot product depends only on how far apart the two tokens are.
+    There is nothing to learn: attention can use position from the first step, where learned position
+    embeddings must be trained first (char models then sit on the bigram plateau for ~150 steps).
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq).repeat(1, 2)  # (T, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: (..., T, D) at positions start .. start + T - 1."""
+        T = x.shape[-2]
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def make_rotary(config: Config) -> Rotary | None:
+    return Rotary(config.head_dim, config.block_size) if config.pos_encoding == "rope" else None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one matmul for all heads' q, k, v
         self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.rotary = make_rotary(config)
         self.attn_dropout = Dropout(config.dropout)
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        start = cache.length if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
         causal = True
         if cache is not None:
-            start = cache.length
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
@@ -80,6 +112,7 @@ class ReferenceAttention(nn.Module):
         self.queries = nn.ModuleList(nn.Linear(config.n_embd, hs, bias=False) for _ in range(config.n_head))
         self.values = nn.ModuleList(nn.Linear(config.n_embd, hs, bias=False) for _ in range(config.n_head))
         self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.rotary = make_rotary(config)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)),
@@ -91,6 +124,8 @@ class ReferenceAttention(nn.Module):
         heads = []
         for key, query, value in zip(self.keys, self.queries, self.values):
             k, q, v = key(x), query(x), value(x)
+            if self.rotary is not None:
+                q, k = self.rotary(q), self.rotary(k)
             w = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
             w = w.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
             heads.append(self.attn_dropout(F.softmax(w, dim=-1)) @ v)
@@ -118,7 +153,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        # Learned absolute positions, or none here: rotary ones are applied inside attention.
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -161,16 +197,19 @@ class MoETransformer(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 x active matmul weights + attention (PaLM appendix B)."""
         _, active = self.num_params()
-        matmul = active - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
+        embeddings = self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb else 0)
+        matmul = active - embeddings
         c = self.config
         return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> ModelOutput:
         T = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            start = cache.length if cache is not None else 0
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:

@@ -99,6 +99,9 @@ CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT = ("CLI arguments", "config files", "corp
                                           "checkpoints", "prompts")
 CASES = {
     "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
+    "rope with an odd head width": Case(CLI, ["train", "simpsons", "--pos-encoding", "rope", "--n-embd", "36",
+                                             "--n-head", "4", *SHORT]),
+    "unknown position encoding": Case(CLI, ["train", "simpsons", "--pos-encoding", "alibi", *SHORT]),
     "top_k above num_experts": Case(CLI, ["train", "simpsons", "--num-experts", "2", "--top-k", "3", *SHORT]),
     "zero layers": Case(CLI, ["train", "simpsons", "--n-layer", "0", *SHORT]),
     "negative batch size": Case(CLI, ["train", "simpsons", "--batch-size", "-4", *SHORT]),

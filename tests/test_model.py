@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_core.config import Config, build_config
-from moe_core.model import (CausalSelfAttention, KVCache, MoETransformer, ReferenceAttention,
+from moe_core.model import (CausalSelfAttention, KVCache, MoETransformer, ReferenceAttention, Rotary,
                             reference_generate, sample_next)
 from moe_core.moe import MoE, ReferenceMoE
 
@@ -107,6 +107,41 @@ def test_num_params_seed_preset_hand_count():
     assert model.num_params() == (total, active)
 
 
+def test_rope_model_has_no_position_table():
+    learned, rope = make_model(), make_model(pos_encoding="rope")
+    assert rope.pos_emb is None and not any("pos_emb" in k or "rotary" in k for k in rope.state_dict())
+    C, bs = 32, 16
+    assert rope.num_params()[0] == learned.num_params()[0] - bs * C
+    assert rope.flops_per_token() == learned.flops_per_token()  # position tables are not matmuls
+
+
+# ---------------------------------------------------------------- rotary position embedding
+
+
+def test_rope_scores_depend_only_on_distance():
+    rotary = Rotary(head_dim=16, max_len=64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+
+    def score(i: int, j: int) -> torch.Tensor:  # query at position i, key at position j
+        return (rotary(q, i) * rotary(k, j)).sum()
+
+    for i, j, shift in [(5, 2, 7), (9, 9, 30), (3, 0, 60)]:
+        torch.testing.assert_close(score(i + shift, j + shift), score(i, j), atol=1e-5, rtol=0)
+    # Guards: the distance matters, and a rotation keeps each vector's length.
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+    torch.testing.assert_close(rotary(q, 11).norm(), q.norm())
+
+
+def test_rope_rotates_by_position_within_a_sequence():
+    # A (T, D) sequence at `start` is position by position what single rows at start + t get.
+    rotary = Rotary(head_dim=8, max_len=32)
+    x = torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([rotary(x[..., t:t + 1, :], 4 + t) for t in range(10)], dim=-2)
+    torch.testing.assert_close(rotary(x, 4), rows)
+    torch.testing.assert_close(rotary(x[..., :1, :], 0), x[..., :1, :])  # position 0: no rotation
+
+
 def test_dense_baseline():
     model = make_model(num_experts=1, top_k=1)
     total, active = model.num_params()
@@ -145,9 +180,10 @@ def test_reference_impl_builds_reference_modules():
         assert type(block.moe) is MoE
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 @pytest.mark.parametrize("T", [1, 7, 16])
-def test_fused_attention_matches_reference(T):
-    config = small_config()
+def test_fused_attention_matches_reference(T, pos_encoding):
+    config = small_config(pos_encoding=pos_encoding)
     torch.manual_seed(3)
     ref = ReferenceAttention(config).eval()
     fused = CausalSelfAttention(config).eval()
@@ -173,9 +209,10 @@ def test_fused_attention_layout_matters():
     assert not torch.allclose(fused(x), ref(x), atol=1e-3)
 
 
-def test_whole_model_fast_matches_reference():
-    fast = make_model(seed=4)
-    ref = make_model(seed=5, moe_impl="reference")
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_whole_model_fast_matches_reference(pos_encoding):
+    fast = make_model(seed=4, pos_encoding=pos_encoding)
+    ref = make_model(seed=5, moe_impl="reference", pos_encoding=pos_encoding)
     # Everything but attention shares names; attention is mapped per head.
     ref_state = ref.state_dict()
     shared = {k: v for k, v in fast.state_dict().items() if ".attn." not in k}
@@ -206,9 +243,10 @@ def _gen(model, prompt, n, **kw):
     return torch.stack(list(model.generate(prompt, n, temperature=0.0, **kw)), dim=1)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 @pytest.mark.parametrize("prompt_len", [5, 21])
-def test_cached_greedy_generation_matches_uncached(prompt_len):
-    model = make_model(seed=6).eval()
+def test_cached_greedy_generation_matches_uncached(prompt_len, pos_encoding):
+    model = make_model(seed=6, pos_encoding=pos_encoding).eval()
     bs = model.config.block_size
     prompt = torch.randint(0, V, (2, prompt_len), generator=torch.Generator().manual_seed(1))
     n = 3 * bs
@@ -237,9 +275,10 @@ def _cache_for(model, batch):
     return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.head_dim, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 @pytest.mark.parametrize("prefill", [0, 1, 5])
-def test_cached_logits_match_full_forward(prefill):
-    model = make_model(seed=7).eval()
+def test_cached_logits_match_full_forward(prefill, pos_encoding):
+    model = make_model(seed=7, pos_encoding=pos_encoding).eval()
     bs = model.config.block_size
     idx = torch.randint(0, V, (2, bs), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

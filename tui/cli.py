@@ -53,6 +53,7 @@ def train(
     n_head: Annotated[Optional[int], _opt("Attention heads")] = None,
     n_embd: Annotated[Optional[int], _opt("Embedding width")] = None,
     block_size: Annotated[Optional[int], _opt("Context length in characters")] = None,
+    pos_encoding: Annotated[Optional[str], _opt("learned | rope (rotary)")] = None,
     num_experts: Annotated[Optional[int], _opt("Experts per MoE layer (1 = dense)")] = None,
     top_k: Annotated[Optional[int], _opt("Experts per token")] = None,
     dense: Annotated[bool, _opt("Dense baseline: one expert, same width", MODEL, "--dense")] = False,
