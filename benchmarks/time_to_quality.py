@@ -14,18 +14,20 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 # Every model: cosine decay to the end of its time budget needs a step count; we give each the
-# number of steps it reaches in `seconds` (measured by a short calibration run of the same model).
+# number of steps it reaches in `seconds` (measured by short calibration runs of the same model).
 MODELS = {
-    "moe": [],  # the preset as it is: sparse, top-2 of 4 experts
+    "moe": [],  # the preset as it is (the `cpu` preset: sparse, top-2 of 8 experts)
     # Every token uses both experts: all parameters active, as many as the sparse model's active ones.
     "dense": ["--num-experts", "2", "--top-k", "2", "--aux-loss-coef", "0", "--z-loss-coef", "0"],
 }
+PROBE_STEPS = 60
 
 
 def train(name: str, extra: list[str], args, runs: Path, max_iters: int) -> list[dict]:
@@ -39,13 +41,21 @@ def train(name: str, extra: list[str], args, runs: Path, max_iters: int) -> list
     return records
 
 
-def steps_in(name: str, extra: list[str], args, runs: Path) -> int:
-    """How many steps this model takes in `args.seconds`, from a short run's own timing."""
-    probe = 60
-    records = train(f"{name}-probe", [*extra, "--eval-iters", "1"], args, runs, probe)
+def seconds_per_step(name: str, extra: list[str], args, runs: Path) -> float:
+    """One short run's own timing of its steps (after the first log line, so start-up is excluded)."""
+    records = train(f"{name}-probe", [*extra, "--eval-iters", "1", "--overwrite"], args, runs, PROBE_STEPS)
     started = [r for r in records if r["event"] == "StepMetrics"]
-    seconds_per_step = (started[-1]["elapsed"] - started[0]["elapsed"]) / (started[-1]["step"] - started[0]["step"])
-    return int(args.seconds / seconds_per_step)
+    return (started[-1]["elapsed"] - started[0]["elapsed"]) / (started[-1]["step"] - started[0]["step"])
+
+
+def step_budgets(models: dict[str, list[str]], args, runs: Path) -> dict[str, int]:
+    """How many steps each model takes in `args.seconds`: the median of probes run in turns (a, b, a,
+    b...), so that a slow spell on this shared machine does not fall on one model alone."""
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.probes):
+        for name, extra in models.items():
+            timings[name].append(seconds_per_step(name, extra, args, runs))
+    return {name: int(args.seconds / statistics.median(t)) for name, t in timings.items()}
 
 
 def main() -> None:
@@ -54,17 +64,19 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--seconds", type=float, default=50)
     parser.add_argument("--target", type=float, default=1.886)
-    parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--eval-iters", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS), help="which of: " + ", ".join(MODELS))
+    parser.add_argument("--probes", type=int, default=3, help="timing probes per model, taken in turns")
     parser.add_argument("--flags", default="", help="extra `moe-tui train` flags for every model (quoted)")
     args = parser.parse_args()
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
-        for name in args.models.split(","):
-            extra = [*shlex.split(args.flags), *MODELS[name]]
-            max_iters = steps_in(name, extra, args, runs)
+        models = {name: [*shlex.split(args.flags), *MODELS[name]] for name in args.models.split(",")}
+        budgets = step_budgets(models, args, runs)
+        for name, extra in models.items():
+            max_iters = budgets[name]
             records = train(name, extra, args, runs, max_iters)
             evals = [r for r in records if r["event"] == "EvalMetrics"]
             start = next(r for r in records if r["event"] == "RunStarted")
