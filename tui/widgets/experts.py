@@ -105,5 +105,8 @@ class ExpertPanel(Widget):
             row.append(f" {summaries[i]}", label)
             lines.append(row)
         if height > len(layers) + 1:
-            lines += [Text(""), Text(f"one block per expert; {HEIGHTS[4]} = ideal share {ideal:.0%}", style=label)]
+            # Short enough for an 80-column screen; the ideal share itself is in the border.
+            legend = Text(f"block per expert; {HEIGHTS[4]} = ideal", style=label, no_wrap=True,
+                          overflow="ellipsis")
+            lines += [Text(""), legend]
         return Text("\n").join(lines)
