@@ -114,3 +114,20 @@ def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(tr
     assert len(err.strip().splitlines()) == 1
     assert "saved by an older moe-tui, with one tensor per expert" in err and "start a new run" in err
     assert (trained / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_run_from_before_rotary_positions_samples_and_resumes(env, capsys):
+    # Runs saved before --pos-encoding existed have no such key, and a learned position table.
+    code, _, err = cli(capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "10", "--eval-interval", "10",
+                       "--pos-encoding", "learned", "--run-name", "old", "--headless")
+    assert code == 0, err
+    config = env / "old" / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("pos_encoding")))
+    code, out, err = cli(capsys, "sample", "old", "--prompt", "Homer:", "--max-new-tokens", "20")
+    assert code == 0, err
+    assert out.startswith("Homer:")
+    code, out, err = cli(capsys, "train", "--resume", "old", "--max-iters", "20", "--headless")
+    assert code == 0, err
+    assert "resuming at step 10" in out and "step     20" in out
+    assert 'pos_encoding = "learned"' in config.read_text()
