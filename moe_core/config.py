@@ -230,8 +230,8 @@ def validate(c: Config) -> None:
     need(c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}")
     need(c.aux_loss_coef >= 0, f"--aux-loss-coef must be >= 0, got {c.aux_loss_coef}")
     need(c.z_loss_coef >= 0, f"--z-loss-coef must be >= 0, got {c.z_loss_coef}")
-    for key, allowed in (("router", ROUTERS), ("init", INITS), ("pos_encoding", POS_ENCODINGS), ("lr_schedule", SCHEDULES),
-                         ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
+    for key, allowed in (("router", ROUTERS), ("init", INITS), ("pos_encoding", POS_ENCODINGS),
+                         ("lr_schedule", SCHEDULES), ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
         need(getattr(c, key) in allowed,
              f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
 

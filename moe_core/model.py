@@ -197,7 +197,7 @@ class MoETransformer(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 x active matmul weights + attention (PaLM appendix B)."""
         _, active = self.num_params()
-        embeddings = self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb else 0)
+        embeddings = self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         matmul = active - embeddings
         c = self.config
         return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
