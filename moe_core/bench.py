@@ -6,10 +6,12 @@ fast, reference, fast, reference... rather than all of one then all of the other
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -89,6 +91,26 @@ def train_speed(config: Config, vocab_size: int = 65, device: str = "cpu", steps
         fast_runs.append(fast.steps(steps))
         ref_runs.append(ref.steps(steps))
     return TrainSpeed(statistics.median(fast_runs), statistics.median(ref_runs), fast.model.flops_per_token())
+
+
+def describe_machine(device: str) -> dict[str, str | int]:
+    """What the figures were measured on: bench tables from two machines compare only alongside this."""
+    if device == "cuda":
+        processor, capability = torch.cuda.get_device_name(), "sm_%d%d" % torch.cuda.get_device_capability()
+    else:
+        processor, capability = _cpu_model_name(), torch.backends.cpu.get_cpu_capability()
+    return {"processor": processor, "capability": capability, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def _cpu_model_name() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def matmul_peak(device: str = "cpu", size: int = 1024, repeats: int = 5) -> float:

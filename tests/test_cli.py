@@ -1,8 +1,12 @@
-"""The `moe-tui` command line, end to end: train, resume, sample, runs and datasets.
+"""The `moe-tui` command line, end to end: train, resume, sample, runs, datasets and bench.
 
 Bad input is in test_bad_input.py, signals and crashes in test_faults.py."""
 
 from __future__ import annotations
+
+import json
+
+import torch
 
 from .conftest import TINY_FLAGS, cli
 
@@ -131,3 +135,18 @@ def test_a_run_from_before_rotary_positions_samples_and_resumes(env, capsys):
     assert code == 0, err
     assert "resuming at step 10" in out and "step     20" in out
     assert 'pos_encoding = "learned"' in config.read_text()
+
+
+def test_bench_json_reports_the_figures_and_the_machine(env, capsys):
+    code, out, err = cli(capsys, "bench", "--preset", "cpu", "--steps", "1", "--repeats", "1",
+                         "--dashboard-steps", "0", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["train_speedup"] == round(result["train_tokens_per_sec"] / result["reference_tokens_per_sec"], 3)
+    assert 0 < result["mfu"] < 1
+    # The KV cache computes one token per character where the reference recomputes the whole window.
+    assert result["sample_speedup"] > 1 and result["first_char_ms"] > 0
+    assert result["dashboard_overhead"] is None  # skipped by --dashboard-steps 0
+    machine = result["machine"]
+    assert machine["processor"] and machine["capability"] and machine["threads"] >= 1
+    assert machine["torch"] == torch.__version__

@@ -278,7 +278,7 @@ def bench(
     """Measure speed here: fast layers vs the textbook ones, MFU, KV-cache sampling, dashboard overhead."""
     import json
 
-    from moe_core.bench import matmul_peak, sample_speed, train_speed
+    from moe_core.bench import describe_machine, matmul_peak, sample_speed, train_speed
 
     if steps <= 0 or repeats <= 0 or dashboard_steps < 0:
         raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
@@ -305,11 +305,15 @@ def bench(
         "sample_speedup": round(sampling.speedup, 2), "first_char_ms": round(sampling.first_char_ms, 2),
         "headless_tokens_per_sec": plain and round(plain, 1), "dashboard_tokens_per_sec": watched and round(watched, 1),
         "dashboard_overhead": plain and round(max(0.0, 1 - watched / plain), 4),
+        "machine": describe_machine(where),
     }
     if json_out:
         print(json.dumps(result))
         return
-    table = Table("measure", "moe-tui", "textbook reference", "ratio", title=f"moe-tui bench: {preset} preset on {where}")
+    machine = result["machine"]
+    table = Table("measure", "moe-tui", "textbook reference", "ratio", title=f"moe-tui bench: {preset} preset on {where}",
+                  caption=f"{machine['processor']}, {machine['capability']}, {machine['threads']} torch threads, "
+                          f"torch {machine['torch']}")
     table.add_row("training tokens/s", f"{train.fast_tokens_per_sec:,.0f}", f"{train.reference_tokens_per_sec:,.0f}",
                   f"{train.speedup:.2f}x")
     table.add_row("model FLOPs utilisation", f"{mfu:.1%}", "", f"of {peak / 1e9:,.1f} GFLOP/s matmul peak")
