@@ -255,3 +255,24 @@ def test_pruning_keeps_a_set_aside_checkpoint_that_is_the_only_copy(tmp_path, sh
     trainer.save(best=True)
     trainer.save()
     assert not (root / ".old-best-4242").exists()  # best is whole again: the leftover can go
+
+
+def test_training_the_way_cuda_does_bf16_autocast_and_the_per_expert_loop(tmp_path, shared_dir, monkeypatch):
+    # No GPU here, so run CUDA's configuration on the CPU: matmuls under bf16 autocast with fp32
+    # weights, and experts through the per-expert loop (grouped_mm is CPU-only), with the gpu preset's
+    # router, capacity and dropout. Mixed dtypes meet in the dispatch, the KV cache and the losses.
+    import moe_core.moe
+
+    monkeypatch.setattr(moe_core.moe, "_grouped_mm_supported", lambda x, w: False)
+    events = []
+    trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=150, eval_interval=50,
+                           router="noisy_topk", capacity_factor=1.25, dropout=0.1, pos_encoding="rope",
+                           sample_interval=150, ckpt_interval=1000)
+    trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert trainer.run() == "finished"
+    evals = [e for e in events if isinstance(e, EvalMetrics)]
+    entropy = unigram_entropy(load_corpus("simpsons", shared_dir).text)
+    assert evals[0].val_loss > evals[-1].val_loss and evals[-1].val_loss < entropy - 0.3, (evals, entropy)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    text = trainer.sample(SampleRequest(prompt="Homer:", max_new_tokens=30))
+    assert text.startswith("Homer:") and len(text) == len("Homer:") + 30
