@@ -142,7 +142,8 @@ def test_bench_json_reports_the_figures_and_the_machine(env, capsys):
     code, out, err = cli(capsys, "bench", "--preset", "cpu", "--steps", "1", "--repeats", "1",
                          "--dashboard-steps", "0", "--json")
     assert code == 0, err
-    result = json.loads(out)
+    result = json.loads(out)  # stdout holds the JSON alone; progress goes to stderr
+    assert "bench: training speed" in err and "bench: sampling speed" in err
     ratio = result["train_tokens_per_sec"] / result["reference_tokens_per_sec"]
     assert result["train_speedup"] == pytest.approx(ratio, abs=1e-3)  # both sides are rounded
     assert 0 < result["mfu"] < 1

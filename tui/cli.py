@@ -284,13 +284,21 @@ def bench(
         raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
     config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
+    # A line per phase on stderr, so a minute of measuring is not a silent one; stdout stays the result.
+    # Plain lines, not a spinner: a redrawing thread would take CPU from what is being timed.
+    say = Console(stderr=True, highlight=False, soft_wrap=True).print
     plain = watched = None
     if dashboard_steps:  # first: it needs this thread not to have run torch work on several threads yet
         from tui.overhead import dashboard_overhead
 
-        plain, watched = dashboard_overhead(config, steps=dashboard_steps)
+        rounds = 3
+        say(f"bench: dashboard overhead, {dashboard_steps} training steps x {rounds} rounds with each front end ...")
+        plain, watched = dashboard_overhead(config, steps=dashboard_steps, rounds=rounds)
+    say(f"bench: training speed, fast vs textbook layers, {repeats} interleaved repeats of {steps} steps ...")
     train = train_speed(config, device=where, steps=steps, repeats=repeats, compile=compile)
+    say("bench: matmul peak ...")
     peak = matmul_peak(where)
+    say("bench: sampling speed, KV cache vs recomputing the window ...")
     sampling = sample_speed(config, device=where)
     mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
     result = {
