@@ -260,7 +260,7 @@ def test_pruning_keeps_a_set_aside_checkpoint_that_is_the_only_copy(tmp_path, sh
 def test_training_the_way_cuda_does_bf16_autocast_and_the_per_expert_loop(tmp_path, shared_dir, monkeypatch):
     # No GPU here, so run CUDA's configuration on the CPU: matmuls under bf16 autocast with fp32
     # weights, and experts through the per-expert loop (grouped_mm is CPU-only), with the gpu preset's
-    # router, capacity and dropout. Mixed dtypes meet in the dispatch, the KV cache and the losses.
+    # router, capacity and dropout. bf16 expert rows meet fp32 gates and outputs in the dispatch.
     import moe_core.moe
 
     monkeypatch.setattr(moe_core.moe, "_grouped_mm_supported", lambda x, w: False)
