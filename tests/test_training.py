@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moe_core.moe
 from moe_core.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
 from moe_core.config import build_config
 from moe_core.data import Vocab, load_corpus
@@ -261,8 +262,6 @@ def test_training_the_way_cuda_does_bf16_autocast_and_the_per_expert_loop(tmp_pa
     # No GPU here, so run CUDA's configuration on the CPU: matmuls under bf16 autocast with fp32
     # weights, and experts through the per-expert loop (grouped_mm is CPU-only), with the gpu preset's
     # router, capacity and dropout. bf16 expert rows meet fp32 gates and outputs in the dispatch.
-    import moe_core.moe
-
     monkeypatch.setattr(moe_core.moe, "_grouped_mm_supported", lambda x, w: False)
     events = []
     trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=150, eval_interval=50,

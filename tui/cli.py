@@ -289,11 +289,10 @@ def bench(
     say = Console(stderr=True, highlight=False, soft_wrap=True).print
     plain = watched = None
     if dashboard_steps:  # first: it needs this thread not to have run torch work on several threads yet
-        from tui.overhead import dashboard_overhead
+        from tui.overhead import ROUNDS, dashboard_overhead
 
-        rounds = 3
-        say(f"bench: dashboard overhead, {dashboard_steps} training steps x {rounds} rounds with each front end ...")
-        plain, watched = dashboard_overhead(config, steps=dashboard_steps, rounds=rounds)
+        say(f"bench: dashboard overhead, {dashboard_steps} training steps x {ROUNDS} rounds with each front end ...")
+        plain, watched = dashboard_overhead(config, steps=dashboard_steps)
     say(f"bench: training speed, fast vs textbook layers, {repeats} interleaved repeats of {steps} steps ...")
     train = train_speed(config, device=where, steps=steps, repeats=repeats, compile=compile)
     say("bench: matmul peak ...")

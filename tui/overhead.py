@@ -21,8 +21,10 @@ from moe_core.trainer import Trainer
 from tui.app import Dashboard, reserve_torch_threads
 from tui.headless import HeadlessReporter
 
+ROUNDS = 3  # of each front end, alternated
 
-def dashboard_overhead(config: Config, steps: int = 60, rounds: int = 3) -> tuple[float, float]:
+
+def dashboard_overhead(config: Config, steps: int = 60, rounds: int = ROUNDS) -> tuple[float, float]:
     """(tokens/s with the plain reporter, tokens/s with the dashboard), each the median over rounds.
 
     Both front ends train on a fresh worker thread while this thread keeps one torch thread, as
