@@ -111,12 +111,30 @@ class Notice:
     step: int = 0
 
 
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What the training process costs the machine, sampled by the process itself every second.
+
+    Not logged: it goes to the front ends and over the control channel, where it is the heartbeat
+    that tells a viewer the trainer is alive.
+    """
+
+    step: int  # the trainer's step counter at the time
+    cpu_percent: float  # of one core, over the last interval: 200 = two cores busy
+    rss_bytes: int  # resident memory
+    gpu_percent: float | None = None  # CUDA only; None where unknown
+    gpu_memory_bytes: int | None = None
+
+
 STATES = ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error",
-          "stopped")
+          "stopped", "gone")  # gone: a viewer's word for a trainer that died without one
 
 Event = Union[RunStarted, StepMetrics, EvalMetrics, RouterStats, Sample, CheckpointSaved,
-              StateChanged, Notice]
+              StateChanged, Notice, ResourceUsage]
 EventSink = Callable[[Event], None]
+
+# Events about the process now, not about the run: never written to metrics.jsonl.
+LIVE_ONLY = (StateChanged, ResourceUsage)
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}  # type: ignore[attr-defined]
 

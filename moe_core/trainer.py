@@ -10,19 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import queue
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from .batches import Batches
 from .checkpoint import load_checkpoint, prune, restore_set_aside, save_checkpoint, step_checkpoints
 from .config import RESUMABLE_KEYS, Config, resolve_device
+from .control import Control
 from .data import Vocab
 from .errors import UserError
-from .events import (CheckpointSaved, EvalMetrics, Event, EventSink, LayerRouting, Notice, RouterStats,
-                     RunStarted, Sample, StateChanged, StepMetrics, to_record)
+from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, LayerRouting, Notice,
+                     RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
 from .model import MoETransformer
 from .runs import Run
 from .sampling import SampleRequest, complete
@@ -30,55 +31,6 @@ from .sampling import SampleRequest, complete
 # Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router", "dataset",
               "columns", "encoding", "val_fraction")
-
-
-class Control:
-    """Commands from a front end, safe to call from any thread; the loop acts between steps."""
-
-    def __init__(self) -> None:
-        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
-
-    def pause(self) -> None:
-        self._commands.put(("pause", None))
-
-    def resume(self) -> None:
-        self._commands.put(("resume", None))
-
-    def toggle_pause(self) -> None:
-        self._commands.put(("toggle", None))
-
-    def stop(self, reason: str = "") -> None:
-        """Finish the current step, save a checkpoint and return from `run()`."""
-        self._commands.put(("stop", reason))
-
-    def sample(self, request: SampleRequest) -> None:
-        self._commands.put(("sample", request))
-
-    def save(self) -> None:
-        self._commands.put(("save", None))
-
-    def evaluate(self) -> None:
-        self._commands.put(("eval", None))
-
-    def next(self, wait: float | None) -> tuple[str, object] | None:
-        try:
-            return self._commands.get(timeout=wait) if wait else self._commands.get_nowait()
-        except queue.Empty:
-            return None
-
-
-class Batches:
-    """Random (x, y) windows from a token stream, with its own RNG so resume can restore it."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int):
-        self.windows = ids.unfold(0, block_size + 1, 1)  # a view: row i = ids[i : i + block_size + 1]
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.windows[torch.randint(len(self.windows), (self.batch_size,), generator=self.generator)]
-        rows = rows.to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -137,21 +89,21 @@ class Trainer:
         """Continue from the newest intact checkpoint, after repairing what a crash can leave behind."""
         root = self.run_dir.checkpoints
         for name in restore_set_aside(root):
-            self._note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
+            self.note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
         if step_checkpoints(root):
-            self._restore(self.run_dir.checkpoint("latest", on_skip=lambda why: self._note("warning", why)))
+            self._restore(self.run_dir.checkpoint("latest", on_skip=lambda why: self.note("warning", why)))
         else:
-            self._note("info", "the run stopped before its first checkpoint; training starts again from step 0")
+            self.note("info", "the run stopped before its first checkpoint; training starts again from step 0")
         try:
             dropped = self.run_dir.rewind(self.step_num)
         except OSError as err:
             raise UserError(f"cannot rewrite {self.run_dir.metrics_path} ({err}); free some space or fix "
                             "its permissions, then resume again") from None
         if dropped:
-            self._note("info", f"dropped {dropped} metrics line(s) logged after step {self.step_num} "
+            self.note("info", f"dropped {dropped} metrics line(s) logged after step {self.step_num} "
                                "(or torn by the interruption); they will be logged again")
 
-    def _note(self, level: str, message: str) -> None:
+    def note(self, level: str, message: str) -> None:
         self._notices.append(Notice(level, message, self.step_num))
 
     def _restore(self, folder: Path) -> None:
@@ -186,7 +138,7 @@ class Trainer:
         changed = [f"{k} {before[k]} -> {getattr(self.config, k)}" for k in sorted(before)
                    if k in RESUMABLE_KEYS and before[k] != getattr(self.config, k)]
         if changed:
-            self._note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
+            self.note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
 
     @property
     def unsaved(self) -> bool:
@@ -267,7 +219,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
-        if not isinstance(event, StateChanged):
+        if not isinstance(event, LIVE_ONLY):
             already_failing = self.run_dir.log_failing
             try:
                 self.run_dir.log(to_record(event))

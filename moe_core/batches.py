@@ -1,0 +1,19 @@
+"""Random training windows from a token stream."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Batches:
+    """Random (x, y) windows from a token stream, with its own RNG so resume can restore it."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int):
+        self.windows = ids.unfold(0, block_size + 1, 1)  # a view: row i = ids[i : i + block_size + 1]
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.windows[torch.randint(len(self.windows), (self.batch_size,), generator=self.generator)]
+        rows = rows.to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
