@@ -82,6 +82,9 @@ class Run:
     @classmethod
     def open(cls, runs_dir: Path, name: str) -> "Run":
         path = Path(runs_dir) / check_run_name(name)
+        if path.is_dir() and not (path / "config.toml").is_file():
+            raise UserError(f"{path} is a folder but not a moe-tui run (it has no config.toml); see `moe-tui runs` "
+                            "for the runs there, or pass --runs-dir")
         if not (path / "config.toml").is_file():
             known = ", ".join(sorted(list_run_names(runs_dir))[:8]) or "none yet"
             raise UserError(f"no run '{name}' in {Path(runs_dir).resolve()} (runs: {known}); "

@@ -1,0 +1,54 @@
+"""What a training process runs beside the loop: its lease on the run, the control channel and the
+heartbeat. Every front end (plain reporter, dashboard, detached) trains inside one of these.
+
+    with LiveTraining(trainer, lease, bus):
+        trainer.run()
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from ..bus import EventBus
+from .lease import RunLease
+from .server import ControlServer
+from .usage import UsageMonitor
+
+
+class LiveTraining:
+    def __init__(self, trainer, lease: RunLease, bus: EventBus):
+        self.trainer, self.lease, self.bus = trainer, lease, bus
+        trainer.on_event = bus
+        self.server: ControlServer | None = None
+        self.monitor = UsageMonitor(bus, lambda: trainer.step_num, trainer.device)
+        self._closing, self._closed = threading.Lock(), False
+
+    def __enter__(self) -> "LiveTraining":
+        if hasattr(socket, "AF_UNIX"):
+            try:
+                self.server = ControlServer(self.trainer.run_dir, self.trainer.control, self.trainer.vocab,
+                                            lambda: self.trainer.step_num).start()
+                self.bus.subscribe(self.server)
+            except OSError as err:  # no viewers then, but training is never refused for it
+                self.server = None
+                self.trainer.note("warning", f"no control channel ({err}); `moe-tui watch` can only follow "
+                                              "this run's files")
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving and free the run, recording how training ended (safe to call twice, from any thread)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+        self.monitor.stop()
+        if self.server is not None:
+            self.bus.unsubscribe(self.server)
+            self.server.close()
+        state = self.trainer.state if self.trainer.state in ("finished", "stopped", "error") else "stopped"
+        self.lease.release(state, self.trainer.step_num)

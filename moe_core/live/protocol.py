@@ -1,0 +1,102 @@
+"""The control channel's wire format: one JSON object per line, both ways, versioned.
+
+    server -> client   {"type": "hello", "protocol": 1, "run": NAME, "pid": 123, "state": "running", "step": 40}
+                       {"type": "event", "event": {...}}          a live event (see events.LIVE_ONLY)
+                       {"type": "reply", "cmd": "pause", "ok": true}   or "ok": false, "error": "..."
+    client -> server   {"v": 1, "cmd": "pause" | "resume" | "save" | "eval" | "stop" | "sample", ...}
+                       sample takes prompt, max_new_tokens, temperature, top_k, top_p, seed
+
+The server never executes anything it is sent: a line is parsed into one of the verbs above, or
+answered with an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..data import Vocab
+from ..errors import UserError
+from ..sampling import SampleRequest
+
+PROTOCOL = 1
+MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
+MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
+SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)
+VERBS = ("pause", "resume", "save", "eval", "stop", "sample")
+SAMPLE_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": (int, float), "top_k": (int, type(None)),
+                 "top_p": (int, float, type(None)), "seed": (int, type(None))}
+
+
+class ProtocolError(ValueError):
+    """A line the server will not act on; the text goes back to the sender."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+def parse_command(line: bytes, vocab: Vocab) -> tuple[str, Any]:
+    """(verb, argument) from one client line; ProtocolError for anything else."""
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("not a JSON object") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    if message.get("v") != PROTOCOL:
+        raise ProtocolError(f"protocol version {message.get('v')!r} is not {PROTOCOL}")
+    verb = message.get("cmd")
+    if verb not in VERBS:
+        raise ProtocolError(f"unknown command {verb!r}; known: {', '.join(VERBS)}")
+    if verb != "sample":
+        return verb, None
+    fields = {k: v for k, v in message.items() if k in SAMPLE_FIELDS}
+    for key, value in fields.items():
+        if not isinstance(value, SAMPLE_FIELDS[key]) or isinstance(value, bool):
+            raise ProtocolError(f"sample: {key} has the wrong type")
+    request = SampleRequest(**fields)
+    if request.max_new_tokens > MAX_SAMPLE_CHARS:
+        raise ProtocolError(f"sample: at most {MAX_SAMPLE_CHARS} characters at a time")
+    try:
+        request.check()
+        vocab.encode(request.prompt)
+    except UserError as err:
+        raise ProtocolError(f"sample: {err}") from None
+    return verb, request
+
+
+def sample_arguments(request: SampleRequest) -> dict[str, Any]:
+    """The fields of a sample command (one stream: the trainer samples one text at a time)."""
+    return {name: getattr(request, name) for name in SAMPLE_FIELDS}
+
+
+@contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An AF_UNIX address for `path`, also past the 107 bytes Linux allows in one: then the socket's
+    folder is opened and named through /proc/self/fd, which the kernel resolves like the folder."""
+    path = Path(os.path.abspath(path))
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise UserError(f"the control socket path {path} is longer than {SUN_PATH_MAX} bytes; "
+                        "use a shorter --runs-dir")
+    fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket, where the platform says (Linux)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]  # (pid, uid, gid)
