@@ -22,6 +22,7 @@ import torch
 from moe_core import checkpoint as checkpoint_module
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
+from moe_core.bus import EventBus
 from tui.app import Dashboard, reserve_torch_threads, run_history
 from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar
@@ -253,20 +254,6 @@ def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     assert plain > 0 and watched > 0
 
 
-class TappedQueue:
-    """The app's event queue, with a hook that runs on the trainer thread as each event arrives."""
-
-    def __init__(self, queue, hook):
-        self.queue, self.hook = queue, hook
-
-    def put(self, event):
-        self.hook(event)
-        self.queue.put(event)
-
-    def get_nowait(self):
-        return self.queue.get_nowait()
-
-
 def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir, fast_keys):
     trainer = make_trainer(tmp_path, shared_dir, **{**QUIET, "ckpt_interval": 20})
 
@@ -276,8 +263,9 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
                 trainer.model.lm_head.weight[0, 0] = float("nan")
 
     async def scenario():
-        app = Dashboard(trainer)
-        app.events = TappedQueue(app.events, poison)
+        bus = EventBus()
+        bus.subscribe(poison)  # on the trainer thread, before the dashboard hears of the event
+        app = Dashboard(trainer, bus=bus)
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.model.state == "error")
             banner = str(app.query_one("#error-banner").content)

@@ -1,38 +1,36 @@
-"""The live training dashboard: `moe-tui train` on a terminal.
+"""The training dashboard: one screen for a run training here, or for any runs watched from elsewhere.
 
-    code = run_dashboard(trainer, resume_hint="moe-tui train --resume NAME")
+    Dashboard(trainer)                   # `moe-tui train` on a terminal: this process's trainer
+    Dashboard(sources=[RunFollower(...)])   # `moe-tui watch RUN ...`: a viewer of runs anywhere
 
-The trainer runs in a Textual thread worker and reports through `trainer.on_event`, which only puts
-events on a thread-safe queue. The UI drains that queue four times a second into `DashboardState` and
-redraws the panels whose part of the state changed, so a fast trainer never floods a slow SSH link.
-Every user command goes to `trainer.control`; the trainer acts on it between two steps.
+Each source (see `sources.py`) hands over its new events four times a second; they are folded into
+that run's `DashboardState`, and the panels whose part of the state changed are redrawn, so a fast
+trainer never floods a slow SSH link. Commands go back through the source in focus: to this
+process's trainer directly, or over a live trainer's control channel. Several runs overlay their
+validation curves in the loss chart; the other panels show the run in focus.
 
 `Dashboard(replay=events)` draws a recorded event stream without a trainer (layout tests, demos).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 import time
-from contextlib import contextmanager
-from queue import Empty, SimpleQueue
 from typing import Iterable
 
-import torch
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
-from textual.worker import Worker, WorkerState
 
-from moe_core.events import Event, from_record
+from moe_core.errors import UserError
+from moe_core.events import Event
 from moe_core.sampling import SampleRequest
 
-from .exits import print_next_step, signal_exit_code, stop_signals_handled
-from .screens import ConfirmQuit, HelpScreen, SampleDialog
+from .exits import signal_exit_code
+from .screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
+from .sources import LocalTrainer, reserve_torch_threads, run_history  # noqa: F401 - part of this module's face
 from .widgets import DashboardState, EventsLog, ExpertPanel, LossChart, SamplesPanel, StatusBar
 from .widgets.state import CHART, EXPERTS, LOG, SAMPLES, STATUS
 
@@ -47,9 +45,12 @@ TRAINER_ACTIONS = {
     "sample": ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished"),
     "save": ("running", "paused", "finished"),  # never in "error": that would save the broken weights
     "evaluate": ("running", "paused", "finished"),
+    "stop_run": ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error"),
 }
+VERBS = {"pause": "pause", "resume": "resume", "save": "save", "evaluate": "eval"}
 
-DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "toggle_log_y", "toggle_window", "help", "quit"}
+DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run", "help",
+                     "quit"}
 
 
 class Dashboard(App[int]):
@@ -64,29 +65,49 @@ class Dashboard(App[int]):
         Binding("e", "evaluate", "Eval"),
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
+        Binding("x", "toggle_x", "Step/time", show=False),
+        Binding("n", "next_run", "Next run", show=False),
+        Binding("a", "add_run", "Add run", show=False),
+        Binding("S", "stop_run", "Stop run", show=False),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "interrupt", "Interrupt", show=False, priority=True),
     ]
 
     def __init__(self, trainer=None, replay: Iterable[Event] = (), resume_hint: str = "",
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, sources: list | None = None, bus=None,
+                 add_run=None) -> None:
         super().__init__()
-        self.trainer = trainer
-        self.torch_threads = torch_threads  # for the trainer's thread: see reserve_torch_threads()
+        self.local = LocalTrainer(trainer, bus, torch_threads) if trainer is not None else None
+        self.sources = [self.local] if self.local else list(sources or [])
+        self.models = [DashboardState() for _ in self.sources] or [DashboardState()]
+        self._generations = [source.generation for source in self.sources]
+        self.focus_index = 0
         self.resume_hint = resume_hint
-        self.model = DashboardState()
-        self.events: SimpleQueue[Event] = SimpleQueue()
+        self.add_run_source = add_run  # name -> a new source, for the `a` key of a viewer
         for event in replay:
-            self.events.put(event)
-        self.worker: Worker | None = None
+            self.models[0].apply(event)
         self._answer_watch = None  # a Timer, while a command waits for its answer
         self._charts_drawn_at = -CHART_SECONDS
         self._bindings_state = ""
         self.exit_code = 0
         self.stopping = False
         self.signal_received: int | None = None  # set by the signal handler, acted on by `drain`
+        self.hung_up = False  # the terminal is gone: leave the screen, keep training (see session.py)
         self.last_request = SampleRequest(prompt="\n", max_new_tokens=200, temperature=0.8)
+
+    @property
+    def model(self) -> DashboardState:
+        """The state of the run in focus."""
+        return self.models[self.focus_index]
+
+    @property
+    def source(self):
+        return self.sources[self.focus_index] if self.sources else None
+
+    @property
+    def trainer(self):
+        return self.local.trainer if self.local else None
 
     # -- layout and the event pump -------------------------------------------------------------
 
@@ -101,44 +122,62 @@ class Dashboard(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.drain()  # a replayed stream is on the very first frame
+        self._show_focus()
+        self.drain()  # a replayed stream, a watched run's history: on the very first frame
         self.set_interval(DRAIN_SECONDS, self.drain)
-        if self.trainer is not None:
-            self.trainer.on_event = self.events.put  # called on the worker thread: a queue put only
-            self.worker = self.run_worker(self._train, name="trainer", thread=True, exit_on_error=False)
-
-    def _train(self) -> str:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        return self.trainer.run(serve_after_finish=True)
+        if self.local is not None:
+            self.local.start()
 
     def drain(self) -> None:
-        """Fold queued events into the state, redraw what changed, act on a received signal."""
-        if not self.is_running:  # shutting down: a timer tick can land after the panels are gone
+        """Fold new events into each run's state, redraw what changed, act on a received signal."""
+        if not self.is_running:  # shutting down: a tick can land after the panels are gone
             return
-        while True:
-            try:
-                self.model.apply(self.events.get_nowait())
-            except Empty:
-                break
-        if self.trainer is not None:
-            self.model.observe_step(self.trainer.step_num)  # an int read: safe across threads
+        if self.hung_up:  # the terminal is gone: leave the screen; training goes on (see session.py)
+            self.exit(0, return_code=0)
+            return
+        for i, source in enumerate(self.sources):
+            events = source.poll()
+            if source.generation != self._generations[i]:  # its history was rewritten: start afresh
+                self._generations[i] = source.generation
+                self.models[i] = DashboardState()
+                if i == self.focus_index:
+                    self._show_focus()
+            for event in events:
+                self.models[i].apply(event)
+            self.models[i].observe_step(source.step)
+        if len(self.models) > 1 and any(m.changed & {CHART} for m in self.models):
+            self.model.changed.add(CHART)  # another run's curve moved
+        if self.local is not None and not self.local.live and self.local.outcome is not None:
+            self._trainer_returned()
         if self.signal_received is not None and not self.stopping:
             name = signal.Signals(self.signal_received).name.replace("SIG", "").lower()
             self.stop_and_exit(signal_exit_code(self.signal_received), f"{name} received")
         self.refresh_panels()
 
+    def _trainer_returned(self) -> None:
+        if self.stopping:
+            self.exit(self.exit_code, return_code=self.exit_code)
+        elif self.local.crash is not None and self.model.error is None:  # a bug, not a training failure
+            self.model.error = f"the training thread crashed: {self.local.crash!r}"
+            self.model.state = "error"
+            self.model.changed.add(STATUS)
+        elif self.local.crash is None:  # stopped from outside (`moe-tui stop`, a viewer): nothing left to show
+            self.exit(0, return_code=0)
+
     def refresh_panels(self) -> None:
         changed, self.model.changed = self.model.changed, set()
+        for other in self.models:
+            other.changed.clear() if other is not self.model else None
         if self.model.state != self._bindings_state:  # keys that apply change with the state
             self._bindings_state = self.model.state
             self.refresh_bindings()
         if STATUS in changed:
             self.query_one(StatusBar).refresh_from_state()
             banner = self.query_one("#error-banner", Static)
-            if self.model.error is not None and str(banner.content) != f"✗ {self.model.error}":
-                banner.update(f"✗ {self.model.error}")
-                banner.display = True
+            message = self.model.banner
+            if str(banner.content) != message:
+                banner.update(message)
+                banner.display = bool(message)
         charts = changed & {CHART, EXPERTS}
         if charts and time.monotonic() - self._charts_drawn_at < CHART_SECONDS:
             self.model.changed |= charts  # drawn at a later drain: charts are the costly part
@@ -153,18 +192,41 @@ class Dashboard(App[int]):
         if LOG in changed:
             self.query_one(EventsLog).refresh_from_state()
 
+    def _show_focus(self) -> None:
+        """Point every panel at the run in focus (and the chart at all of them)."""
+        for widget in (StatusBar, ExpertPanel, SamplesPanel, EventsLog):
+            self.query_one(widget).state = self.model
+        chart = self.query_one(LossChart)
+        chart.state = self.model
+        chart.overlay = [(source.name, model) for source, model in zip(self.sources, self.models)] \
+            if len(self.sources) > 1 else []
+        status = self.query_one(StatusBar)
+        status.position = (self.focus_index + 1, len(self.sources)) if len(self.sources) > 1 else None
+        self.model.changed |= {STATUS, CHART, EXPERTS, SAMPLES, LOG}
+        self._bindings_state = ""
+
     # -- commands ------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action in DASHBOARD_ACTIONS and isinstance(self.screen, ModalScreen):
             return False  # while a dialog is open, its keys belong to the dialog
+        if action in ("next_run", "toggle_x"):
+            return len(self.sources) > 1 or None
+        if action == "add_run":
+            return self.add_run_source is not None or None
+        if action == "stop_run" and self.local is not None:
+            return False  # here q stops training; S is a viewer's
         if action in TRAINER_ACTIONS:
             if action in ("pause", "resume"):  # one space key, two meanings: show the one that applies
                 paused = self.model.state == "paused"
                 if (action == "resume") != paused:
                     return False
-            # None: shown greyed out in the Footer, the key does nothing.
-            if self.trainer is None or self.stopping or self.model.state not in TRAINER_ACTIONS[action]:
+            source = self.source
+            if source is None or self.stopping:
+                return None  # shown greyed out in the Footer, the key does nothing
+            if action == "sample" and not source.live:
+                return True  # no live trainer: the viewer samples from the latest checkpoint itself
+            if not source.live or self.model.state not in TRAINER_ACTIONS[action]:
                 return None
             return True
         return True
@@ -183,28 +245,37 @@ class Dashboard(App[int]):
             self._answer_watch = None
 
     def action_pause(self) -> None:
-        self._send("pausing", self.trainer.control.pause)
+        self._send("pausing", lambda: self.source.command("pause"))
 
     def action_resume(self) -> None:
-        self._send("resuming", self.trainer.control.resume)
+        self._send("resuming", lambda: self.source.command("resume"))
 
     def action_save(self) -> None:
-        self._send("saving", self.trainer.control.save)
+        self._send("saving", lambda: self.source.command("save"))
 
     def action_evaluate(self) -> None:
-        self._send("evaluating", self.trainer.control.evaluate)
+        self._send("evaluating", lambda: self.source.command("eval"))
 
     def action_sample(self) -> None:
+        source = self.source
+
         def sample(request: SampleRequest | None) -> None:
             if request is not None and not self.stopping:
                 self.last_request = request
-                self._send("sampling", lambda: self.trainer.control.sample(request))
+                self._send("sampling", lambda: source.sample(request))
 
         self.push_screen(SampleDialog(self.last_request, self._check_request), sample)
 
     def _check_request(self, request: SampleRequest) -> None:
         request.check()
-        self.trainer.vocab.encode(request.prompt)  # unknown characters: UserError, shown in the dialog
+        self.source.vocab.encode(request.prompt)  # unknown characters: UserError, shown in the dialog
+
+    def action_stop_run(self) -> None:
+        source = self.source
+        message = (f"Stop training run {source.name}?\nIts trainer saves a checkpoint and exits; continue later "
+                   f"with\nmoe-tui train --resume {source.name}")
+        self.push_screen(ConfirmQuit(message, "Stop (y)"),
+                         lambda yes: yes and self._send("stopping", lambda: source.command("stop")))
 
     def action_toggle_log_y(self) -> None:
         chart = self.query_one(LossChart)
@@ -214,13 +285,41 @@ class Dashboard(App[int]):
         chart = self.query_one(LossChart)
         chart.recent = not chart.recent
 
+    def action_toggle_x(self) -> None:
+        chart = self.query_one(LossChart)
+        chart.by_time = not chart.by_time
+
+    def action_next_run(self) -> None:
+        self.focus_index = (self.focus_index + 1) % len(self.sources)
+        self._show_focus()
+        self.refresh_panels()
+
+    def action_add_run(self) -> None:
+        def add(name: str | None) -> None:
+            if not name:
+                return
+            source = self.add_run_source(name)  # UserError is shown in the dialog before it closes
+            self.sources.append(source)
+            self.models.append(DashboardState())
+            self._generations.append(source.generation)
+            self.focus_index = len(self.sources) - 1
+            self._show_focus()
+            self.drain()
+
+        self.push_screen(AddRunDialog(self._check_run_name), add)
+
+    def _check_run_name(self, name: str) -> None:
+        if name in (source.name for source in self.sources):
+            raise UserError(f"run '{name}' is on screen already; press n to move between runs")
+        self.add_run_source(name, check_only=True)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
         if self.stopping:
             return
-        if self.trainer is None or not self._worker_running():
+        if self.local is None or not self.local.live:  # a viewer: training goes on without it
             self.exit(self.exit_code, return_code=self.exit_code)
             return
         if self.model.state == "finished":
@@ -238,115 +337,22 @@ class Dashboard(App[int]):
             self.stop_and_exit(signal_exit_code(signal.SIGINT), "interrupted")
 
     def stop_and_exit(self, code: int, reason: str) -> None:
-        """Ask the trainer to save and stop; the app exits when the worker has returned."""
+        """Ask this process's trainer to save and stop; the app exits when it has returned. A viewer
+        just leaves."""
         self.stopping = True
         self.exit_code = 1 if self.model.state == "error" and code == 0 else code
         if isinstance(self.screen, ModalScreen):
             self.pop_screen()
-        if self.trainer is None or not self._worker_running():
+        if self.local is None or not self.local.live:
             self.exit(self.exit_code, return_code=self.exit_code)
             return
-        self._send("saving and quitting", lambda: self.trainer.control.stop(reason))
-
-    def _worker_running(self) -> bool:
-        return self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.worker is not self.worker or event.state in (WorkerState.PENDING, WorkerState.RUNNING):
-            return
-        self.drain()
-        if self.stopping:
-            self.exit(self.exit_code, return_code=self.exit_code)
-        elif event.state == WorkerState.ERROR:  # a bug, not a training failure (those are events)
-            self.model.error = f"the training thread crashed: {event.worker.error!r}"
-            self.model.state = "error"
-            self.model.changed.add(STATUS)
-            self.refresh_panels()
+        self._send("saving and quitting", lambda: self.local.stop(reason))
 
     def on_unmount(self) -> None:
-        # However the app ends, the trainer must return, or the interpreter would wait for its thread.
-        if self._worker_running():
-            self.trainer.control.stop("dashboard closed")
-
-
-def run_history(run) -> list[Event]:
-    """A resumed run's logged events (already cut back to its checkpoint), so that the charts show
-    the whole run and not only this session. Lines of unknown kinds are skipped."""
-    events = []
-    for record in run.read_metrics():
-        try:
-            events.append(from_record(record))
-        except (KeyError, TypeError):
-            continue
-    return events
-
-
-def reserve_torch_threads() -> int:
-    """Leave the calling (UI) thread one torch thread; returns how many the trainer's thread should take.
-
-    libgomp, the OpenMP runtime under torch's CPU kernels, keeps idle threads spinning between parallel
-    regions only while it manages no more threads than there are CPUs; past that they sleep at once,
-    and every small operator pays to wake them. Each thread that runs torch work gets its own team, so a
-    UI thread that had used N threads, plus the trainer's N, slowed training by 15-20% on 2 cores. A
-    team of one adds no threads. Call it before this thread runs any torch work (building the trainer
-    included).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return threads
-
-
-def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_threads: int | None = None) -> int:
-    """Run the dashboard until the user quits; returns the process exit code."""
-    history = run_history(trainer.run_dir) if trainer.resumed else []
-    app = Dashboard(trainer, replay=history, resume_hint=resume_hint, torch_threads=torch_threads)
-    with stop_on_signals(app, trainer):
-        try:
-            app.run()
-        except Exception:
-            if app.signal_received is None:
-                raise
-            # After a hangup the terminal is gone: restoring it fails, and nothing is lost by that.
-    code = app.exit_code if app.stopping else (app.return_code or 0)
-    print_next_step(trainer, resume_hint, sample_hint or f"moe-tui sample {trainer.run_dir.name}")
-    return code
-
-
-HANGUP_GRACE_SECONDS = 3.0  # after the trainer has saved: time for the normal exit before a forced one
-HANGUP_SAVE_TIMEOUT = 600.0  # a large model's checkpoint on a slow disk still gets this long
-
-
-@contextmanager
-def stop_on_signals(app: Dashboard, trainer):
-    """SIGHUP/SIGTERM/SIGINT: save a checkpoint, stop the trainer and exit with 128 + the signal.
-
-    The handler only sets a flag, which the UI loop acts on at its next drain. A hangup needs more:
-    the terminal is gone, so writes go to /dev/null from now on, and a watchdog thread stops the
-    trainer itself and ends the process once the checkpoint is saved, in case the UI loop is stuck
-    writing to the dead terminal (Textual's output thread dies on EIO and its queue then blocks).
-    """
-
-    def on_signal(signum, frame) -> None:
-        first = app.signal_received is None
-        app.signal_received = signum
-        if first and signum == getattr(signal, "SIGHUP", None):
-            _detach_from_terminal()
-            threading.Thread(target=_exit_after_hangup, args=(app, trainer), name="hangup", daemon=True).start()
-
-    with stop_signals_handled(on_signal):
-        yield
-
-
-def _detach_from_terminal() -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):  # not stdin: Textual's input thread would spin on /dev/null's endless EOF
-        os.dup2(devnull, fd)
-
-
-def _exit_after_hangup(app: Dashboard, trainer) -> None:
-    trainer.control.stop("hangup received")
-    deadline = time.monotonic() + HANGUP_SAVE_TIMEOUT
-    while app._worker_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(HANGUP_GRACE_SECONDS)
-    os._exit(signal_exit_code(signal.SIGHUP))
+        # However the app ends, this process's trainer must return (unless the terminal went away and
+        # training goes on without a screen), or the interpreter would wait for its thread.
+        if self.local is not None and self.local.live and not self.hung_up:
+            self.local.stop("dashboard closed")
+        for source in self.sources:
+            if source is not self.local:
+                source.close()

@@ -3,10 +3,14 @@ the exit codes, and the one line that tells the user what to do next."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
+
+HANGUP = getattr(signal, "SIGHUP", None)
 
 # Lost connection, `kill`, Ctrl-C: each saves a checkpoint and exits, never mid-step.
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGHUP", None), signal.SIGTERM, signal.SIGINT) if s is not None)
@@ -28,19 +32,42 @@ def stop_signals_handled(handler: Callable) -> Iterator[None]:
             signal.signal(s, old)
 
 
-def print_next_step(trainer, resume_hint: str, sample_hint: str) -> None:
+def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) -> None:
     """After the session: how to resume an unfinished or failed run, or how to use a finished one."""
+    stream = stream or sys.stderr
     try:
         if trainer.state == "error":
-            print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=sys.stderr)
+            print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=stream)
         elif trainer.unsaved:  # finished, but the final save failed (disk full?)
             last = trainer.last_saved_step
             print(f"steps after {last} were not saved (the last checkpoint is step {last}); once the disk is "
-                  f"writable, resume with: {resume_hint}", file=sys.stderr)
+                  f"writable, resume with: {resume_hint}", file=stream)
         elif trainer.step_num < trainer.config.max_iters:
-            print(f"resume with: {resume_hint}", file=sys.stderr)
+            print(f"resume with: {resume_hint}", file=stream)
         else:
             print(f"run {trainer.run_dir.name} finished at step {trainer.step_num}; "
-                  f"sample from it with: {sample_hint}", file=sys.stderr)
+                  f"sample from it with: {sample_hint}", file=stream)
     except OSError:  # no terminal left to print to after a hangup
         pass
+
+
+def redirect_output(log: Path) -> None:
+    """From now on, stdout and stderr append to `log` (a terminal that went away, a detached child)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # the terminal is gone already
+            pass
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):  # a line at a time, so `tail -f train.log` follows along
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
+def move_output_after_hangup(run) -> None:
+    """The terminal is gone and training goes on: its lines go to the run's train.log, as if detached."""
+    redirect_output(run.path / "train.log")
+    print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {run.name}", flush=True)

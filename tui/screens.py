@@ -17,15 +17,15 @@ from moe_core.sampling import SampleRequest
 class ConfirmQuit(ModalScreen[bool]):
     BINDINGS = [Binding("y,enter", "answer(True)", "Quit"), Binding("n,escape", "answer(False)", "Cancel")]
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, yes: str = "Quit (y)") -> None:
         super().__init__()
-        self.message = message
+        self.message, self.yes = message, yes
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm", classes="dialog"):
             yield Label(self.message, id="confirm-message")
             with Horizontal(classes="dialog-buttons"):
-                yield Button("Quit (y)", variant="error", id="yes", compact=True)
+                yield Button(self.yes, variant="error", id="yes", compact=True)
                 yield Button("Cancel (n)", id="no", compact=True)
 
     def on_mount(self) -> None:
@@ -106,6 +106,37 @@ class SampleDialog(ModalScreen["SampleRequest | None"]):
         self.dismiss(request)
 
 
+class AddRunDialog(ModalScreen["str | None"]):
+    """A viewer's `a` key: the name of another run to overlay."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, check: Callable[[str], None]) -> None:
+        super().__init__()
+        self.check = check  # raises UserError for a name that is not a run here
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="add-run", classes="dialog"):
+            yield Label("Add a run to the chart (see `moe-tui runs`)", classes="dialog-title")
+            yield Input(id="run-name", compact=True, placeholder="run name")
+            yield Static("", id="add-run-error")
+
+    def on_mount(self) -> None:
+        self.query_one("#run-name", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        try:
+            self.check(name)
+        except UserError as err:
+            self.query_one("#add-run-error", Static).update(str(err))
+            return
+        self.dismiss(name)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 def _number(text: str, kind: type, name: str):
     try:
         return kind(text)
@@ -123,7 +154,10 @@ HELP = """\
 [b]l[/b]       loss chart: linear / logarithmic y axis
 [b]w[/b]       loss chart: whole run / the recent quarter of the steps
 [b]q[/b]       quit: asks, saves a checkpoint, prints the resume command
-[b]ctrl+c[/b]  quit at once (saves too; so does a lost connection)
+          (watching with `moe-tui watch`: leaves; training goes on)
+[b]ctrl+c[/b]  quit at once (saves too; a lost connection keeps training)
+[b]S[/b]       watching: stop the run (asks; its trainer saves and exits)
+[b]n a x[/b]   watching: next run, add a run, x axis by step / time
 [b]tab[/b]     next panel; arrows and page keys scroll it
 [b]?[/b]       this help
 

@@ -15,6 +15,7 @@ from textual.widget import Widget
 from .braille import BrailleCanvas
 from .history import bucket_means
 from .state import DashboardState
+from .status import format_duration
 
 RECENT_FRACTION = 0.25  # the recent window: the last quarter of the steps so far...
 RECENT_MIN_STEPS = 100  # ...but never fewer than this many
@@ -30,15 +31,21 @@ def format_step(step: float) -> str:
     return str(step)
 
 
+RUN_MARKS = "●■▲◆★✚"  # runs overlaid: a mark and a colour each, so NO_COLOR still tells them apart
+
+
 class LossChart(Widget):
-    COMPONENT_CLASSES = {"loss-chart--train", "loss-chart--eval-train", "loss-chart--val", "loss-chart--axis"}
+    COMPONENT_CLASSES = {"loss-chart--train", "loss-chart--eval-train", "loss-chart--val", "loss-chart--axis",
+                         *(f"loss-chart--run{i}" for i in range(len(RUN_MARKS)))}
 
     log_y = reactive(False)
     recent = reactive(False)
+    by_time = reactive(False)
 
     def __init__(self, state: DashboardState, **kwargs) -> None:
         super().__init__(**kwargs)
         self.state = state
+        self.overlay: list[tuple[str, DashboardState]] = []  # several runs: their validation curves
 
     def on_mount(self) -> None:
         self._update_titles()
@@ -52,10 +59,18 @@ class LossChart(Widget):
     def watch_recent(self) -> None:
         self._update_titles()
 
+    def watch_by_time(self) -> None:
+        self._update_titles()
+
     def _update_titles(self) -> None:
         modes = ["log-y" if self.log_y else "linear", "recent" if self.recent else "whole run"]
+        if self.overlay:
+            modes = ["val", "log-y" if self.log_y else "linear", "by time" if self.by_time else "by step"]
+            self.border_subtitle = "  ".join(f"{RUN_MARKS[i % len(RUN_MARKS)]} {name}"
+                                             for i, (name, _) in enumerate(self.overlay))
+        else:
+            self.border_subtitle = "━ train  ○ eval train  ● val  ◉ both"
         self.border_title = f"loss, nats/char · {' · '.join(modes)}"
-        self.border_subtitle = "━ train  ○ eval train  ● val  ◉ both"
 
     def window_start(self) -> float | None:
         if not self.recent:
@@ -66,6 +81,9 @@ class LossChart(Widget):
 
     def render(self) -> Text:
         width, height = self.content_size.width, self.content_size.height
+        if self.overlay:
+            self._update_titles()
+            return self._draw_overlay(width - LABEL_WIDTH - 1, height - 1)
         since = self.window_start()
         train = self.state.train_loss.points(since)
         evals_t = self.state.eval_train.points(since)
@@ -82,17 +100,8 @@ class LossChart(Widget):
         axis = self.get_component_rich_style("loss-chart--axis")
         canvas = BrailleCanvas(plot_w, plot_h)
         xs, ys = bucket_means(*train, canvas.dot_width)
-        all_x = xs + evals_t[0] + evals_v[0]
-        all_y = [self._y(v) for v in ys + evals_t[1] + evals_v[1]]
-        x_lo, x_hi = min(all_x), max(all_x)
-        y_lo, y_hi = min(all_y), max(all_y)
-        pad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.05 or 1.0
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-        def to_dot(x: float, y: float) -> tuple[int, int]:
-            fx = (x - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 1.0
-            fy = (self._y(y) - y_lo) / (y_hi - y_lo)
-            return round(fx * (canvas.dot_width - 1)), round((1 - fy) * (canvas.dot_height - 1))
+        to_dot, (x_lo, x_hi), (y_lo, y_hi) = self._scale(canvas, xs + evals_t[0] + evals_v[0],
+                                                         ys + evals_t[1] + evals_v[1])
 
         canvas.polyline([to_dot(x, y) for x, y in zip(xs, ys)],
                         self.get_component_rich_style("loss-chart--train", partial=True))
@@ -103,6 +112,27 @@ class LossChart(Widget):
                 both = char == "●" and canvas.mark_at(*dot) == "○"  # train and val evals in one cell
                 canvas.mark(*dot, "◉" if both else char, style)
 
+        return self._frame(canvas, plot_h, y_lo, y_hi, format_step(x_lo), format_step(x_hi))
+
+    def _scale(self, canvas: BrailleCanvas, xs: list[float], values: list[float]):
+        """(point -> dot, the x range, the padded y range) for points spanning `xs` and `values`."""
+        ys = [self._y(v) for v in values]
+        x_lo, x_hi = min(xs), max(xs)
+        y_lo, y_hi = min(ys), max(ys)
+        pad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.05 or 1.0
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+
+        def to_dot(x: float, y: float) -> tuple[int, int]:
+            fx = (x - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 1.0
+            fy = (self._y(y) - y_lo) / (y_hi - y_lo)
+            return round(fx * (canvas.dot_width - 1)), round((1 - fy) * (canvas.dot_height - 1))
+
+        return to_dot, (x_lo, x_hi), (y_lo, y_hi)
+
+    def _frame(self, canvas: BrailleCanvas, plot_h: int, y_lo: float, y_hi: float, left: str, right: str) -> Text:
+        """The canvas with its y labels on the left and the x range below."""
+        axis = self.get_component_rich_style("loss-chart--axis")
+        plot_w = canvas.width
         rows = []
         for r, row in enumerate(canvas.rows()):
             label = ""
@@ -111,10 +141,27 @@ class LossChart(Widget):
                 label = f"{self._unscale(y_mid):.3g}"
             rows.append(Text.assemble((label[:LABEL_WIDTH].rjust(LABEL_WIDTH), axis),
                                       ("┤" if label else "│", axis), row))
-        left, right = format_step(x_lo), format_step(x_hi)
         gap = max(1, plot_w - len(left) - len(right))
         rows.append(Text.assemble((" " * LABEL_WIDTH + "└" + left + "─" * gap + right, axis)))
         return Text("\n").join(rows)
+
+    def _draw_overlay(self, plot_w: int, plot_h: int) -> Text:
+        """Each run's validation curve, by step or by training seconds, one mark and colour per run."""
+        series = [(m.eval_val_time if self.by_time else m.eval_val).points(None) for _, m in self.overlay]
+        xs = [x for steps, _ in series for x in steps]
+        if not xs or plot_w < 8 or plot_h < 2:
+            return Text("waiting for the first evaluations…", style=self.get_component_rich_style("loss-chart--axis"))
+        canvas = BrailleCanvas(plot_w, plot_h)
+        to_dot, (x_lo, x_hi), (y_lo, y_hi) = self._scale(canvas, xs, [v for _, values in series for v in values])
+
+        for i, (steps, values) in enumerate(series):
+            style = self.get_component_rich_style(f"loss-chart--run{i % len(RUN_MARKS)}", partial=True)
+            dots = [to_dot(x, y) for x, y in zip(steps, values)]
+            canvas.polyline(dots, style)
+            for dot in dots:
+                canvas.mark(*dot, RUN_MARKS[i % len(RUN_MARKS)], style)
+        return self._frame(canvas, plot_h, y_lo, y_hi,
+                           *(format_duration(v) if self.by_time else format_step(v) for v in (x_lo, x_hi)))
 
     def _y(self, value: float) -> float:
         return math.log10(max(value, 1e-9)) if self.log_y else value

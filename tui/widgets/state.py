@@ -10,8 +10,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample,
-                             StateChanged, StepMetrics)
+from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, ResourceUsage, RouterStats, RunStarted,
+                             Sample, StateChanged, StepMetrics)
 
 from .history import SeriesBuffer
 
@@ -46,6 +46,9 @@ class DashboardState:
         self.train_loss = SeriesBuffer()  # smoothed, per log interval
         self.eval_train = SeriesBuffer(1024)
         self.eval_val = SeriesBuffer(1024)
+        self.eval_val_time = SeriesBuffer(1024)  # the same points against training seconds
+        self.usage: ResourceUsage | None = None
+        self.gone: str | None = None  # the trainer died: what to do about it
         self._ema: float | None = None
         self._ema_weight = 0.0  # for the bias correction of the EMA's first points
         self.samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
@@ -61,9 +64,16 @@ class DashboardState:
     @property
     def eta_seconds(self) -> float | None:
         """Remaining steps at the run's mean pace so far (evals and samples included)."""
-        if self.step <= 0 or self.elapsed <= 0 or self.state in ("finished", "error", "stopped"):
+        if self.step <= 0 or self.elapsed <= 0 or self.state in ("finished", "error", "stopped", "gone"):
             return None
         return max(0, self.max_iters - self.step) * self.elapsed / self.step
+
+    @property
+    def banner(self) -> str:
+        """The line shown above the panels, if any: an error, or a trainer that is gone."""
+        if self.error is not None:
+            return f"✗ {self.error}"
+        return f"✗ {self.gone}" if self.gone else ""
 
     @property
     def smoothed_loss(self) -> float | None:
@@ -103,6 +113,7 @@ class DashboardState:
         self.last_eval, self.step = e, max(self.step, e.step)
         self.eval_train.append(e.step, e.train_loss)
         self.eval_val.append(e.step, e.val_loss)
+        self.eval_val_time.append(e.elapsed, e.val_loss)
         self.note("eval", f"eval train {e.train_loss:.3f} val {e.val_loss:.3f} "
                           f"({e.val_bpc:.2f} bpc){' best' if best else ''}", e.step)
         self.changed |= {STATUS, CHART}
@@ -119,8 +130,18 @@ class DashboardState:
         name = e.path.replace("\\", "/").rsplit("/", 1)[-1]
         self.note("checkpoint", f"saved {name}", e.step)
 
+    def _on_ResourceUsage(self, e: ResourceUsage) -> None:
+        self.usage = e if e.rss_bytes else self.usage  # a viewer's first greeting carries the step only
+        self.observe_step(e.step)
+        self.changed.add(STATUS)
+
     def _on_StateChanged(self, e: StateChanged) -> None:
         self.state, self.state_message = e.state, e.message
+        self.gone = e.message if e.state == "gone" else None
+        if e.state == "gone":
+            self.note("error", e.message, self.step)
+        if e.state in ("gone", "finished", "stopped", "error"):
+            self.usage = None  # no process to measure
         if e.state not in ("sampling", "saving", "evaluating"):  # those pass; the answer is the state after
             self.pending = None
         if e.state == "error":

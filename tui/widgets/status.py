@@ -9,7 +9,7 @@ from .state import DashboardState
 
 STATE_LABELS = {"starting": "STARTING", "running": "RUNNING", "paused": "PAUSED", "evaluating": "EVALUATING",
                 "saving": "SAVING", "sampling": "SAMPLING", "finished": "FINISHED", "error": "ERROR",
-                "stopped": "STOPPED"}
+                "stopped": "STOPPED", "gone": "GONE"}
 
 
 def format_duration(seconds: float) -> str:
@@ -33,6 +33,7 @@ class StatusBar(Widget):
     def __init__(self, state: DashboardState, **kwargs) -> None:
         super().__init__(**kwargs)
         self.state = state
+        self.position: tuple[int, int] | None = None  # (run in focus, runs on screen) when watching several
 
     def refresh_from_state(self) -> None:
         self.refresh()
@@ -46,7 +47,8 @@ class StatusBar(Widget):
         if s.run is None:
             return [Text("starting…", style=dim)]
         r = s.run
-        parts = [Text(r.run_name, self.get_component_rich_style("status-bar--name", partial=True)),
+        parts = [Text(f"[{self.position[0]}/{self.position[1]}] ", dim)] if self.position else []
+        parts += [Text(r.run_name, self.get_component_rich_style("status-bar--name", partial=True)),
                  Text(f" · {r.dataset} · {r.device}", dim),
                  Text(f" · {format_count(r.params_total)} params ({format_count(r.params_active)} active)")]
         if s.smoothed_loss is not None:
@@ -71,8 +73,24 @@ class StatusBar(Widget):
             parts.append(Text(f" · ETA {format_duration(eta)}"))
         if s.metrics is not None:
             parts.append(Text(f" · {format_count(s.metrics.tokens_per_sec)} tok/s"))
+        if s.usage is not None:
+            parts.append(Text(f" · {describe_usage(s.usage)}", dim))
+        if s.metrics is not None:
             parts.append(Text(f" · lr {s.metrics.lr:.2e}"))
         return parts
+
+
+def describe_usage(u) -> str:
+    """The training process's CPU, memory and GPU, e.g. `cpu 195% · 412 MB · gpu 87% 3.2 GB`."""
+    text = f"cpu {u.cpu_percent:.0f}% · {format_bytes(u.rss_bytes)}"
+    if u.gpu_memory_bytes is not None:
+        gpu = f"{u.gpu_percent:.0f}% " if u.gpu_percent is not None else ""
+        text += f" · gpu {gpu}{format_bytes(u.gpu_memory_bytes)}"
+    return text
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
 def fit(parts: list[Text], width: int) -> Text:
