@@ -12,8 +12,10 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -82,6 +84,35 @@ def corrupt_vocab(run: Path, tmp: Path) -> None:
     (run / "vocab.json").write_text("{ not json")
 
 
+OTHER_TRAINERS: list[subprocess.Popen] = []  # stopped after each case (see the fixture below)
+
+
+def other_trainer(mode: str) -> Callable[[Path, Path], None]:
+    """A setup that makes the run 'tiny' live under a trainer this moe-tui cannot talk to."""
+
+    def setup(run: Path, tmp: Path) -> None:
+        holder = subprocess.Popen([sys.executable, "-m", "tests.other_trainer", str(run), mode, "120"],
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+        OTHER_TRAINERS.append(holder)
+        assert holder.stdout.readline().strip() == "ready"
+
+    return setup
+
+
+@pytest.fixture(autouse=True)
+def stop_other_trainers() -> Iterator[None]:
+    yield
+    while OTHER_TRAINERS:
+        holder = OTHER_TRAINERS.pop()
+        holder.kill()
+        holder.wait()
+
+
+def not_a_run(run: Path, tmp: Path) -> None:
+    (tmp / "runs" / "notes").mkdir()
+    (tmp / "runs" / "notes" / "todo.txt").write_text("not a run\n")
+
+
 def write_inputs(tmp: Path) -> None:
     """The bad files the corpus and config cases point at."""
     files = {"empty.txt": "", "short.txt": "Homer: Doh!\n",
@@ -95,8 +126,8 @@ def write_inputs(tmp: Path) -> None:
     (tmp / "corpus-folder").mkdir(exist_ok=True)
 
 
-CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT = ("CLI arguments", "config files", "corpora", "run names",
-                                          "checkpoints", "prompts")
+CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE = ("CLI arguments", "config files", "corpora", "run names",
+                                                "checkpoints", "prompts", "watching and stopping")
 CASES = {
     "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
     "rope with an odd head width": Case(CLI, ["train", "simpsons", "--pos-encoding", "rope", "--n-embd", "36",
@@ -154,6 +185,22 @@ CASES = {
     "top-k of 0": Case(PROMPT, ["sample", "tiny", "--top-k", "0"]),
     "top-p above 1": Case(PROMPT, ["sample", "tiny", "--top-p", "1.5"]),
     "no samples": Case(PROMPT, ["sample", "tiny", "--num-samples", "0"]),
+    "unknown --on-hangup": Case(LIVE, ["train", "simpsons", "--on-hangup", "ignore", *SHORT]),
+    "watch unknown run": Case(LIVE, ["watch", "ghost"]),
+    "stop unknown run": Case(LIVE, ["stop", "ghost"]),
+    "watch a folder that is not a run": Case(LIVE, ["watch", "notes"], not_a_run),
+    "stop a folder that is not a run": Case(LIVE, ["stop", "notes"], not_a_run),
+    "watch with no runs": Case(LIVE, ["watch", "--runs-dir", "{tmp}/corpus-folder"]),
+    "watch without a terminal": Case(LIVE, ["watch", "tiny"]),
+    "resume a run that is training": Case(LIVE, ["train", "--resume", "tiny", *SHORT], other_trainer("live")),
+    "overwrite a run that is training": Case(LIVE, ["train", "simpsons", "--run-name", "tiny", "--overwrite",
+                                                    *SHORT], other_trainer("live")),
+    "detach onto a run that is training": Case(LIVE, ["train", "--resume", "tiny", "--detach"],
+                                               other_trainer("live")),
+    "watch another user's run": Case(LIVE, ["watch", "tiny"], other_trainer("other-user")),
+    "stop another user's run": Case(LIVE, ["stop", "tiny"], other_trainer("other-user")),
+    "watch a trainer of another version": Case(LIVE, ["watch", "tiny"], other_trainer("other-protocol")),
+    "stop a trainer of another version": Case(LIVE, ["stop", "tiny"], other_trainer("other-protocol")),
 }
 
 
@@ -192,6 +239,7 @@ def row(number: int, name: str, stderr: str, tmp: Path) -> str:
     for path, placeholder in ((tmp, "<tmp>"), (tmp.resolve(), "<tmp>"), (shared_data_dir(), "<data>"),
                               (shared_data_dir().resolve(), "<data>")):
         message = message.replace(str(path), placeholder)
+    message = re.sub(r"process \d+", "process <pid>", message)  # the other trainer's, new each time
     cells = [str(number), CASES[name].area, name, f"`{CASES[name].command()}`", message.replace("|", "\\|")]
     return "| " + " | ".join(cells) + " |"
 

@@ -86,7 +86,8 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
         assert proc.poll() is None, f"trial {trial} ended early: {proc.stderr.read()}"
         if trial % 2:  # kill in the middle of writing a checkpoint
             root = killed / "checkpoints"
-            wait_until(lambda: any(p.name.startswith(".tmp-") for p in os.scandir(root)), 60, "a checkpoint write")
+            wait_until(lambda: root.is_dir() and any(p.name.startswith(".tmp-") for p in os.scandir(root)), 60,
+                       "a checkpoint write")
             mid_write_kills += 1
         else:  # kill at a random instant
             time.sleep(rng.uniform(0.0, 1.5))

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from moe_core.live.lease import is_live
+from moe_core.runs import Run
+
 from .conftest import TINY_FLAGS
 
 TMUX = shutil.which("tmux")
@@ -122,10 +125,10 @@ open(sys.argv[1], "w").write(str(job.wait()))
 """
 
 
-def start_under_login_shell(terminal, user_env, tmp_path, keep_screen: bool = False) -> Path:
+def start_under_login_shell(terminal, user_env, tmp_path, keep_screen: bool = False, *extra: str) -> Path:
     """Start training under LOGIN_SHELL; with `keep_screen` the window stays up after it exits."""
     exit_file = tmp_path / "exit"
-    command = f"{sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command()}"
+    command = f"{sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command(*extra)}"
     terminal.start(f"{command}; sleep 600" if keep_screen else f"exec {command}", user_env)
     terminal.wait_for(r"RUNNING +step [1-9]\d*/100000")
     return exit_file
@@ -139,11 +142,47 @@ def exit_status(exit_file: Path) -> int:
     return int(exit_file.read_text())
 
 
-def test_a_lost_connection_saves_and_exits_129(terminal, user_env, tmp_path):
-    exit_file = start_under_login_shell(terminal, user_env, tmp_path)
+def test_with_on_hangup_stop_a_lost_connection_saves_and_exits_129(terminal, user_env, tmp_path):
+    exit_file = start_under_login_shell(terminal, user_env, tmp_path, False, "--on-hangup", "stop")
     terminal.close()  # the terminal goes away, as when an SSH connection drops
     assert exit_status(exit_file) == 129  # a clean exit of its own, not killed by the signal
     assert list((tmp_path / "runs" / "e2e" / "checkpoints").glob("step-*")), "no checkpoint saved on hangup"
+
+
+def test_a_lost_connection_keeps_training_and_watch_reattaches(terminal, user_env, tmp_path):
+    run = Run(tmp_path / "runs" / "e2e")
+    exit_file = start_under_login_shell(terminal, user_env, tmp_path)
+    pid = int(Path(f"{exit_file}.pid").read_text())
+    try:
+        terminal.close()  # a real SIGHUP, from tmux to the login shell to moe-tui
+        time.sleep(2.0)
+        assert not exit_file.read_text().strip() and is_live(run), "training stopped with the terminal"
+        steps = lambda: [r["step"] for r in run.read_metrics() if r.get("event") == "StepMetrics"]
+        before = steps()[-1]
+        deadline = time.monotonic() + 60
+        while steps()[-1] < before + 20:
+            assert time.monotonic() < deadline, "no steps after the hangup"
+            time.sleep(0.1)
+        assert "terminal lost (SIGHUP); training goes on" in (run.path / "train.log").read_text()
+
+        viewer = Terminal(tmp_path / "viewer")
+        viewer.start(f"{MOE_TUI} watch e2e; echo exit=$?; sleep 600", user_env)
+        try:
+            screen = viewer.wait_for(r"RUNNING +step (\d+)/100000")
+            assert shown_step(screen) > before
+            viewer.send("q")  # leaving the viewer leaves training alone
+            viewer.wait_for("exit=0")
+        finally:
+            viewer.close()
+        assert is_live(run)
+        stop = subprocess.run([str(MOE_TUI), "stop", "e2e"], env=user_env, capture_output=True, text=True,
+                              timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert exit_status(exit_file) == 0  # stopped on request: a clean exit
+        assert "stopped run 'e2e' at step" in stop.stdout
+    finally:
+        if is_live(run):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)

@@ -1,0 +1,282 @@
+"""Training that outlives its terminal, watched and controlled from elsewhere: real detached trainer
+processes, the real control socket, viewers driven with Textual's Pilot."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_core.data import Vocab
+from moe_core.errors import UserError
+from moe_core.live.client import ControlClient, live_client
+from moe_core.live.follow import RunFollower
+from moe_core.live.lease import is_live, process_gone, read_status, socket_path
+from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
+from moe_core.runs import Run
+from moe_core.sampling import SampleRequest
+from tui.app import Dashboard
+
+from .conftest import TINY_FLAGS, as_flags, start_moe_tui
+from .test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
+
+QUIET_FLAGS = as_flags(QUIET)
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "the condition") -> float:
+    """Seconds until `condition()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def logged_steps(run: Run) -> list[int]:
+    return [r["step"] for r in run.read_metrics() if r.get("event") == "StepMetrics"]
+
+
+@pytest.fixture
+def trainers():
+    """PIDs of detached trainers started by a test; whatever is left of them is killed afterwards."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def detach(runs: Path, name: str, trainers: list[int], *extra: str) -> Run:
+    """`moe-tui train simpsons --detach`, as a user types it; returns once the parent has returned."""
+    proc = start_moe_tui(["train", "simpsons", "--run-name", name, "--detach", *TINY_FLAGS, *QUIET_FLAGS, *extra],
+                         runs)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    pid = int(re.search(r"as process (\d+)", out)[1])
+    trainers.append(pid)
+    assert f"moe-tui watch {name}" in out and f"moe-tui stop {name}" in out
+    run = Run(runs / name)
+    assert f"train.log" in out and run.path.joinpath("train.log").is_file()
+    return run
+
+
+# -- the wire protocol -----------------------------------------------------------------------------
+
+def test_the_control_protocol_accepts_its_verbs_and_refuses_everything_else():
+    vocab = Vocab.from_text("abc \n")
+    assert parse_command(b'{"v": 1, "cmd": "pause"}', vocab) == ("pause", None)
+    verb, request = parse_command(b'{"v": 1, "cmd": "sample", "prompt": "ab", "max_new_tokens": 5}', vocab)
+    assert verb == "sample" and request == SampleRequest("ab", 5)
+    for line, says in [(b"pause", "not a JSON object"), (b"[1]", "not a JSON object"),
+                       (b'{"v": 2, "cmd": "pause"}', "protocol version 2"),
+                       (b'{"v": 1, "cmd": "rm -rf /"}', "unknown command"),
+                       (b'{"v": 1, "cmd": "sample", "prompt": "xyz"}', "does not know"),
+                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": "9"}', "wrong type"),
+                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": 10000000}', "at most"),
+                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "temperature": -1}', "temperature"),
+                       (b"\xff\xfe", "not a JSON object")]:
+        with pytest.raises(ProtocolError, match=re.escape(says)):
+            parse_command(line, vocab)
+
+
+# -- detach, watch, control --------------------------------------------------------------------------
+
+def test_a_detached_run_is_watched_paused_sampled_and_left_running(env, trainers, fast_keys):
+    run = detach(env, "bg", trainers)
+    assert read_status(run).state == "live" and read_status(run).pid == trainers[0]
+    wait_for(lambda: len(logged_steps(run)) >= 3, what="steps before the viewer attaches")
+
+    async def scenario():
+        follower = RunFollower(run)
+        follower.attach()
+        app = Dashboard(sources=[follower])
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "running" and app.model.usage is not None)
+            first_point = app.model.train_loss.points(None)[0][0]
+            assert first_point == 5  # the whole history from the run folder, not only what followed
+            assert f"bg · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
+
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.model.state == "paused")
+            stopped = logged_steps(run)[-1]
+            await pilot.pause(1.5)
+            assert logged_steps(run)[-1] == stopped, "a step was logged while paused"
+            assert app.model.step - stopped < 5  # the step counter (heartbeat) stood still too
+
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.model.state == "running" and logged_steps(run)[-1] > stopped)
+
+            await pilot.press("s")
+            await pilot.press("end", "ctrl+u", *"Homer:", "tab", "end", "ctrl+u", "2", "5", "enter")
+            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
+            sample = next(s for s in app.model.samples if s.requested)
+            assert sample.text.startswith("Homer:") and len(sample.text) == 6 + 25
+            await pilot.press("q")  # a viewer leaves at once: nothing of its own to save
+        assert app.return_code == 0
+
+    drive(scenario)
+    assert "Homer:" in run.samples_path.read_text()  # the trainer sampled it and logged it to the run
+    before = logged_steps(run)[-1]
+    wait_for(lambda: logged_steps(run)[-1] > before + 10, what="training to go on after the viewer left")
+    assert is_live(run)
+
+
+def test_two_viewers_see_what_either_does(env, trainers):
+    run = detach(env, "shared", trainers)
+    one, two = RunFollower(run), RunFollower(run)
+    one.attach()
+    two.attach()
+    seen_by_two: list[str] = []
+
+    def states() -> list[str]:
+        seen_by_two.extend(e.state for e in two.poll() if hasattr(e, "state"))
+        one.poll()
+        return seen_by_two
+
+    wait_for(lambda: "running" in states(), what="the second viewer's greeting")
+    one.command("pause")
+    wait_for(lambda: states()[-1] == "paused", 10, "the pause to reach the other viewer")
+    one.command("resume")
+    wait_for(lambda: states()[-1] == "running", 10, "the resume to reach the other viewer")
+    one.close()
+    two.close()
+
+
+def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(env, trainers):
+    run = detach(env, "rude", trainers)
+    rude = live_client(run)
+    rude.send_raw(b"\x00\x01not json\n")
+    rude.send_raw(b'{"v": 1, "cmd": "exec", "args": ["rm", "-rf", "/"]}\n')
+    rude.send_raw(b"x" * (MAX_LINE + 10))  # no newline yet: refused before it ends
+    rude.send_raw(b"y" * 1000 + b'\n{"v": 1, "cmd": "save"}\n')  # the rest of that line, then a good one
+    replies = []
+    wait_for(lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 4,
+             10, "four replies")
+    assert [r["ok"] for r in replies[:4]] == [False, False, False, True]
+    assert "unknown command 'exec'" in replies[1]["error"] and "longer than" in replies[2]["error"]
+    half = live_client(run)
+    half.send_raw(b'{"v": 1, "cmd": "pau')  # and hangs up mid-line
+    half.close()
+    rude.close()
+    wait_for(lambda: any(run.checkpoints.glob("step-*")), 30, "the good save command to be carried out")
+    before = max(logged_steps(run), default=0)
+    wait_for(lambda: max(logged_steps(run), default=0) >= before + 20, 60, "training to go on")
+
+
+def test_stop_saves_the_last_step_and_returns_once_the_process_is_gone(env, trainers):
+    run = detach(env, "done", trainers)
+    wait_for(lambda: len(logged_steps(run)) >= 2, what="some steps")
+    proc = start_moe_tui(["stop", "done"], env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    status = read_status(run)
+    assert status.state == "stopped" and not is_live(run)
+    assert process_gone(trainers[0])
+    assert f"at step {status.step}" in out and f"step-{status.step:08d}" in out
+    assert run.checkpoint("latest").name == f"step-{status.step:08d}"  # the last step, saved
+    assert not socket_path(run).exists()
+    again = start_moe_tui(["stop", "done"], env)
+    assert again.wait(timeout=60) == 0 and "is not running (stopped" in again.stderr.read()
+
+
+def test_resuming_detached_continues_the_run_and_refuses_a_second_trainer(env, trainers):
+    run = detach(env, "twice", trainers, "--ckpt-interval", "20")
+    wait_for(lambda: any(run.checkpoints.glob("step-*")), what="a checkpoint")
+    second = start_moe_tui(["train", "--resume", "twice", "--detach"], env)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and "is being trained by process" in err and err.count("\n") == 1
+    assert start_moe_tui(["stop", "twice"], env).wait(timeout=120) == 0
+    stopped_at = read_status(run).step
+    resumed = start_moe_tui(["train", "--resume", "twice", "--detach"], env)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    trainers.append(int(re.search(r"as process (\d+)", out)[1]))
+    wait_for(lambda: logged_steps(run)[-1] > stopped_at + 10, what="the resumed run's steps")
+    assert logged_steps(run) == sorted(set(logged_steps(run)))  # each step once
+
+
+def test_a_trainer_killed_with_sigkill_shows_as_gone_within_seconds(env, trainers, fast_keys):
+    run = detach(env, "doomed", trainers)
+    detected: list[float] = []
+
+    async def scenario():
+        follower = RunFollower(run)
+        follower.attach()
+        app = Dashboard(sources=[follower])
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "running" and app.model.step > 5)
+            os.kill(trainers[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+            await wait_until(pilot, lambda: app.model.state == "gone", timeout=10)
+            detected.append(time.monotonic() - killed_at)
+            banner = str(app.query_one("#error-banner").content)
+            assert f"process {trainers[0]} gone at step" in banner
+            assert "resume with: moe-tui train --resume doomed" in banner
+            assert "GONE" in status_text(app)
+
+    drive(scenario)
+    print(f"\na killed trainer was shown as gone after {detected[0]:.2f} s")
+    assert read_status(run).state == "crashed"
+
+
+def test_a_finished_run_is_watched_from_its_files_and_sampled_here(env, trainers, fast_keys):
+    proc = start_moe_tui(["train", "simpsons", "--run-name", "old", *TINY_FLAGS, "--max-iters", "20",
+                          "--eval-interval", "10", "--headless"], env)
+    assert proc.wait(timeout=300) == 0
+    run = Run(env / "old")
+
+    async def scenario():
+        follower = RunFollower(run)
+        follower.attach()
+        assert not follower.live
+        app = Dashboard(sources=[follower])
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "finished")
+            assert app.model.step == 20 and len(app.model.eval_val.points(None)[0]) == 2
+            assert app.check_action("pause", ()) is None and app.check_action("sample", ())
+            follower.sample(SampleRequest("Bart:", 20, temperature=0.0))
+            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
+            assert next(s for s in app.model.samples if s.requested).text.startswith("Bart:")
+
+    drive(scenario)
+
+
+def test_several_runs_overlay_their_validation_curves(env, fast_keys):
+    for name, lr in (("slow", "1e-3"), ("fast", "6e-3")):
+        proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "20",
+                              "--eval-interval", "5", "--lr", lr, "--headless"], env)
+        assert proc.wait(timeout=300) == 0
+
+    async def scenario():
+        followers = [RunFollower(Run(env / name)) for name in ("slow", "fast")]
+        app = Dashboard(sources=followers)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: all(m.state == "finished" for m in app.models))
+            chart = app.query_one("#loss-chart")
+            assert "● slow" in chart.border_subtitle and "■ fast" in chart.border_subtitle
+            text = str(chart.render())
+            assert "●" in text and "■" in text
+            assert "[1/2] slow" in status_text(app)
+            await pilot.press("n")
+            assert "[2/2] fast" in status_text(app)
+            await pilot.press("x")
+            assert "by time" in chart.border_title
+
+    drive(scenario)
+
+
+def test_a_socket_path_past_the_unix_limit_still_works(tmp_path, shared_dir, trainers, monkeypatch):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    run = detach(deep, "deep", trainers)
+    assert len(os.fsencode(socket_path(run))) > SUN_PATH_MAX
+    client = live_client(run)
+    assert client is not None and client.hello["run"] == "deep"
+    client.close()
