@@ -65,10 +65,10 @@ class Dashboard(App[int]):
         Binding("e", "evaluate", "Eval"),
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
-        Binding("x", "toggle_x", "Step/time", show=False),
-        Binding("n", "next_run", "Next run", show=False),
-        Binding("a", "add_run", "Add run", show=False),
-        Binding("S", "stop_run", "Stop run", show=False),
+        Binding("x", "toggle_x", "Step/time"),
+        Binding("n", "next_run", "Next run"),
+        Binding("a", "add_run", "Add run"),
+        Binding("S", "stop_run", "Stop run"),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "interrupt", "Interrupt", show=False, priority=True),
@@ -165,9 +165,9 @@ class Dashboard(App[int]):
             self.exit(0, return_code=0)
 
     def refresh_panels(self) -> None:
-        changed, self.model.changed = self.model.changed, set()
-        for other in self.models:
-            other.changed.clear() if other is not self.model else None
+        changed = set(self.model.changed)
+        for model in self.models:  # the others' changes reach the screen through the chart's overlay only
+            model.changed.clear()
         if self.model.state != self._bindings_state:  # keys that apply change with the state
             self._bindings_state = self.model.state
             self.refresh_bindings()
@@ -200,6 +200,7 @@ class Dashboard(App[int]):
         chart.state = self.model
         chart.overlay = [(source.name, model) for source, model in zip(self.sources, self.models)] \
             if len(self.sources) > 1 else []
+        chart.update_titles()
         status = self.query_one(StatusBar)
         status.position = (self.focus_index + 1, len(self.sources)) if len(self.sources) > 1 else None
         self.model.changed |= {STATUS, CHART, EXPERTS, SAMPLES, LOG}
@@ -210,10 +211,10 @@ class Dashboard(App[int]):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action in DASHBOARD_ACTIONS and isinstance(self.screen, ModalScreen):
             return False  # while a dialog is open, its keys belong to the dialog
-        if action in ("next_run", "toggle_x"):
-            return len(self.sources) > 1 or None
+        if action in ("next_run", "toggle_x"):  # hidden where they mean nothing
+            return len(self.sources) > 1
         if action == "add_run":
-            return self.add_run_source is not None or None
+            return self.add_run_source is not None
         if action == "stop_run" and self.local is not None:
             return False  # here q stops training; S is a viewer's
         if action in TRAINER_ACTIONS:

@@ -48,21 +48,21 @@ class LossChart(Widget):
         self.overlay: list[tuple[str, DashboardState]] = []  # several runs: their validation curves
 
     def on_mount(self) -> None:
-        self._update_titles()
+        self.update_titles()
 
     def refresh_from_state(self) -> None:
         self.refresh()
 
     def watch_log_y(self) -> None:
-        self._update_titles()
+        self.update_titles()
 
     def watch_recent(self) -> None:
-        self._update_titles()
+        self.update_titles()
 
     def watch_by_time(self) -> None:
-        self._update_titles()
+        self.update_titles()
 
-    def _update_titles(self) -> None:
+    def update_titles(self) -> None:
         modes = ["log-y" if self.log_y else "linear", "recent" if self.recent else "whole run"]
         if self.overlay:
             modes = ["val", "log-y" if self.log_y else "linear", "by time" if self.by_time else "by step"]
@@ -82,7 +82,6 @@ class LossChart(Widget):
     def render(self) -> Text:
         width, height = self.content_size.width, self.content_size.height
         if self.overlay:
-            self._update_titles()
             return self._draw_overlay(width - LABEL_WIDTH - 1, height - 1)
         since = self.window_start()
         train = self.state.train_loss.points(since)
