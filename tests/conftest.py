@@ -14,6 +14,8 @@ import torch
 from moe_core.data import CORPORA, load_corpus
 from tui.cli import main
 
+from .no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Tests run many small models one after another; two intra-op threads on two cores is the sweet spot,
