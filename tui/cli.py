@@ -122,7 +122,8 @@ def train(
         allowed, refused = diff_for_resume(saved, requested)
         if refused:
             raise UserError(f"cannot resume '{resume}' with a different {', '.join(sorted(refused))}: that changes "
-                            "the model or its data; drop those flags, or start a new run")
+                            f"the model or its data; drop those flags (`moe-tui train --resume {resume}`), or start "
+                            "a new run")
         config = dataclasses.replace(saved, **allowed)
         validate(config)
         resolve_device(config.device)
@@ -280,8 +281,10 @@ def bench(
 
     from moe_core.bench import describe_machine, matmul_peak, sample_speed, train_speed
 
-    if steps <= 0 or repeats <= 0 or dashboard_steps < 0:
-        raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
+    for flag, value, least in (("--steps", steps, 1), ("--repeats", repeats, 1),
+                               ("--dashboard-steps", dashboard_steps, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be {'a positive integer' if least else '0 or more'}, got {value}")
     config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
     # A line per phase on stderr, so a minute of measuring is not a silent one; stdout stays the result.
@@ -402,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as err:  # bad flags and arguments, from Typer's parser
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx is not None else "moe-tui"
-        print(f"error: {err.format_message()} (see `{where} --help`)", file=sys.stderr)
+        cause = err.__cause__  # a value Typer could not convert: pydantic's error holds it
+        got = f", got {cause.errors()[0]['input']!r}" if hasattr(cause, "errors") and cause.errors() else ""
+        print(f"error: {err.format_message()}{got} (see `{where} --help`)", file=sys.stderr)
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
