@@ -3,7 +3,8 @@ no traceback, and nothing on disk changed.
 
 docs/bad-input.md is the table of these cases with what moe-tui really says; each test checks its
 row there, so the table cannot drift. After changing a message, regenerate it with
-`python -m tests.test_bad_input` (it runs every case).
+`python -m tests.test_bad_input` (it runs every case). Since the table comes from the same code,
+OFFENDING says apart from it what each message must name: the value given, and a fix.
 """
 
 from __future__ import annotations
