@@ -14,6 +14,7 @@ import csv
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -264,6 +265,8 @@ def _download(
     note: str = "",
 ) -> None:
     """Download `url` to `target` atomically: temp file in the same folder, fsync, verify, rename."""
+    # The folders made for it below (urls/, or the data folder itself) are removed again if it fails.
+    made = list(itertools.takewhile(lambda p: not p.exists(), (target.parent, *target.parent.parents)))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.NamedTemporaryFile(
@@ -296,8 +299,13 @@ def _download(
             f"cannot write {target} ({e}); free some space or set MOE_TUI_DATA to a writable folder"
         ) from None
     finally:
-        # Whatever happened (including Ctrl-C), no partial file stays behind.
+        # Whatever happened (including Ctrl-C), no partial file stays behind, nor an empty folder.
         tmp_path.unlink(missing_ok=True)
+        for folder in made if not target.exists() else ():
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _stream(url: str, out: BinaryIO, progress: ProgressFn | None, timeout: float) -> str:
@@ -382,7 +390,7 @@ class Vocab:
                 shown += f" and {len(bad) - 20} more"
             raise UserError(
                 f"text has {len(bad)} character(s) the model does not know: {shown}; "
-                "use only characters from the training text"
+                "use only characters from the training text (the run's vocab.json lists them)"
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:

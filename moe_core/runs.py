@@ -35,7 +35,8 @@ def check_run_name(name: str) -> str:
         raise UserError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.', with no path "
                         "separators or '..' (e.g. --run-name shakespeare-small)")
     if any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise UserError(f"bad run name {name!r}: no spaces or control characters (e.g. shakespeare-small)")
+        raise UserError(f"bad run name {name!r}: no spaces or control characters "
+                        "(e.g. --run-name shakespeare-small)")
     return name
 
 

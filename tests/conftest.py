@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 from moe_core.data import CORPORA, load_corpus
 from tui.cli import main
+
+from .no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +87,15 @@ def tree(path: Path) -> dict[str, tuple[int, float]]:
 
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory) -> Path:
-    """One finished tiny run (30 steps, checkpoints at 10, 20, 30), trained once per session."""
+    """One finished tiny run (30 steps, checkpoints at 10, 20, 30), trained once per session. What the
+    command printed is kept beside it, in tiny.stdout and tiny.stderr."""
     runs = tmp_path_factory.mktemp("trained")
-    code = main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
-                 "--eval-interval", "10", "--run-name", "tiny", "--headless",
-                 "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
-    assert code == 0
+    with open(runs / "tiny.stdout", "w") as out, open(runs / "tiny.stderr", "w") as err, \
+            redirect_stdout(out), redirect_stderr(err):
+        code = main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
+                     "--eval-interval", "10", "--run-name", "tiny", "--headless",
+                     "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
+    assert code == 0, (runs / "tiny.stderr").read_text()
     return runs / "tiny"
 
 

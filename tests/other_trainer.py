@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from moe_core.live.protocol import PROTOCOL, socket_address
+from moe_core.live.protocol import PROTOCOL, VERSION, socket_address
 
 
 def main(run_dir: str, mode: str, seconds: float) -> None:
@@ -34,7 +34,7 @@ def main(run_dir: str, mode: str, seconds: float) -> None:
     listener.listen(4)
     if mode == "other-user":
         os.chown(path, 65534, 65534)
-    protocol = PROTOCOL + 98 if mode == "other-protocol" else PROTOCOL
+    protocol, version = (PROTOCOL + 98, "9.9.9") if mode == "other-protocol" else (PROTOCOL, VERSION)
     print("ready", flush=True)
     parent, deadline = os.getppid(), time.monotonic() + seconds
     listener.settimeout(0.2)
@@ -44,7 +44,7 @@ def main(run_dir: str, mode: str, seconds: float) -> None:
         except socket.timeout:
             continue
         hello = {"type": "hello", "protocol": protocol, "run": os.path.basename(run_dir), "pid": os.getpid(),
-                 "state": "running", "step": 0}
+                 "state": "running", "step": 0, "version": version}
         conn.sendall((json.dumps(hello) + "\n").encode())
         conn.close()
 

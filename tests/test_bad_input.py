@@ -3,7 +3,8 @@ no traceback, and nothing on disk changed.
 
 docs/bad-input.md is the table of these cases with what moe-tui really says; each test checks its
 row there, so the table cannot drift. After changing a message, regenerate it with
-`python -m tests.test_bad_input` (it runs every case).
+`python -m tests.test_bad_input` (it runs every case). Since the table comes from the same code,
+OFFENDING says apart from it what each message must name: the value given, and a fix.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ class Case:
     area: str
     args: list[str]  # {tmp} stands for the test folder; a finished run 'tiny' is in {tmp}/runs
     setup: Callable[[Path, Path], None] | None = None  # (the run 'tiny', the test folder)
+    env: dict[str, str] | None = None  # set for the command, which then runs as a process of its own
 
     def command(self) -> str:
-        return "moe-tui " + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>")
-                                     for a in self.args)
+        env = "".join(f"{key}={shlex.quote(value)} " for key, value in (self.env or {}).items())
+        return env + "moe-tui " + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>")
+                                           for a in self.args)
 
 
 # -- what some cases do to the run first ------------------------------------------------------------
@@ -143,7 +146,8 @@ CASES = {
     "keep no checkpoints": Case(CLI, ["train", "simpsons", "--keep-checkpoints", "0", *SHORT]),
     "unknown router": Case(CLI, ["train", "simpsons", "--router", "softmax", *SHORT]),
     "unknown preset": Case(CLI, ["train", "simpsons", "--preset", "huge", *SHORT]),
-    "no CUDA": Case(CLI, ["train", "simpsons", "--device", "cuda", *SHORT]),
+    # No GPU visible, so that this holds on a machine that has one.
+    "no CUDA": Case(CLI, ["train", "simpsons", "--device", "cuda", *SHORT], env={"CUDA_VISIBLE_DEVICES": ""}),
     "not an integer": Case(CLI, ["train", "simpsons", "--n-layer", "two", *SHORT]),
     "unknown flag": Case(CLI, ["train", "simpsons", "--layers", "2", *SHORT]),
     "resume and overwrite": Case(CLI, ["train", "--resume", "tiny", "--overwrite", *SHORT]),
@@ -227,9 +231,15 @@ def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
     if case.setup:
         case.setup(tmp / "runs" / "tiny", tmp)
     before = tree(tmp)
+    args = [a.replace("{tmp}", str(tmp)) for a in case.args]
+    if case.env:  # a process of its own: torch reads CUDA_VISIBLE_DEVICES once, when it first looks for a GPU
+        with user_session(tmp):
+            done = subprocess.run([sys.executable, "-m", "tui", *args], env={**os.environ, **case.env},
+                                  capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout, done.stderr, before
     out, err = io.StringIO(), io.StringIO()
     with user_session(tmp), redirect_stdout(out), redirect_stderr(err):
-        code = main([a.replace("{tmp}", str(tmp)) for a in case.args])
+        code = main(args)
     return code, out.getvalue(), err.getvalue(), before
 
 
@@ -244,13 +254,117 @@ def row(number: int, name: str, stderr: str, tmp: Path) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def outside(tmp: Path) -> dict:
+    """What a case must not change outside its own folder (which is its current directory): the corpora
+    folder, and the directory the tests were started from, where a stray `runs/`, `data/` or `urls/`
+    would land (its entries, and its own runs/ and data/ whole)."""
+    start = Path.cwd()
+    assert start != tmp
+    return {"corpora": contents(shared_data_dir()), "entries": sorted(p.name for p in start.iterdir()),
+            "runs": contents(start / "runs"), "data": contents(start / "data")}
+
+
+def contents(path: Path) -> dict:
+    """Like `tree`, but a folder counts by its presence only: a temporary file made and removed in it
+    changes its mtime and nothing else."""
+    return {name: "folder" if (path / name).is_dir() else stat for name, stat in tree(path).items()}
+
+
+# -- what each message must name, written down apart from docs/bad-input.md (which these same cases
+# generate): the value the user got wrong, as the message shows it ({tmp} is the case's folder) ...
+OFFENDING = {
+    "n_embd not divisible by n_head": ["--n-embd 100", "--n-head 8"],
+    "rope with an odd head width": ["--pos-encoding rope", "--n-embd 36", "--n-head 4"],
+    "unknown position encoding": ["'alibi'"],
+    "top_k above num_experts": ["--top-k 3", "--num-experts 2"],
+    "zero layers": ["--n-layer", "got 0"],
+    "negative batch size": ["--batch-size", "got -4"],
+    "negative capacity factor": ["--capacity-factor", "got -1.0"],
+    "zero learning rate": ["--lr", "got 0.0"],
+    "negative learning rate": ["--lr", "got -0.1"],
+    "validation share of 1.5": ["--val-fraction", "got 1.5"],
+    "keep no checkpoints": ["--keep-checkpoints", "got 0"],
+    "unknown router": ["'softmax'"],
+    "unknown preset": ["'huge'"],
+    "no CUDA": ["--device cuda"],
+    "not an integer": ["--n-layer", "'two'"],
+    "unknown flag": ["--layers"],
+    "resume and overwrite": ["--resume", "--overwrite"],
+    "resume with another shape": ["'tiny'", "n_layer"],
+    "resume with another dataset": ["'tiny'", "dataset"],
+    "bench with no steps": ["--steps", "got 0"],
+    "config file missing": ["{tmp}/none.toml"],
+    "config file not TOML": ["{tmp}/bad.toml", "line 1"],
+    "config file unknown key": ["{tmp}/unknown.toml", "'n_layers'"],
+    "config file unknown section": ["{tmp}/section.toml", "[modell]"],
+    "config file wrong type": ["{tmp}/wrongtype.toml", "'two'"],
+    "config file bad value": ["--lr", "got -1.0"],
+    "unknown dataset": ["'nosuch'"],
+    "missing corpus file": ["{tmp}/missing.txt"],
+    "a folder as corpus": ["{tmp}/corpus-folder"],
+    "empty corpus": ["{tmp}/empty.txt"],
+    "too-short corpus": ["12 characters", "--block-size 64"],
+    "non-UTF-8 corpus": ["{tmp}/latin1.txt", "byte 0xe9"],
+    "unknown CSV column": ["{tmp}/lines.csv", "'nope'"],
+    "unreachable URL": ["http://127.0.0.1:9/corpus.txt"],
+    "run name with a slash": ["'a/b'"],
+    "run name ..": ["'..'"],
+    "run name with a space": ["'my run'"],
+    "existing run name": ["'tiny'"],
+    "runs folder is a file": ["{tmp}/runs-file"],
+    "resume unknown run": ["'ghost'"],
+    "sample unknown run": ["'ghost'"],
+    "sample a corrupt best": ["{tmp}/runs/tiny/checkpoints/best"],
+    "resume with every checkpoint corrupt": ["'tiny'", "step-00000030"],
+    "sample a run with no checkpoint": ["'tiny'"],
+    "a pickle in state.pt": ["step-00000030", "state.pt"],
+    "unknown checkpoint name": ["'oldest'"],
+    "corrupt vocab.json": ["{tmp}/runs/tiny/vocab.json"],
+    "prompt outside the vocabulary": ["'Ω', '≈'"],
+    "empty prompt": ["prompt is empty"],
+    "negative temperature": ["--temperature", "got -1.0"],
+    "negative length": ["--max-new-tokens", "got -1"],
+    "top-k of 0": ["--top-k", "got 0"],
+    "top-p above 1": ["--top-p", "got 1.5"],
+    "no samples": ["--num-samples", "got 0"],
+    "unknown --on-hangup": ["--on-hangup", "'ignore'"],
+    "watch unknown run": ["'ghost'"],
+    "stop unknown run": ["'ghost'"],
+    "watch a folder that is not a run": ["{tmp}/runs/notes"],
+    "stop a folder that is not a run": ["{tmp}/runs/notes"],
+    "watch with no runs": ["{tmp}/corpus-folder"],
+    "watch without a terminal": ["needs a terminal"],
+    "resume a run that is training": ["'tiny'", "by process"],
+    "overwrite a run that is training": ["'tiny'", "by process"],
+    "detach onto a run that is training": ["'tiny'", "by process"],
+    "watch another user's run": ["{tmp}/runs/tiny/control/socket", "user id 65534"],
+    "stop another user's run": ["{tmp}/runs/tiny/control/socket", "user id 65534"],
+    "watch a trainer of another version": ["moe-tui 9.9.9", "protocol 99"],
+    "stop a trainer of another version": ["moe-tui 9.9.9", "protocol 99"],
+}
+
+# ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.
+FIX = re.compile(r"--[a-z][a-z-]+|`moe-tui [a-z]|moe-tui (train|sample|runs)|/\S|\w\.(json|toml|txt|csv|pt)\b"
+                 r"|one of |valid keys: |available columns: |`pip install ")
+
+
+def check_names_value_and_fix(name: str, message: str, tmp: Path) -> None:
+    assert name in OFFENDING, f"write down in OFFENDING what the message of case {name!r} must name"
+    missing = [part for part in OFFENDING[name] if part.replace("{tmp}", str(tmp)) not in message]
+    assert not missing, f"the message does not name {missing}: {message}"
+    assert FIX.search(message), f"the message names no fix (a flag, a file, a command, the choices): {message}"
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_clear_line_exit_2_and_changes_nothing(name, trained_once, tmp_path):
+    outside_before = outside(tmp_path)
     code, out, err, before = run_case(name, tmp_path, trained_once)
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "Traceback" not in err + out
     assert tree(tmp_path) == before, "a failed command changed files on disk"
+    assert outside(tmp_path) == outside_before, "a failed command changed files outside its folder"
+    check_names_value_and_fix(name, err, tmp_path)
     assert not (tmp_path / "pwned").exists()
     documented = DOC.read_text(encoding="utf-8").splitlines()
     assert row(list(CASES).index(name) + 1, name, err, tmp_path) in documented, \

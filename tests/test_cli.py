@@ -12,7 +12,18 @@ import torch
 from .conftest import TINY_FLAGS, cli
 
 
-def test_headless_train_prints_progress_and_writes_the_run(trained, capsys):
+def test_headless_train_prints_progress_and_writes_the_run(trained, trained_once, capsys):
+    out = (trained_once.parent / "tiny.stdout").read_text()  # what `moe-tui train --headless` printed
+    err = (trained_once.parent / "tiny.stderr").read_text()
+    lines = out.splitlines()
+    assert lines[0].startswith("training run 'tiny' on simpsons | device cpu |") and "30 steps of" in lines[0]
+    assert [line.split("|")[0].split() for line in lines if line.startswith(("step ", "eval "))] == [
+        ["step", "10"], ["eval", "10"], ["step", "20"], ["eval", "20"], ["step", "30"], ["eval", "30"]]
+    for step in (10, 20, 30):
+        assert f"saved checkpoint at step {step} -> " in out
+    assert lines[-1] == "finished"
+    assert err == "run tiny finished at step 30; sample from it with: moe-tui sample tiny --runs-dir " \
+                  f"{trained_once.parent}\n"
     run = trained
     assert {p.name for p in run.iterdir()} >= {"config.toml", "vocab.json", "metrics.jsonl", "samples.txt",
                                                "checkpoints"}

@@ -23,7 +23,10 @@ from moe_core import checkpoint as checkpoint_module
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from moe_core.bus import EventBus
+from moe_core.trainer import Trainer
+from tui import overhead
 from tui.app import Dashboard, reserve_torch_threads, run_history
+from tui.headless import HeadlessReporter
 from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar
 from tui.widgets.history import SeriesBuffer, bucket_means
@@ -84,9 +87,13 @@ def status_text(app: Dashboard) -> str:
 
 def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fast_keys):
     trainer = make_trainer(tmp_path, shared_dir, **QUIET)
-    pressed_at = []
+    pressed_at, held = [], []
     pause = trainer.control.pause
-    trainer.control.pause = lambda: (pressed_at.append(trainer.step_num), pause())
+    trainer.control.pause = lambda: held.append(pause)  # held back until the screen has shown the key
+
+    def send_the_held_pause():
+        pressed_at.append(trainer.step_num)
+        held.pop()()
 
     async def scenario():
         app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
@@ -94,7 +101,10 @@ def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fa
             await wait_until(pilot, lambda: app.model.step >= 10)
             assert "RUNNING" in status_text(app) and f"step {app.model.step}/100000" in status_text(app)
             await pilot.press("space")
-            assert "pausing…" in status_text(app)  # the key shows at once, before the trainer answers
+            # The key shows by itself, before the trainer can answer: its command has not reached it yet.
+            await wait_until(pilot, lambda: "pausing…" in status_text(app))
+            assert "RUNNING" in status_text(app) and held
+            send_the_held_pause()
             await wait_until(pilot, lambda: "PAUSED" in status_text(app))
             assert app.active_bindings["space"].binding.description == "Resume"
             paused_at = trainer.step_num
@@ -250,8 +260,32 @@ def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_pa
 def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
     config = build_config(None, {}, {**TINY, "dataset": "simpsons"})
+    # Each run's figure, what consumed each run's events, and the dashboards made.
+    figure, consumer, dashboards = {}, {}, []
+    steady, run = overhead._steady_tokens_per_sec, Trainer.run
+
+    def run_and_record(self, **kwargs):
+        consumer[self.run_dir.name] = self.on_event
+        return run(self, **kwargs)
+
+    def dashboard(*args, **kwargs):
+        dashboards.append(Dashboard(*args, **kwargs))
+        return dashboards[-1]
+
+    monkeypatch.setattr(overhead, "_steady_tokens_per_sec", lambda r: figure.setdefault(r.name, steady(r)))
+    monkeypatch.setattr(Trainer, "run", run_and_record)
+    monkeypatch.setattr(overhead, "Dashboard", dashboard)
+
     plain, watched = dashboard_overhead(config, steps=20, rounds=1)  # each reads its run's logged tok/s
     assert plain > 0 and watched > 0
+    assert len(figure) == 2 and figure.keys() == consumer.keys()  # two runs, one figure from each
+    (plain_run,) = [name for name, value in figure.items() if value == plain]
+    (watched_run,) = [name for name in figure if name != plain_run]
+    assert figure[watched_run] == watched
+    assert isinstance(consumer[plain_run], HeadlessReporter)
+    (app,) = dashboards
+    assert consumer[watched_run] is app.local.bus and app.trainer.run_dir.name == watched_run
+    assert app.model.run.run_name == watched_run and app.model.step > 0  # and it showed that run's steps
 
 
 def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir, fast_keys):

@@ -230,6 +230,7 @@ def test_url_offline_names_cache_path(tmp_path, closed_port_url):
     assert msg.startswith(f"cannot download {closed_port_url} (") and "offline?" in msg
     assert str((tmp_path / "d" / "urls").resolve()) in msg and "-file.txt" in msg
     assert _files(tmp_path / "d" / "urls") == []
+    assert not (tmp_path / "d").exists()  # nor the folders made for the download
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,8 +215,8 @@ class Dashboard(App[int]):
             return len(self.sources) > 1
         if action == "add_run":
             return self.add_run_source is not None
-        if action == "stop_run" and self.local is not None:
-            return False  # here q stops training; S is a viewer's
+        if action == "stop_run" and (self.local is not None or not self.sources):
+            return False  # S is a viewer's: in the training dashboard q stops training
         if action in TRAINER_ACTIONS:
             if action in ("pause", "resume"):  # one space key, two meanings: show the one that applies
                 paused = self.model.state == "paused"

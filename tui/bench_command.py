@@ -26,8 +26,10 @@ def bench(
 
     from moe_core.bench import describe_machine, matmul_peak, sample_speed, train_speed
 
-    if steps <= 0 or repeats <= 0 or dashboard_steps < 0:
-        raise UserError("--steps and --repeats must be positive integers, --dashboard-steps 0 or more")
+    for flag, value, least in (("--steps", steps, 1), ("--repeats", repeats, 1),
+                               ("--dashboard-steps", dashboard_steps, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be {'a positive integer' if least else '0 or more'}, got {value}")
     config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
     # A line per phase on stderr, so a minute of measuring is not a silent one; stdout stays the result.

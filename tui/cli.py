@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as err:  # bad flags and arguments, from Typer's parser
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx is not None else "moe-tui"
-        print(f"error: {err.format_message()} (see `{where} --help`)", file=sys.stderr)
+        cause = err.__cause__  # a value Typer could not convert: pydantic's error holds it
+        got = f", got {cause.errors()[0]['input']!r}" if hasattr(cause, "errors") and cause.errors() else ""
+        print(f"error: {err.format_message()}{got} (see `{where} --help`)", file=sys.stderr)
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)

@@ -35,8 +35,9 @@ def watch(
     for follower in followers:
         follower.attach()  # another user's socket, another protocol: said here, before the screen opens
     if not (sys.stdout.isatty() and sys.stdin.isatty()):
-        raise UserError("moe-tui watch draws a dashboard and needs a terminal; without one, read the run's "
-                        "train.log or metrics.jsonl (e.g. tail -f)")
+        log = followers[0].run.path / "train.log"
+        raise UserError(f"moe-tui watch draws a dashboard and needs a terminal; without one, follow a run's "
+                        f"plain lines with `tail -f {log}` (written by --detach)")
     from tui.session import run_viewer
 
     raise typer.Exit(run_viewer(followers, runs_dir))

@@ -108,7 +108,8 @@ def train(
         allowed, refused = diff_for_resume(saved, requested)
         if refused:
             raise UserError(f"cannot resume '{resume}' with a different {', '.join(sorted(refused))}: that changes "
-                            "the model or its data; drop those flags, or start a new run")
+                            f"the model or its data; drop those flags (`{resume_command(resume, runs_dir)}`), or "
+                            "start a new run")
         config = dataclasses.replace(saved, **allowed)
         validate(config)
         resolve_device(config.device)

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UserError
 from ..runs import Run
 from .lease import is_live, socket_path
-from .protocol import MAX_LINE, PROTOCOL, encode, peer_uid, socket_address
+from .protocol import MAX_LINE, PROTOCOL, VERSION, encode, peer_uid, socket_address
 
 HELLO_SECONDS = 5.0  # a live trainer answers at once; it may be busy compiling, so allow some time
 
@@ -60,9 +60,10 @@ class ControlClient:
             raise UserError(f"the process behind {path} runs as user id {uid}, not you; it is not moe-tui's")
         if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
             sock.close()
-            raise UserError(f"run '{run.name}' is trained by a moe-tui speaking control protocol "
-                            f"{hello.get('protocol')!r}, and this one speaks {PROTOCOL}; watch it with the "
-                            "moe-tui that started it (same version)")
+            theirs = hello.get("version", "of another version")
+            raise UserError(f"run '{run.name}' is trained by moe-tui {theirs}, which speaks control protocol "
+                            f"{hello.get('protocol')!r}; this moe-tui ({VERSION}) speaks {PROTOCOL}: use the same "
+                            f"version as the trainer (`pip install moe-tui=={theirs}`)")
         sock.setblocking(False)
         return cls(sock, hello, rest)
 

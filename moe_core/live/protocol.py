@@ -1,6 +1,7 @@
 """The control channel's wire format: one JSON object per line, both ways, versioned.
 
-    server -> client   {"type": "hello", "protocol": 1, "run": NAME, "pid": 123, "state": "running", "step": 40}
+    server -> client   {"type": "hello", "protocol": 1, "version": "0.1.0", "run": NAME, "pid": 123,
+                        "state": "running", "step": 40}
                        {"type": "event", "event": {...}}          a live event (see events.LIVE_ONLY)
                        {"type": "reply", "cmd": "pause", "ok": true}   or "ok": false, "error": "..."
     client -> server   {"v": 1, "cmd": "pause" | "resume" | "save" | "eval" | "stop" | "sample", ...}
@@ -25,6 +26,18 @@ from ..errors import UserError
 from ..sampling import SampleRequest
 
 PROTOCOL = 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe-tui")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+VERSION = _version()  # told in the greeting, so that a viewer of another version can say which to use
 MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
 MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
 SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)

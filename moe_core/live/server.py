@@ -20,7 +20,7 @@ from ..data import Vocab
 from ..events import LIVE_ONLY, Event, StateChanged, to_record
 from ..runs import Run
 from .lease import make_control_dir, socket_path
-from .protocol import MAX_LINE, PROTOCOL, ProtocolError, encode, parse_command, peer_uid, socket_address
+from .protocol import MAX_LINE, PROTOCOL, VERSION, ProtocolError, encode, parse_command, peer_uid, socket_address
 
 MAX_BACKLOG = 4 << 20  # bytes queued for one viewer that does not read; past this it is dropped
 ACTIONS = {"pause": Control.pause, "resume": Control.resume, "save": Control.save, "eval": Control.evaluate}
@@ -124,7 +124,8 @@ class ControlServer:
         viewer = _Viewer(sock)
         self._viewers[sock] = viewer
         self._selector.register(sock, selectors.EVENT_READ, viewer)
-        self._send(viewer, {"type": "hello", "protocol": PROTOCOL, "run": self.run.name, "pid": os.getpid(),
+        self._send(viewer, {"type": "hello", "protocol": PROTOCOL, "version": VERSION, "run": self.run.name,
+                            "pid": os.getpid(),
                             "state": self.state, "step": self.step()})
 
     def _serve_viewer(self, viewer: _Viewer, mask: int) -> None:
