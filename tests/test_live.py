@@ -280,3 +280,43 @@ def test_a_socket_path_past_the_unix_limit_still_works(tmp_path, shared_dir, tra
     client = live_client(run)
     assert client is not None and client.hello["run"] == "deep"
     client.close()
+
+
+def test_a_key_adds_a_run_to_the_chart(env, fast_keys):
+    for name in ("first", "second"):
+        proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "10",
+                              "--eval-interval", "5", "--headless"], env)
+        assert proc.wait(timeout=300) == 0
+    from tui.session import viewer_app
+
+    async def scenario():
+        app = viewer_app([RunFollower(Run(env / "first"))], env)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.model.state == "finished")
+            await pilot.press("a", *"ghost", "enter")  # not a run: said in the dialog, which stays open
+            assert "no run 'ghost'" in str(app.screen.query_one("#add-run-error").content)
+            await pilot.press(*["backspace"] * 5, *"second", "enter")
+            await wait_until(pilot, lambda: len(app.sources) == 2 and app.model.state == "finished")
+            assert "[2/2] second" in status_text(app)
+            assert "● first" in app.query_one("#loss-chart").border_subtitle
+
+    drive(scenario)
+
+
+def test_a_trainer_that_stops_answering_is_reported_and_recovers(env, trainers, fast_keys):
+    run = detach(env, "frozen", trainers)
+    follower = RunFollower(run)
+    follower.attach()
+    wait_for(lambda: any(getattr(e, "state", None) == "running" for e in follower.poll()), 30, "the greeting")
+    os.kill(trainers[0], signal.SIGSTOP)  # alive, but silent: no heartbeat
+    try:
+        notices = []
+        took = wait_for(lambda: notices.extend(e for e in follower.poll() if "no word from process" in
+                                               getattr(e, "message", "")) or notices, 15, "the silence notice")
+        print(f"\na silent trainer was reported after {took:.1f} s")
+    finally:
+        os.kill(trainers[0], signal.SIGCONT)
+    assert follower.live  # silent is not gone: the connection stands
+    before = max(logged_steps(run), default=0)
+    wait_for(lambda: max(logged_steps(run), default=0) > before, 30, "training to go on after SIGCONT")
+    follower.close()

@@ -50,22 +50,26 @@ def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_thread
     return code
 
 
-def run_viewer(followers, runs_dir) -> int:
-    """`moe-tui watch`: the dashboard over runs trained elsewhere. Returns 0 however it ends."""
+def viewer_app(followers, runs_dir) -> Dashboard:
+    """The dashboard over runs trained elsewhere, whose `a` key adds runs from `runs_dir`."""
     from moe_core.live.follow import RunFollower
     from moe_core.runs import Run
 
     from .options import resume_command
 
     def add_run(name: str, check_only: bool = False):
-        run = Run.open(runs_dir, name)
-        follower = RunFollower(run, resume_command(name, runs_dir))
+        follower = RunFollower(Run.open(runs_dir, name), resume_command(name, runs_dir))
         if check_only:
             return None
         follower.attach()
         return follower
 
-    app = Dashboard(sources=followers, add_run=add_run)
+    return Dashboard(sources=followers, add_run=add_run)
+
+
+def run_viewer(followers, runs_dir) -> int:
+    """`moe-tui watch`: the viewer, until the user leaves. Returns 0 however it ends."""
+    app = viewer_app(followers, runs_dir)
 
     def on_signal(signum, frame) -> None:
         app.signal_received = signum  # the drain leaves; a viewer has nothing to save
