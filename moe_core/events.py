@@ -80,6 +80,16 @@ class RouterStats:
 
 
 @dataclass(frozen=True)
+class ExpertChars:
+    """At each evaluation, on the fixed validation batches: how many of each character's routing
+    decisions went to each expert, per layer (see moe_core/routes.py)."""
+
+    step: int
+    chars: str  # the vocabulary, in id order
+    counts: list[list[list[int]]]  # layer -> character -> expert
+
+
+@dataclass(frozen=True)
 class Sample:
     step: int
     prompt: str
@@ -129,7 +139,7 @@ class ResourceUsage:
 STATES = ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error",
           "stopped", "gone")  # gone: a viewer's word for a trainer that died without one
 
-Event = Union[RunStarted, StepMetrics, EvalMetrics, RouterStats, Sample, CheckpointSaved,
+Event = Union[RunStarted, StepMetrics, EvalMetrics, RouterStats, ExpertChars, Sample, CheckpointSaved,
               StateChanged, Notice, ResourceUsage]
 EventSink = Callable[[Event], None]
 

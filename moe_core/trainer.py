@@ -22,9 +22,10 @@ from .config import RESUMABLE_KEYS, Config, resolve_device
 from .control import Control
 from .data import Vocab
 from .errors import UserError
-from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, LayerRouting, Notice,
-                     RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
+from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, LayerRouting,
+                     Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
 from .model import MoETransformer
+from .routes import RouteCounter
 from .runs import Run
 from .sampling import SampleRequest, complete
 
@@ -177,19 +178,27 @@ class Trainer:
         self._window.append((out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), norm.detach()))
 
     @torch.no_grad()
-    def evaluate(self) -> EvalMetrics:
-        """Mean loss over `eval_iters` batches of each split; the same batches every time."""
+    def evaluate(self) -> tuple[EvalMetrics, ExpertChars]:
+        """Mean loss over `eval_iters` batches of each split, the same batches every time; and which
+        characters each expert took in the validation batches."""
         self.model.eval()
         losses = []
+        routes = RouteCounter(self.model, len(self.vocab))
         for i, ids in enumerate((self.train_ids, self.val_ids)):
             batches = Batches(ids, self.config.block_size, self.config.batch_size, self.config.seed + 1 + i)
             total = torch.zeros((), device=self.device)
-            for _ in range(self.config.eval_iters):
-                x, y = batches.next(self.device)
-                with self.autocast:
-                    total += self.forward(x, y).loss
+            # The validation split runs uncompiled, so that its routers can be hooked without a recompile.
+            forward, recording = (self.model, routes.recording()) if i else (self.forward, nullcontext())
+            with recording:
+                for _ in range(self.config.eval_iters):
+                    x, y = batches.next(self.device)
+                    with self.autocast:
+                        total += forward(x, y).loss
+                    if i:
+                        routes.add(x)
             losses.append(total.item() / self.config.eval_iters)
-        return EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3))
+        return (EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3)),
+                ExpertChars(self.step_num, "".join(self.vocab.chars), routes.counts.tolist()))
 
     def sample(self, request: SampleRequest) -> str:
         """Text that starts with the prompt (seeded by the step unless the request names a seed)."""
@@ -344,8 +353,9 @@ class Trainer:
         try:
             if kind == "eval":
                 self.set_state("evaluating")
-                result = self.evaluate()
+                result, routes = self.evaluate()
                 self.emit(result)
+                self.emit(routes)
                 if result.val_loss < self.best_val:
                     self.best_val = result.val_loss
                     self._save_or_warn(best=True)

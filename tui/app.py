@@ -28,6 +28,7 @@ from moe_core.errors import UserError
 from moe_core.events import Event
 from moe_core.sampling import SampleRequest
 
+from .experts_screen import ExpertsScreen
 from .exits import signal_exit_code
 from .screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
 from .sources import LocalTrainer, reserve_torch_threads, run_history  # noqa: F401 - part of this module's face
@@ -49,7 +50,7 @@ TRAINER_ACTIONS = {
 }
 VERBS = {"pause": "pause", "resume": "resume", "save": "save", "evaluate": "eval"}
 
-DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run", "help",
+DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "experts", "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run", "help",
                      "quit"}
 
 
@@ -63,6 +64,7 @@ class Dashboard(App[int]):
         Binding("s", "sample", "Sample"),
         Binding("c", "save", "Save"),
         Binding("e", "evaluate", "Eval"),
+        Binding("r", "experts", "Experts"),
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
         Binding("x", "toggle_x", "Step/time"),
@@ -313,6 +315,9 @@ class Dashboard(App[int]):
         if name in (source.name for source in self.sources):
             raise UserError(f"run '{name}' is on screen already; press n to move between runs")
         self.add_run_source(name, check_only=True)
+
+    def action_experts(self) -> None:
+        self.push_screen(ExpertsScreen(self.model))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -79,9 +79,14 @@ def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
 
 
 @runs_app.command("show")
-def runs_show(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name")]) -> None:
-    """Show one run: its config, progress, checkpoints and latest sample."""
+def runs_show(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name")],
+              experts: Annotated[bool, typer.Option("--experts", help="Which characters each expert of the best checkpoint takes, per layer")] = False,
+              data_dir: DataDir = None) -> None:
+    """Show one run: its config, progress, checkpoints and latest sample (or, with --experts, what its experts learned)."""
     r = Run.open(ctx.obj, run)
+    if experts:
+        show_experts(r, data_dir or default_data_dir())
+        return
     s = r.summary()
     console = Console()
     console.print(f"[bold]{r.name}[/]  {r.path.resolve()}  ({run_state(r)})")
@@ -125,3 +130,17 @@ def run_state(run: Run) -> str:
         return status.describe()
     summary = run.summary()
     return "finished" if summary["max_iters"] and summary["step"] >= summary["max_iters"] else "stopped"
+
+
+def show_experts(run: Run, data_dir: Path) -> None:
+    """Per layer, each expert's share and top characters by lift, for the best checkpoint."""
+    from moe_core.routes import routes_at_checkpoint
+    from tui.experts_screen import describe_layer
+
+    event = routes_at_checkpoint(run, "best", data_dir)
+    console = Console()
+    console.print(f"[bold]{run.name}[/]: which characters each expert takes, best checkpoint (step {event.step}), "
+                  "on the validation batches it was evaluated on")
+    for layer in range(len(event.counts)):
+        console.print()
+        console.print(describe_layer(event, layer, None, console.width))

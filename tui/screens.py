@@ -151,6 +151,7 @@ HELP = """\
 [b]s[/b]       sample now: prompt, length, temperature, top-k
 [b]c[/b]       save a checkpoint now
 [b]e[/b]       evaluate now (train and validation loss)
+[b]r[/b]       what the experts learn: each one's characters, per layer
 [b]l[/b]       loss chart: linear / logarithmic y axis
 [b]w[/b]       loss chart: whole run / the recent quarter of the steps
 [b]q[/b]       quit: asks, saves a checkpoint, prints the resume command

@@ -10,8 +10,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, ResourceUsage, RouterStats, RunStarted,
-                             Sample, StateChanged, StepMetrics)
+from moe_core.events import (CheckpointSaved, EvalMetrics, Event, ExpertChars, Notice, ResourceUsage, RouterStats,
+                             RunStarted, Sample, StateChanged, StepMetrics)
 
 from .history import SeriesBuffer
 
@@ -48,6 +48,8 @@ class DashboardState:
         self.eval_val = SeriesBuffer(1024)
         self.eval_val_time = SeriesBuffer(1024)  # the same points against training seconds
         self.usage: ResourceUsage | None = None
+        self.expert_chars: ExpertChars | None = None  # which characters each expert took, latest evaluation
+        self.previous_expert_chars: ExpertChars | None = None
         self.gone: str | None = None  # the trainer died: what to do about it
         self._ema: float | None = None
         self._ema_weight = 0.0  # for the bias correction of the EMA's first points
@@ -120,6 +122,10 @@ class DashboardState:
 
     def _on_RouterStats(self, e: RouterStats) -> None:
         self.routing = e
+        self.changed.add(EXPERTS)
+
+    def _on_ExpertChars(self, e: ExpertChars) -> None:
+        self.previous_expert_chars, self.expert_chars = self.expert_chars, e
         self.changed.add(EXPERTS)
 
     def _on_Sample(self, e: Sample) -> None:
