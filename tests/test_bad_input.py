@@ -205,6 +205,8 @@ CASES = {
     "stop another user's run": Case(LIVE, ["stop", "tiny"], other_trainer("other-user")),
     "watch a trainer of another version": Case(LIVE, ["watch", "tiny"], other_trainer("other-protocol")),
     "stop a trainer of another version": Case(LIVE, ["stop", "tiny"], other_trainer("other-protocol")),
+    "report in an unknown format": Case(RUN, ["report", "tiny", "--format", "pdf"]),
+    "report on an unknown run": Case(RUN, ["report", "ghost"]),
 }
 
 
@@ -341,6 +343,8 @@ OFFENDING = {
     "stop another user's run": ["{tmp}/runs/tiny/control/socket", "user id 65534"],
     "watch a trainer of another version": ["moe-tui 9.9.9", "protocol 99"],
     "stop a trainer of another version": ["moe-tui 9.9.9", "protocol 99"],
+    "report in an unknown format": ["--format", "'pdf'"],
+    "report on an unknown run": ["'ghost'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

@@ -5,17 +5,25 @@ show exactly the vowels at the top of expert 0's list, in the event, the experts
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 
 from moe_core.events import ExpertChars, from_record, to_record
 from moe_core.routes import mutual_information, routing_change, top_characters
 from tui.app import Dashboard
 
-from .conftest import cli
+from .conftest import TINY_FLAGS, cli, start_moe_tui
 from .test_training import make_trainer
 
 VOWELS = set("aeiou")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="moe-tui report needs matplotlib: pip install -e '.[dev,report]'")
 PLANTED_DIM = 0  # the embedding dimension that marks a vowel
 
 
@@ -32,6 +40,7 @@ def plant_vowels_on_expert_0(trainer) -> None:
         gate[0, PLANTED_DIM] = 10.0
 
 
+@needs_matplotlib
 def test_a_planted_router_shows_its_characters_everywhere(env, shared_dir, tmp_path, capsys):
     trainer = make_trainer(env, shared_dir, name="planted", pos_encoding="rope", eval_iters=4)
     plant_vowels_on_expert_0(trainer)
@@ -57,6 +66,14 @@ def test_a_planted_router_shows_its_characters_everywhere(env, shared_dir, tmp_p
 
     asyncio.run(scenario())
 
+    trainer.emit(result)  # logged, as an evaluation in training would: the report reads them
+    trainer.emit(routes)
+    code, out, err = cli(capsys, "report", "planted")
+    assert code == 0, err
+    page = (env / "planted" / "report.html").read_text()
+    row = page.split("id='experts-layer-1'>")[1].split("</tr>")[0]
+    assert row.startswith("<tr><td>e0</td>") and {item[0] for item in row.split("<td>")[2].split()[::2]} == VOWELS
+
     trainer.best_val = result.val_loss
     trainer.save(best=True)  # `runs show --experts` reads the best checkpoint
     code, out, err = cli(capsys, "runs", "show", "planted", "--experts")
@@ -79,3 +96,58 @@ def test_each_evaluation_logs_the_routes_beside_its_losses(env, shared_dir):
     # every validation token's top-k choices, counted once per layer
     tokens = trainer.config.eval_iters * trainer.config.batch_size * trainer.config.block_size
     assert torch.tensor(routes[0]["counts"]).sum(dim=(1, 2)).tolist() == [tokens * trainer.config.top_k] * shape[0]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def trained_run(runs, name: str, *extra: str) -> Path:
+    proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "30",
+                          "--eval-interval", "10", "--headless", *extra], runs)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return runs / name
+
+
+@needs_matplotlib
+def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env, capsys):
+    first, second = trained_run(env, "one"), trained_run(env, "two", "--lr", "1e-3")
+    code, out, err = cli(capsys, "report", "one", "two", "--out", str(env / "both.html"))
+    assert code == 0, err
+    page = (env / "both.html").read_text()
+    for chart in ("chart-loss-linear", "chart-loss-log", "chart-schedule", "chart-load-one", "chart-experts-one",
+                  "chart-load-two", "chart-experts-two"):
+        assert f"id='{chart}'><svg" in page, chart
+    assert page.count("id='experts-layer-") == 2 * 2  # two layers, two runs
+    assert "one val" in page and "two val" in page  # the overlay's legend names both runs
+    assert "<script" not in page and not re.search(r"""(src|href)=["'](https?:|//)""", page)  # nothing fetched
+    code, out, err = cli(capsys, "report", "one", "--format", "png", "--out", str(env / "pictures"))
+    assert code == 0, err
+    assert {p.name for p in (env / "pictures").iterdir()} >= {"loss-linear.png", "schedule.png", "one-experts.png"}
+
+
+@needs_matplotlib
+def test_a_run_recorded_before_expert_counts_says_they_are_absent(env, capsys):
+    run = trained_run(env, "old")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if '"ExpertChars"' not in line))
+    code, out, err = cli(capsys, "report", "old")
+    assert code == 0, err
+    page = (run / "report.html").read_text()
+    assert "id='no-expert-chars'" in page and "chart-loss-linear" in page
+
+
+@needs_matplotlib
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs it)")
+def test_the_report_opens_in_a_real_headless_browser(env, capsys, tmp_path):
+    trained_run(env, "seen")
+    assert cli(capsys, "report", "seen")[0] == 0
+    url = (env / "seen" / "report.html").as_uri()
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") >= 5 and "experts-layer-2" in dom.stdout  # the browser parsed the charts
+    shot = tmp_path / "report.png"
+    done = subprocess.run([*browser, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and shot.stat().st_size > 50_000, done.stderr[-2000:]  # a page with pictures

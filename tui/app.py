@@ -50,8 +50,8 @@ TRAINER_ACTIONS = {
 }
 VERBS = {"pause": "pause", "resume": "resume", "save": "save", "evaluate": "eval"}
 
-DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "experts", "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run", "help",
-                     "quit"}
+DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "experts", "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run",
+                     "help", "quit"}
 
 
 class Dashboard(App[int]):

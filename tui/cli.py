@@ -13,6 +13,7 @@ import typer
 from moe_core.errors import UserError
 from tui.bench_command import bench
 from tui.live_commands import stop, watch
+from tui.report import report
 from tui.run_commands import datasets, runs_app, sample
 from tui.train_command import train
 
@@ -26,6 +27,7 @@ app.command()(stop)
 app.command()(sample)
 app.add_typer(runs_app, name="runs")
 app.command()(datasets)
+app.command()(report)
 app.command()(bench)
 
 
