@@ -417,3 +417,12 @@ if __name__ == "__main__":
 
     if "--record" in sys.argv:
         record()
+
+
+EXPERT_CHARS = Path(__file__).parent / "fixtures" / "expert_chars.jsonl"  # two evaluations of a Simpsons run
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layout_experts_screen(snap_compare, size):
+    events = recorded_events() + [from_record(json.loads(line)) for line in EXPERT_CHARS.read_text().splitlines()]
+    assert snap_compare(Dashboard(replay=events), press=["r", "right"], terminal_size=size)

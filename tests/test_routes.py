@@ -151,3 +151,9 @@ def test_the_report_opens_in_a_real_headless_browser(env, capsys, tmp_path):
     done = subprocess.run([*browser, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and shot.stat().st_size > 50_000, done.stderr[-2000:]  # a page with pictures
+
+
+def test_counting_leaves_no_hook_behind(env, shared_dir):
+    trainer = make_trainer(env, shared_dir, name="hooks", eval_iters=1)
+    trainer.evaluate()
+    assert all(not layer.router._forward_hooks for layer in trainer.model.moe_layers())  # training pays nothing

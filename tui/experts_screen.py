@@ -25,7 +25,7 @@ SHADES = " ░▒▓█"  # lift 0, <1, 1-2, 2-4, >=4
 
 
 def expert_table(counts: torch.Tensor, chars: str, top: int = 8) -> list[Text]:
-    """One line per expert: its share of the layer's routings and its top characters by lift."""
+    """One line per expert: its share of the layer's routings, then its top characters with their lift."""
     share = counts.sum(dim=0).double() / counts.sum().clamp_min(1)
     lines = []
     for e in range(counts.shape[1]):
@@ -59,15 +59,16 @@ def describe_layer(event: ExpertChars, layer: int, previous: ExpertChars | None,
     counts = torch.tensor(event.counts[layer])
     layers = len(event.counts)
     experts = counts.shape[1]
-    header = Text(f"layer {layer + 1}/{layers}{keys} · step {event.step} · "
-                  f"I(char; expert) {mutual_information(counts):.2f} of {math.log(experts):.2f} nats", style="bold")
+    header = Text(f"layer {layer + 1}/{layers}{keys} · step {event.step}", style="bold")
     if previous is not None and len(previous.counts) == layers:
         moved = routing_change(torch.tensor(previous.counts[layer]), counts)
         header.append(f" · moved {moved:.1%} since step {previous.step}", style="bold")
     about = f"router entropy {entropy:.2f} nats · " if entropy is not None else ""
-    body = [header, Text(f"{about}each expert's share of the routings, its top characters by lift", style="dim"),
+    body = [header,
+            Text(f"{about}I(char; expert) {mutual_information(counts):.2f} of {math.log(experts):.2f} nats",
+                 style="dim"),
             *expert_table(counts, event.chars), Text(""),
-            Text("lift: ░ <1 (less than its share)  ▒ 1-2  ▓ 2-4  █ ≥4", style="dim"),
+            Text("lift, how much more often than its share: ░ <1  ▒ 1-2  ▓ 2-4  █ ≥4", style="dim"),
             *heat_map(counts, event.chars, width)]
     return Text("\n").join(body)
 
