@@ -68,14 +68,18 @@ class Run:
                             f"--resume {name}, or start afresh with --overwrite")
         return cls(path)
 
-    def initialise(self, config: Config, vocab: Vocab) -> None:
-        """Create the run folder (replacing an old one, once everything else has been checked)."""
+    def initialise(self, config: Config, vocab: Vocab, replace: bool = False) -> None:
+        """Create the run folder (with `replace`, replacing an old one, once everything else has been
+        checked). A folder that appeared since `prepare` (another launch of the same name) is refused."""
         try:
-            if self.path.exists():
+            if replace and self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
             self.save_config(config)
             atomic_write_text(self.vocab_path, vocab.to_json())
+        except FileExistsError:
+            raise UserError(f"run '{self.name}' was created by another command just now; pick another "
+                            "--run-name") from None
         except OSError as err:
             raise UserError(f"cannot create the run folder {self.path} ({err.strerror or err}); pass --runs-dir "
                             "with a folder you can write to") from None

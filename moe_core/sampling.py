@@ -36,6 +36,8 @@ class SampleRequest:
             raise UserError(f"--top-k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.num_samples <= 0:
             raise UserError(f"--num-samples must be a positive integer, got {self.num_samples}")
 

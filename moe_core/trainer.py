@@ -373,7 +373,7 @@ class Trainer:
             self.emit(Notice("warning", str(err), self.step_num))
         except NonFiniteLoss:
             raise  # a diverged run is a failure of training, not of this request
-        except (RuntimeError, OSError) as err:  # out of memory while sampling, disk full: keep the run alive
+        except (RuntimeError, OSError, ValueError) as err:  # out of memory while sampling, disk full: the run goes on
             self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
                              self.step_num))
         finally:

@@ -2,7 +2,7 @@
 
     python -m tests.other_trainer RUN_DIR {other-user | other-protocol | live} SECONDS
 
-It holds the run's lock (so the run reads as live) and listens on its control socket, greeting each
+It holds the run's lock and records itself in process.json (so the run reads as live), and listens on its control socket, greeting each
 caller as a trainer would; `other-user` then gives the socket to user 65534 (nobody), as if another
 user owned the run; `other-protocol` greets with a protocol version no moe-tui speaks. It prints
 "ready" once set up, and exits after SECONDS or when its parent has gone.
@@ -35,6 +35,8 @@ def main(run_dir: str, mode: str, seconds: float) -> None:
     if mode == "other-user":
         os.chown(path, 65534, 65534)
     protocol, version = (PROTOCOL + 98, "9.9.9") if mode == "other-protocol" else (PROTOCOL, VERSION)
+    with open(os.path.join(run_dir, "process.json"), "w") as f:  # recorded as a trainer records itself
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "state": "live"}, f)
     print("ready", flush=True)
     parent, deadline = os.getppid(), time.monotonic() + seconds
     listener.settimeout(0.2)

@@ -82,6 +82,8 @@ def test_the_control_protocol_accepts_its_verbs_and_refuses_everything_else():
                        (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": "9"}', "wrong type"),
                        (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": 10000000}', "at most"),
                        (b'{"v": 1, "cmd": "sample", "prompt": "a", "temperature": -1}', "temperature"),
+                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "seed": 18446744073709551616}', "--seed"),
+                       (b"[" * 5000, "not a JSON object"),  # nested past the parser's recursion limit
                        (b"\xff\xfe", "not a JSON object")]:
         with pytest.raises(ProtocolError, match=re.escape(says)):
             parse_command(line, vocab)
@@ -157,10 +159,11 @@ def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(
     rude.send_raw(b'{"v": 1, "cmd": "exec", "args": ["rm", "-rf", "/"]}\n')
     rude.send_raw(b"x" * (MAX_LINE + 10))  # no newline yet: refused before it ends
     rude.send_raw(b"y" * 1000 + b'\n{"v": 1, "cmd": "save"}\n')  # the rest of that line, then a good one
+    rude.send_raw(b"[" * 50_000 + b"\n")  # nested past the parser's recursion limit
     replies = []
-    wait_for(lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 4,
-             10, "four replies")
-    assert [r["ok"] for r in replies[:4]] == [False, False, False, True]
+    wait_for(lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 5,
+             10, "five replies")
+    assert [r["ok"] for r in replies[:5]] == [False, False, False, True, False]
     assert "unknown command 'exec'" in replies[1]["error"] and "longer than" in replies[2]["error"]
     half = live_client(run)
     half.send_raw(b'{"v": 1, "cmd": "pau')  # and hangs up mid-line

@@ -301,7 +301,11 @@ class Dashboard(App[int]):
         def add(name: str | None) -> None:
             if not name:
                 return
-            source = self.add_run_source(name)  # UserError is shown in the dialog before it closes
+            try:
+                source = self.add_run_source(name)
+            except UserError as err:  # another user's socket, another protocol: said, not crashed on
+                self.notify(str(err), severity="error", timeout=10)
+                return
             self.sources.append(source)
             self.models.append(DashboardState())
             self._generations.append(source.generation)

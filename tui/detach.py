@@ -33,8 +33,13 @@ def start_detached(argv: list[str]) -> int:
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
     reader.start()
-    said = child.stdout.read()  # to EOF: the child has moved its output to train.log, or exited
-    reader.join()
+    try:
+        said = child.stdout.read()  # to EOF: the child has moved its output to train.log, or exited
+        reader.join()
+    except BaseException:  # Ctrl-C while the child prepares: it must not train on unseen, or half-start
+        child.terminate()
+        child.wait()
+        raise
     sys.stdout.write(said)
     sys.stderr.write("".join(errors))
     return 0 if BACKGROUND in said else child.wait()

@@ -19,7 +19,8 @@ from moe_core.live.lease import PROCESS_FILE, is_live, process_gone, read_status
 from moe_core.runs import Run, default_runs_dir, list_run_names
 from tui.options import RunsDir, resume_command
 
-STOP_TIMEOUT_SECONDS = 600.0  # a large model's checkpoint on a slow disk still gets this long
+STOP_TIMEOUT_SECONDS = 600.0
+STARTING_SECONDS = 60.0  # a trainer holds the lock while it loads data and builds the model, then records itself  # a large model's checkpoint on a slow disk still gets this long
 
 
 def watch(
@@ -64,6 +65,13 @@ def stop(
     runs_dir = runs_dir or default_runs_dir()
     target = Run.open(runs_dir, run)
     status = read_status(target)
+    deadline = time.monotonic() + STARTING_SECONDS
+    while status.state == "starting" and time.monotonic() < deadline:  # a trainer setting itself up
+        time.sleep(0.2)
+        status = read_status(target)
+    if status.state == "starting":
+        raise UserError(f"run '{run}' has been starting for {STARTING_SECONDS:.0f} s without a trainer "
+                        f"recording itself; try `moe-tui stop {run}` again shortly")
     if status.state != "live":
         ended = f" at step {status.step}" if status.step is not None else ""
         print(f"run '{run}' is not running ({status.describe()}{ended}); nothing to stop", file=sys.stderr)

@@ -98,6 +98,8 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
 
     def on_signal(signum, frame) -> None:
         if app.hung_up:  # no screen left to act on it: stop the trainer directly
+            if signum == HANGUP:  # the shell passes the hangup on, then the kernel sends another
+                return
             app.signal_received = app.signal_received or signum
             app.local.stop(f"{signal.Signals(signum).name.replace('SIG', '').lower()} received")
             return
@@ -107,6 +109,7 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
             log = open(app.local.run.path / "train.log", "a", encoding="utf-8", buffering=1)
             print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {app.local.name}",
                   file=log)
+            app.local.bus.unsubscribe(app.local.queue_event)  # nobody drains the screen's queue any more
             app.local.bus.subscribe(HeadlessReporter(log, progress=False))
             app.local.bus.subscribe(_stop_when_done(app.local))
             threading.Thread(target=_end_after_training, args=(app, log, resume_hint, sample_hint, finalise),

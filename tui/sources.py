@@ -32,7 +32,8 @@ class LocalTrainer:
         self.bus = bus or (trainer.on_event if isinstance(trainer.on_event, EventBus) else EventBus())
         trainer.on_event = self.bus
         self._events: SimpleQueue[Event] = SimpleQueue()
-        self.bus.subscribe(self._events.put)  # on the training thread: a queue put only
+        self.queue_event = self._events.put
+        self.bus.subscribe(self.queue_event)  # on the training thread: a queue put only
         self.thread = threading.Thread(target=self._train, name="trainer")
         self.crash: BaseException | None = None  # a bug in the loop (training failures are events)
         self.outcome: str | None = None

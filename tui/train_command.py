@@ -136,11 +136,11 @@ def train(
                              progress=_download_progress())
         name = run_name or f"{corpus.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = Run.prepare(runs_dir, name, overwrite)
-        if overwrite and run.path.is_dir() and is_live(run):
-            raise UserError(already_live_message(run, read_status(run).pid))
         vocab = Vocab.from_text(corpus.text)
         trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text))
-        run.initialise(config, vocab)
+        if overwrite and run.path.is_dir() and is_live(run):  # checked last: building the trainer takes a while
+            raise UserError(already_live_message(run, read_status(run).pid))
+        run.initialise(config, vocab, replace=overwrite)
         lease = RunLease.acquire(run)
 
     lease.activate()

@@ -30,7 +30,7 @@ class ControlClient:
         self.sock, self.hello, self._inbox = sock, hello, bytearray(rest)
 
     @classmethod
-    def connect(cls, run: Run) -> "ControlClient | None":
+    def connect(cls, run: Run, timeout: float = HELLO_SECONDS) -> "ControlClient | None":
         """Connected and greeted, or None where no trainer is live. UserError for a socket that is
         not this user's, or a trainer that speaks another protocol version."""
         path = socket_path(run)
@@ -45,14 +45,13 @@ class ControlClient:
             raise UserError(f"the control socket {path} belongs to user id {owner}, not you; only its "
                             f"owner can control run '{run.name}'")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(HELLO_SECONDS)
+        sock.settimeout(timeout)
         try:
             with socket_address(path) as address:
                 sock.connect(address)
             hello, rest = _read_hello(sock)
-        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError,
-                TrainerGone, socket.timeout):
-            sock.close()  # a stale socket of a trainer that died, or one exiting right now
+        except (OSError, TrainerGone):  # refused, reset, timed out, a full queue (a stopped trainer): try later
+            sock.close()  # a stale socket of a trainer that died, one exiting right now, or a stopped one
             return None
         uid = peer_uid(sock)
         if uid is not None and uid != os.geteuid():
@@ -136,6 +135,6 @@ def _read_hello(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
         return {}, rest
 
 
-def live_client(run: Run) -> ControlClient | None:
+def live_client(run: Run, timeout: float = HELLO_SECONDS) -> ControlClient | None:
     """A connection to the run's trainer if one is live (the lock says so), else None."""
-    return ControlClient.connect(run) if is_live(run) else None
+    return ControlClient.connect(run, timeout) if is_live(run) else None

@@ -25,7 +25,8 @@ from .lease import read_status
 from .protocol import sample_arguments
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)
-HEARTBEAT_SECONDS = 5.0  # a live trainer says something every second; this long silent is worth a word
+HEARTBEAT_SECONDS = 5.0
+RECONNECT_WAIT_SECONDS = 0.3  # polled from the UI thread: a trainer that cannot answer (stopped) is retried later  # a live trainer says something every second; this long silent is worth a word
 
 
 class RunFollower:
@@ -106,7 +107,7 @@ class RunFollower:
                 return []
             self._next_look = now + RECONNECT_SECONDS
             try:
-                self.client = live_client(self.run)
+                self.client = live_client(self.run, timeout=RECONNECT_WAIT_SECONDS)
             except UserError as err:
                 self._next_look = float("inf")  # another user's socket, another protocol: say it once
                 return [Notice("error", str(err), self.last_step)]

@@ -11,6 +11,7 @@ import socket
 import threading
 
 from ..bus import EventBus
+from ..events import StateChanged
 from .lease import RunLease
 from .server import ControlServer
 from .usage import UsageMonitor
@@ -23,6 +24,12 @@ class LiveTraining:
         self.server: ControlServer | None = None
         self.monitor = UsageMonitor(bus, lambda: trainer.step_num, trainer.device)
         self._closing, self._closed = threading.Lock(), False
+        self.ended: str | None = None  # "finished" or "error", once training got there (a stop may follow)
+        bus.subscribe(self._note_ending)
+
+    def _note_ending(self, event) -> None:
+        if isinstance(event, StateChanged) and event.state in ("finished", "error"):
+            self.ended = event.state
 
     def __enter__(self) -> "LiveTraining":
         if hasattr(socket, "AF_UNIX"):
@@ -37,7 +44,9 @@ class LiveTraining:
         self.monitor.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is not None and not issubclass(exc_type, (SystemExit, KeyboardInterrupt)):
+            self.ended = "error"  # a crash of the process itself
         self.close()
 
     def close(self) -> None:
@@ -50,5 +59,6 @@ class LiveTraining:
         if self.server is not None:
             self.bus.unsubscribe(self.server)
             self.server.close()
-        state = self.trainer.state if self.trainer.state in ("finished", "stopped", "error") else "stopped"
+        # A dashboard keeps a finished or failed run up until the user quits, which stops it: it ended there.
+        state = self.ended or (self.trainer.state if self.trainer.state in ("stopped", "error") else "stopped")
         self.lease.release(state, self.trainer.step_num)

@@ -42,7 +42,7 @@ def make_control_dir(run: Run) -> Path:
 
 @dataclass(frozen=True)
 class RunStatus:
-    state: str  # "live", "finished", "stopped", "error", "crashed", or "unknown" (a run from before leases)
+    state: str  # "live", "starting", "finished", "stopped", "error", "crashed", or "unknown" (from before leases)
     pid: int | None = None
     host: str | None = None
     step: int | None = None  # the step it ended at, for a process that ended cleanly
@@ -50,6 +50,8 @@ class RunStatus:
     def describe(self) -> str:
         if self.state == "live":
             return f"live (PID {self.pid})"
+        if self.state == "starting":
+            return "starting"
         return self.state if self.state != "unknown" else "-"
 
 
@@ -127,8 +129,8 @@ def read_status(run: Run) -> RunStatus:
     except (OSError, ValueError):
         record = {}
     pid, host = record.get("pid"), record.get("host")
-    if is_live(run):
-        return RunStatus("live", pid, host)
+    if is_live(run):  # locked; until its trainer records itself, process.json still names the previous one
+        return RunStatus("live", pid, host) if record.get("state") == "live" else RunStatus("starting")
     state = record.get("state")
     if state == "live":
         return RunStatus("crashed", pid, host)

@@ -58,7 +58,7 @@ def parse_command(line: bytes, vocab: Vocab) -> tuple[str, Any]:
     """(verb, argument) from one client line; ProtocolError for anything else."""
     try:
         message = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError("not a JSON object") from None
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")

@@ -102,7 +102,10 @@ class ControlServer:
                         self._wake_in.recv(4096)
                         self._broadcast()
                     else:
-                        self._serve_viewer(key.data, mask)
+                        try:
+                            self._serve_viewer(key.data, mask)
+                        except Exception:  # noqa: BLE001 - whatever one viewer causes, the others stay served
+                            self._drop(key.data)
         finally:
             for viewer in list(self._viewers.values()):
                 self._drop(viewer)
