@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_core.batches import Batches
+from moe_core.batches import evaluation_batches
 from moe_core.config import build_config
 from moe_core.data import Vocab, default_data_dir, load_corpus
 from moe_core.routes import RouteCounter
@@ -27,7 +27,7 @@ from moe_core.trainer import Trainer
 def evaluation_seconds(trainer: Trainer, count: bool) -> float:
     """One validation pass of the evaluation, with or without the counting."""
     c = trainer.config
-    batches = Batches(trainer.val_ids, c.block_size, c.batch_size, c.seed + 2)
+    batches = evaluation_batches(trainer.val_ids, c, split=1)
     routes = RouteCounter(trainer.model, len(trainer.vocab))
     start = time.perf_counter()
     with torch.no_grad(), routes.recording() if count else nullcontext():

@@ -1,4 +1,4 @@
-"""Random training windows from a token stream."""
+"""Random training windows from a token stream, the train/validation split, and the fixed evaluation batches."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ class Batches:
         rows = self.windows[torch.randint(len(self.windows), (self.batch_size,), generator=self.generator)]
         rows = rows.to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
+
+
+def split_ids(ids: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation): the last `val_fraction` of the text is held out."""
+    split = int(len(ids) * (1 - val_fraction))
+    return ids[:split], ids[split:]
+
+
+def evaluation_batches(ids: torch.Tensor, config, split: int) -> Batches:
+    """The fixed batches an evaluation reads from split 0 (train) or 1 (validation): the same every time."""
+    return Batches(ids, config.block_size, config.batch_size, config.seed + 1 + split)

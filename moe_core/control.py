@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import queue
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sampling import SampleRequest
 
 
 class Control:

@@ -14,9 +14,12 @@ question: which characters does this expert take more often than its share?
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from .events import ExpertChars
 
 
 class RouteCounter:
@@ -103,7 +106,7 @@ def routing_change(before: torch.Tensor, after: torch.Tensor) -> float:
 def routes_at_checkpoint(run, which: str, data_dir) -> "ExpertChars":
     """Which characters each expert takes in a saved model, counted on the validation batches the
     trainer evaluates on (so, for `best`, the same counts its evaluation logged)."""
-    from .batches import Batches
+    from .batches import evaluation_batches, split_ids
     from .data import load_corpus
     from .events import ExpertChars
     from .sampling import load_model
@@ -113,8 +116,8 @@ def routes_at_checkpoint(run, which: str, data_dir) -> "ExpertChars":
     config = run.load_config()
     corpus = load_corpus(config.dataset, data_dir, columns=config.columns, encoding=config.encoding)
     ids = torch.tensor(vocab.encode(corpus.text), dtype=torch.long)
-    val = ids[int(len(ids) * (1 - config.val_fraction)):]
-    batches = Batches(val, config.block_size, config.batch_size, config.seed + 2)
+    _, val = split_ids(ids, config.val_fraction)
+    batches = evaluation_batches(val, config, split=1)
     counter = RouteCounter(model, len(vocab))
     with torch.no_grad(), counter.recording():
         for _ in range(config.eval_iters):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .batches import Batches
+from .batches import Batches, evaluation_batches, split_ids
 from .checkpoint import load_checkpoint, prune, restore_set_aside, save_checkpoint, step_checkpoints
 from .config import RESUMABLE_KEYS, Config, resolve_device
 from .control import Control
@@ -47,8 +47,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.state = "starting"
 
-        split = int(len(ids) * (1 - config.val_fraction))
-        self.train_ids, self.val_ids = ids[:split], ids[split:]
+        self.train_ids, self.val_ids = split_ids(ids, config.val_fraction)
         shortest = min(len(self.train_ids), len(self.val_ids))
         if shortest <= config.block_size + 1:
             raise UserError(f"the corpus is too short: {len(ids)} characters leave {shortest} in the smaller "
@@ -185,7 +184,7 @@ class Trainer:
         losses = []
         routes = RouteCounter(self.model, len(self.vocab))
         for i, ids in enumerate((self.train_ids, self.val_ids)):
-            batches = Batches(ids, self.config.block_size, self.config.batch_size, self.config.seed + 1 + i)
+            batches = evaluation_batches(ids, self.config, i)
             total = torch.zeros((), device=self.device)
             # The validation split runs uncompiled, so that its routers can be hooked without a recompile.
             forward, recording = (self.model, routes.recording()) if i else (self.forward, nullcontext())

@@ -25,7 +25,8 @@ from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, 
 from moe_core.bus import EventBus
 from moe_core.trainer import Trainer
 from tui import overhead
-from tui.app import Dashboard, reserve_torch_threads, run_history
+from tui.app import Dashboard
+from tui.sources import reserve_torch_threads, run_history
 from tui.headless import HeadlessReporter
 from tui.overhead import dashboard_overhead
 from tui.widgets import SamplesPanel, StatusBar

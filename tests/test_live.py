@@ -3,19 +3,16 @@ processes, the real control socket, viewers driven with Textual's Pilot."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from moe_core.data import Vocab
-from moe_core.errors import UserError
-from moe_core.live.client import ControlClient, live_client
+from moe_core.live.client import live_client
 from moe_core.live.follow import RunFollower
 from moe_core.live.lease import is_live, process_gone, read_status, socket_path
 from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
@@ -64,7 +61,7 @@ def detach(runs: Path, name: str, trainers: list[int], *extra: str) -> Run:
     trainers.append(pid)
     assert f"moe-tui watch {name}" in out and f"moe-tui stop {name}" in out
     run = Run(runs / name)
-    assert f"train.log" in out and run.path.joinpath("train.log").is_file()
+    assert "train.log" in out and run.path.joinpath("train.log").is_file()
     return run
 
 
@@ -104,7 +101,7 @@ def test_a_detached_run_is_watched_paused_sampled_and_left_running(env, trainers
             await wait_until(pilot, lambda: app.model.state == "running" and app.model.usage is not None)
             first_point = app.model.train_loss.points(None)[0][0]
             assert first_point == 5  # the whole history from the run folder, not only what followed
-            assert f"bg · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
+            assert "bg · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
 
             await pilot.press("space")
             await wait_until(pilot, lambda: app.model.state == "paused")

@@ -110,7 +110,8 @@ def trained_run(runs, name: str, *extra: str) -> Path:
 
 @needs_matplotlib
 def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env, capsys):
-    first, second = trained_run(env, "one"), trained_run(env, "two", "--lr", "1e-3")
+    trained_run(env, "one")
+    trained_run(env, "two", "--lr", "1e-3")
     code, out, err = cli(capsys, "report", "one", "two", "--out", str(env / "both.html"))
     assert code == 0, err
     page = (env / "both.html").read_text()

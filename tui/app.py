@@ -31,7 +31,7 @@ from moe_core.sampling import SampleRequest
 from .experts_screen import ExpertsScreen
 from .exits import signal_exit_code
 from .screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
-from .sources import LocalTrainer, reserve_torch_threads, run_history  # noqa: F401 - part of this module's face
+from .sources import LocalTrainer
 from .widgets import DashboardState, EventsLog, ExpertPanel, LossChart, SamplesPanel, StatusBar
 from .widgets.state import CHART, EXPERTS, LOG, SAMPLES, STATUS
 
@@ -48,7 +48,6 @@ TRAINER_ACTIONS = {
     "evaluate": ("running", "paused", "finished"),
     "stop_run": ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error"),
 }
-VERBS = {"pause": "pause", "resume": "resume", "save": "save", "evaluate": "eval"}
 
 DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "experts", "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run",
                      "help", "quit"}

@@ -18,7 +18,8 @@ from moe_core.config import Config
 from moe_core.data import Vocab, default_data_dir, load_corpus
 from moe_core.runs import Run
 from moe_core.trainer import Trainer
-from tui.app import Dashboard, reserve_torch_threads
+from tui.app import Dashboard
+from tui.sources import reserve_torch_threads
 from tui.headless import HeadlessReporter
 
 ROUNDS = 3  # of each front end, alternated

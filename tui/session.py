@@ -17,10 +17,11 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 from .app import Dashboard
-from .exits import HANGUP, print_next_step, signal_exit_code, stop_signals_handled
+from .exits import HANGUP, print_next_step, redirect_output, signal_exit_code, stop_signals_handled
 from .headless import HeadlessReporter
 from .sources import run_history
 
@@ -153,9 +154,7 @@ def _end_after_training(app: Dashboard, log, resume_hint: str, sample_hint: str,
 
 
 def _silence_terminal() -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):  # not stdin: Textual's input thread would spin on /dev/null's endless EOF
-        os.dup2(devnull, fd)
+    redirect_output(Path(os.devnull))  # not stdin: Textual's input thread would spin on /dev/null's endless EOF
 
 
 def _exit_after_hangup(app: Dashboard, finalise) -> None:

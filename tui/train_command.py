@@ -88,7 +88,7 @@ def train(
     use_dashboard = not (headless or detach) and sys.stdout.isatty() and sys.stdin.isatty() and _dashboard_available()
     torch_threads = None
     if use_dashboard:
-        from tui.app import reserve_torch_threads
+        from tui.sources import reserve_torch_threads
 
         torch_threads = reserve_torch_threads()  # before any torch work on this, the UI's, thread
     from moe_core.trainer import Trainer  # torch import: only when training

@@ -41,9 +41,8 @@ class RunFollower:
         self._next_look = 0.0
         self._last_heard = 0.0
         self._silence_reported = False
-        self._greeted = False
         self._status_shown: tuple | None = None
-        self._local: queue.SimpleQueue[Event] = queue.SimpleQueue()  # what sampling here produced
+        self._local: queue.SimpleQueue[Event] = queue.SimpleQueue()  # made here: greetings, samples drawn here
 
     @property
     def live(self) -> bool:
@@ -57,9 +56,18 @@ class RunFollower:
         """Connect now if a trainer is live; UserError for a socket that is not this user's, or a
         trainer speaking another protocol (bad input, reported before any screen opens)."""
         if self.client is None:
-            self.client = live_client(self.run)
+            self._connected(live_client(self.run))
             self._next_look = time.monotonic() + RECONNECT_SECONDS
-            self._greeted = False
+
+    def _connected(self, client: ControlClient | None) -> None:
+        """Take a new connection (or none): its greeting becomes the state and step shown next."""
+        self.client = client
+        if client is None:
+            return
+        self._last_heard, self._silence_reported, self._status_shown = time.monotonic(), False, None
+        hello = client.hello
+        self._local.put(StateChanged(hello.get("state", "running"), f"attached to process {hello.get('pid')}"))
+        self._local.put(ResourceUsage(int(hello.get("step", 0)), 0.0, 0))
 
     # -- events in -----------------------------------------------------------------------------
 
@@ -107,19 +115,11 @@ class RunFollower:
                 return []
             self._next_look = now + RECONNECT_SECONDS
             try:
-                self.client = live_client(self.run, timeout=RECONNECT_WAIT_SECONDS)
+                self._connected(live_client(self.run, timeout=RECONNECT_WAIT_SECONDS))
             except UserError as err:
                 self._next_look = float("inf")  # another user's socket, another protocol: say it once
                 return [Notice("error", str(err), self.last_step)]
-            if self.client is None:
-                return self._ended_state()
-            self._greeted = False
-        if not self._greeted:
-            self._greeted = True
-            self._last_heard, self._silence_reported, self._status_shown = now, False, None
-            hello = self.client.hello
-            return [StateChanged(hello.get("state", "running"), f"attached to process {hello.get('pid')}"),
-                    ResourceUsage(int(hello.get("step", 0)), 0.0, 0)]
+            return [] if self.client is not None else self._ended_state()  # a greeting is queued
         try:
             messages = self.client.receive()
         except TrainerGone:

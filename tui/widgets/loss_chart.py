@@ -96,7 +96,6 @@ class LossChart(Widget):
         return self._draw(train, evals_t, evals_v, plot_w, plot_h)
 
     def _draw(self, train, evals_t, evals_v, plot_w: int, plot_h: int) -> Text:
-        axis = self.get_component_rich_style("loss-chart--axis")
         canvas = BrailleCanvas(plot_w, plot_h)
         xs, ys = bucket_means(*train, canvas.dot_width)
         to_dot, (x_lo, x_hi), (y_lo, y_hi) = self._scale(canvas, xs + evals_t[0] + evals_v[0],
