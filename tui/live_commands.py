@@ -24,7 +24,7 @@ STARTING_SECONDS = 60.0  # a trainer holds the lock while it loads data and buil
 
 
 def watch(
-    runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to watch, overlaid [default: the most recently updated]", show_default=False)] = None,
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to watch, overlaid \\[default: the most recently updated]", show_default=False)] = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Watch runs in the dashboard, live or finished, however they were started; quitting never stops training."""

@@ -14,8 +14,8 @@ TRAINING = "Training"
 SCHEDULE = "Evaluation, sampling, checkpoints"
 DATA = "Data and runs"
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset cache [default: $MOE_TUI_DATA or ./data]", rich_help_panel=DATA)]
-RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Run output [default: $MOE_TUI_RUNS or ./runs]", rich_help_panel=DATA)]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset cache \\[default: $MOE_TUI_DATA or ./data]", rich_help_panel=DATA)]
+RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Run output \\[default: $MOE_TUI_RUNS or ./runs]", rich_help_panel=DATA)]
 
 
 def opt(help: str, panel: str = MODEL, flag: str | None = None, **kw: Any) -> Any:

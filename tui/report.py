@@ -49,7 +49,7 @@ class RunEvents:
 
 def report(
     runs: Annotated[list[str], typer.Argument(help="Runs to report on; several are overlaid")],
-    out: Annotated[Optional[Path], typer.Option(help="The page to write [default: RUN/report.html]; with --format png or svg, a folder")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The page to write \\[default: RUN/report.html]; with --format png or svg, a folder")] = None,
     format: Annotated[str, typer.Option(help="html | png | svg")] = "html",
     runs_dir: RunsDir = None,
 ) -> None:
