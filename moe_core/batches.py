@@ -15,6 +15,8 @@ class Batches:
 
     def next(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.windows[torch.randint(len(self.windows), (self.batch_size,), generator=self.generator)]
+        if device == "cuda":  # from pinned memory the copy is queued like a kernel: the host does not wait
+            rows = rows.pin_memory()
         rows = rows.to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
 

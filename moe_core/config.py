@@ -108,11 +108,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                 router="topk", capacity_factor=0.0, dropout=0.0, batch_size=32, lr=6e-3,
                 lr_schedule="cosine", warmup_iters=30, max_iters=4000, eval_interval=250,
                 sample_interval=500, ckpt_interval=500),
-    # Default on CUDA: larger model, longer context.
-    "gpu": dict(n_layer=8, n_head=8, n_embd=384, block_size=256, num_experts=8, top_k=2,
-                router="noisy_topk", capacity_factor=1.25, dropout=0.1, batch_size=64, lr=1e-3,
-                lr_schedule="cosine", warmup_iters=200, max_iters=5000, eval_interval=250,
-                eval_iters=40, sample_interval=500, ckpt_interval=1000),
+    # Default on CUDA: tuned for the time to nanoGPT's Tiny Shakespeare quality (docs/benchmarks.md).
+    # Dropless top-k routing keeps the step free of host syncs; rotary positions learn from step one.
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, pos_encoding="rope", num_experts=8, top_k=2,
+                router="topk", capacity_factor=0.0, dropout=0.1, batch_size=64, lr=3e-3,
+                lr_schedule="cosine", warmup_iters=100, max_iters=1000, eval_interval=125,
+                eval_iters=10, sample_interval=500, ckpt_interval=1000),
 }
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}

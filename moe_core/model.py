@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from .config import Config
 from .dropout import Dropout
 from .moe import MoE, ReferenceMoE, StackedExperts
+from .token_step import TokenStep
+
+
+# Prompts up to this long are fed to the KV cache one token at a time, through the one-token step
+# (on a GPU, a replayed CUDA graph); longer ones are prefilled in one pass.
+SHORT_PROMPT = 8
 
 
 @dataclass
@@ -27,15 +33,30 @@ class ModelOutput:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one preallocated buffer per layer."""
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
+
+    `length` (on the host) and `position` (the same count, on the model's device) say how many tokens
+    are stored. A one-token step reads only `position`, so on a GPU it can be recorded once as a CUDA
+    graph and replayed for every new token: nothing in it depends on a number held by the host.
+    """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (batch, n_head, max_len, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.length = 0  # tokens stored (the same in every layer)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)  # slot i holds the token at position i
         self.max_len = max_len
+
+    def reset(self) -> None:
+        self.length = 0
+        self.position.zero_()
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+        self.position.add_(tokens)
 
 
 class Rotary(nn.Module):
@@ -54,10 +75,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x: (..., T, D) at positions start .. start + T - 1."""
-        T = x.shape[-2]
-        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: (..., T, D) at positions start .. start + T - 1; a tensor `start` is one token's position."""
+        if isinstance(start, torch.Tensor):
+            cos, sin = self.cos.index_select(0, start).to(x.dtype), self.sin.index_select(0, start).to(x.dtype)
+        else:
+            T = x.shape[-2]
+            cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -78,18 +102,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        start = cache.length if cache is not None else 0
-        if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        causal = True
-        if cache is not None:
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-            # A prefill from an empty cache is causal; one new token may see everything cached.
-            causal = start == 0
-            assert start == 0 or T == 1, "the cache takes a prefill or one token at a time"
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        one_token = cache is not None and T == 1
+        assert one_token or cache is None or cache.length == 0, "a prefill starts from an empty cache"
+        position = cache.position if one_token else 0
+        q, k, v = qkv
+        if self.rotary is not None:  # queries and keys rotated together: half the kernels
+            q, k = self.rotary(qkv[:2], position)
+        causal, mask = True, None
+        if one_token:  # write this token's key and value at its slot; attend to the filled slots
+            cache.k[layer].index_copy_(2, position, k)
+            cache.v[layer].index_copy_(2, position, v)
+            k, v = cache.k[layer], cache.v[layer]
+            causal, mask = False, (cache.slots <= position)[None]  # (1, slots): this one query row
+        elif cache is not None:
+            cache.k[layer][:, :, :T] = k
+            cache.v[layer][:, :, :T] = v
         dropout = self.attn_dropout.p if self.training else 0.0
         if dropout > 0 and x.device.type == "cpu":
             # SDPA's CPU kernels cannot drop attention weights, so it would run these same steps
@@ -98,7 +126,7 @@ class CausalSelfAttention(nn.Module):
             scores = scores + torch.full((T, T), float("-inf"), device=x.device).triu(1)
             y = self.attn_dropout(scores.softmax(dim=-1)) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -207,13 +235,13 @@ class MoETransformer(nn.Module):
         T = idx.shape[1]
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            start = cache.length if cache is not None else 0
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            one_token = cache is not None and T == 1
+            x = x + self.pos_emb(cache.position if one_token else torch.arange(T, device=idx.device))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.ln_f(x)
         if targets is None:
             logits = self.lm_head(x[:, -1:])  # sampling needs only the last position
@@ -243,23 +271,37 @@ class MoETransformer(nn.Module):
         bs = self.config.block_size
         keep = max(1, bs // 2)
         window = idx[:, -bs:]
-        cache, fresh = None, window  # `fresh`: tokens the model has not seen yet
+        step = self.token_step(idx.shape[0]) if use_cache else None
+        refill = True  # the cache must be filled with the whole window
         for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None:
-                    p = next(self.parameters())
-                    cache = KVCache(len(self.blocks), idx.shape[0], self.config.n_head, bs,
-                                    self.config.head_dim, p.device, p.dtype)
-                logits = self(fresh, cache=cache).logits[:, -1]
-            else:
+            if step is None:
                 logits = self(window).logits[:, -1]
+            elif refill:
+                step.cache.reset()
+                if window.shape[1] <= SHORT_PROMPT:  # token by token: replays beat a prefill's launches
+                    for t in range(window.shape[1]):
+                        logits = step(window[:, t:t + 1])
+                else:
+                    logits = self(window, cache=step.cache).logits[:, -1]
+            else:
+                logits = step(window[:, -1:])
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             yield nxt
-            window = torch.cat([window, nxt[:, None]], dim=1)
-            fresh = nxt[:, None]
+            window, refill = torch.cat([window, nxt[:, None]], dim=1), False
             if window.shape[1] > bs:
-                window = window[:, -keep:]
-                cache, fresh = None, window
+                window, refill = window[:, -keep:], True
+
+    def token_step(self, batch: int) -> TokenStep:
+        """The one-token step for `batch` sequences, with its KV cache: made once per batch size and
+        device and kept, so that a CUDA graph is recorded once, not at every sample."""
+        p = next(self.parameters())
+        key = (batch, p.device, p.dtype)
+        steps = self.__dict__.setdefault("_token_steps", {})  # not a submodule, not in the state dict
+        if key not in steps:
+            c = self.config
+            cache = KVCache(len(self.blocks), batch, c.n_head, c.block_size, c.head_dim, p.device, p.dtype)
+            steps[key] = TokenStep(self, cache)
+        return steps[key]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

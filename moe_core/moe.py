@@ -57,13 +57,19 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, C) rows sorted by expert; expert: (M,) each row's expert; counts: (E,) rows each."""
-        if _grouped_mm_supported(x, self.w1):
-            offs = counts.cumsum(0).to(torch.int32)
-            # index_select, not b1[expert]: its backward is a fast index_add, not an index_put.
-            h = F.grouped_mm(x, self.w1.transpose(1, 2), offs=offs) + self.b1.index_select(0, expert)
-            y = F.grouped_mm(F.relu(h), self.w2.transpose(1, 2), offs=offs) + self.b2.index_select(0, expert)
+        dtype = grouped_mm_dtype(x, self.w1)
+        if dtype is not None:
+            # CUDA's grouped matmul takes bf16 only: cast here, as autocast does for nn.Linear.
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, self.w1, self.b1, self.w2, self.b2))
+            offs = counts.cumsum(0).to(torch.int32)  # stays on the device: no host sync
+            # Biases through a one-hot (rows, E) matrix: a small matmul whose backward sums each
+            # expert's rows in a GEMM. (b1[expert]'s backward adds every row into E rows with
+            # atomics, all colliding: it was a fifth of a GPU step.)
+            one_hot = torch.zeros(x.shape[0], len(counts), dtype=dtype, device=x.device).scatter_(1, expert[:, None], 1)
+            h = F.grouped_mm(x, w1.transpose(1, 2), offs=offs) + one_hot @ b1
+            y = F.grouped_mm(F.relu(h), w2.transpose(1, 2), offs=offs) + one_hot @ b2
         else:  # one matmul per expert; unbind once, so the backward writes one weight gradient
-            sizes = counts.tolist()
+            sizes = counts.tolist()  # the slice sizes must be read on the host: a sync on a GPU
             parts = zip(x.split(sizes), self.w1.unbind(), self.b1.unbind(), self.w2.unbind(), self.b2.unbind())
             y = torch.cat([F.linear(F.relu(F.linear(rows, w1, b1)), w2, b2) for rows, w1, b1, w2, b2 in parts])
         return self.dropout(y)
@@ -72,24 +78,53 @@ class StackedExperts(nn.Module):
         """Expert e alone on x (N, C): the single-token sampling path (no gradient)."""
         return F.linear(F.relu(F.linear(x, self.w1[e], self.b1[e])), self.w2[e], self.b2[e])
 
+    def every(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row of x (N, C), summed with `gates` (N, E), zero where not chosen."""
+        dtype = grouped_mm_dtype(x, self.w1) or x.dtype  # the grouped path's precision, for equal results
+        x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, self.w1, self.b1, self.w2, self.b2))
+        h = F.relu(torch.einsum("nc,ehc->enh", x, w1) + b1[:, None])
+        y = torch.einsum("enh,ech->enc", h, w2) + b2[:, None]
+        return torch.einsum("ne,enc->nc", gates.to(dtype), y)
 
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """`F.grouped_mm` runs on CPU in float32/bfloat16 with 16-byte-aligned rows. On CUDA it needs
-    bf16 on recent GPUs, untested here, and torch.compile only traces it in bf16: both take the loop."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
-            and all(size * x.element_size() % 16 == 0 for size in w.shape[1:])
-            and _torch_has_cpu_grouped_mm())
+
+def grouped_mm_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype | None:
+    """The dtype `F.grouped_mm` will run the experts in here, or None for the per-expert loop.
+
+    On CPU it takes float32 and bfloat16 with 16-byte-aligned rows, and torch.compile cannot trace
+    it there. On CUDA it takes bfloat16 (Hopper and later; probed once per device), compiled or not.
+    """
+    if x.device.type == "cpu":
+        ok = (not torch.compiler.is_compiling() and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
+              and _aligned(w, x.element_size()) and _grouped_mm_runs("cpu", x.dtype))
+        return x.dtype if ok else None
+    if x.device.type == "cuda" and _aligned(w, 2) and _grouped_mm_runs(str(x.device), torch.bfloat16):
+        return torch.bfloat16
+    return None
+
+
+def _aligned(w: torch.Tensor, element_size: int) -> bool:
+    return all(size * element_size % 16 == 0 for size in w.shape[1:])
 
 
 @functools.cache
-def _torch_has_cpu_grouped_mm() -> bool:
-    """Older torch releases (the project allows 2.2 on) have no `F.grouped_mm`, or one for CUDA only."""
+def _grouped_mm_runs(device: str, dtype: torch.dtype) -> bool:
+    """Older torch releases (the project allows 2.2 on) have no `F.grouped_mm`; older GPUs lack its kernel."""
+    if torch.compiler.is_compiling():  # a probe cannot run while tracing; the eager call answered already
+        return True
     try:
-        F.grouped_mm(torch.ones(2, 4), torch.ones(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
+        a = torch.ones(16, 16, device=device, dtype=dtype)
+        b = torch.ones(2, 16, 16, device=device, dtype=dtype).transpose(1, 2)
+        F.grouped_mm(a, b, offs=torch.tensor([8, 16], device=device, dtype=torch.int32))
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) how many assignments each expert got. Not `torch.bincount`: on CUDA that reads the
+    largest index back to the host, a sync that would stall every MoE layer."""
+    flat = expert_idx.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 # Per-expert names in the reference's (and older checkpoints') state dict, and their stacked names.
@@ -134,8 +169,7 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_exper
     f_e is the fraction of token->expert assignments that went to expert e, P_e the mean router
     probability for e. It is 1.0 when routing is perfectly uniform and grows as load concentrates.
     """
-    counts = torch.bincount(expert_idx.flatten(), minlength=num_experts).to(probs.dtype)
-    f = counts / expert_idx.numel()
+    f = count_per_expert(expert_idx, num_experts).to(probs.dtype) / expert_idx.numel()
     p = probs.mean(dim=0)
     return num_experts * torch.sum(f * p)
 
@@ -197,7 +231,7 @@ class MoE(nn.Module):
         self.z_loss = router_z_loss(logits)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-            counts = torch.bincount(expert_idx.flatten(), minlength=self.num_experts)
+            counts = count_per_expert(expert_idx, self.num_experts)
         self.stats = RoutingStats(counts, dropped, entropy, expert_idx.numel())
         return out.reshape(shape)
 
@@ -208,14 +242,21 @@ class MoE(nn.Module):
         Returns the combined output (N, C) and the number of assignments dropped by capacity.
         """
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        if x.shape[0] == 1 and capacity is None:
+        if x.shape[0] == 1 and capacity is None and x.device.type == "cpu":
             # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
+            # (Not on a GPU: reading the expert ids on the host is a sync, and the sorted path has none.)
             chosen = zip(expert_idx[0].tolist(), weights[0].unbind())
             return sum(gate * self.experts.one(e, x) for e, gate in chosen), dropped
+        if x.shape[0] <= 64 and not self.training and x.device.type != "cpu":
+            # A few tokens on a GPU (one per sequence when sampling): run every expert on each and
+            # zero the unchosen with the gates. A third of the sorted path's kernels, nothing to sort,
+            # and the GPU reads every expert's weights in one pass either way.
+            gates = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+            return self.experts.every(x, gates.scatter_(1, expert_idx, weights)).to(x.dtype), dropped
         flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
         # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
         order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        counts = count_per_expert(flat_expert, self.num_experts)
         token, expert = order // self.top_k, flat_expert[order]
         gate = weights.flatten().index_select(0, order).unsqueeze(-1)
 

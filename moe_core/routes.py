@@ -26,7 +26,9 @@ class RouteCounter:
     def __init__(self, model, vocab_size: int):
         self.layers = model.moe_layers()
         self.num_experts = self.layers[0].num_experts
-        self.counts = torch.zeros(len(self.layers), vocab_size, self.num_experts, dtype=torch.long)
+        # Counted where the model runs: on a GPU, reading each batch's choices back would be a sync.
+        device = next(model.parameters()).device
+        self.counts = torch.zeros(len(self.layers), vocab_size, self.num_experts, dtype=torch.long, device=device)
         self._chosen: list[list[torch.Tensor]] = [[] for _ in self.layers]
 
     @contextmanager
@@ -48,12 +50,12 @@ class RouteCounter:
     def add(self, x: torch.Tensor) -> None:
         """Count the passes noted since the last call, whose input characters were `x` (B, T)."""
         chars = x.reshape(-1).to(self.counts.device)
-        vocab, experts = self.counts.shape[1], self.num_experts
+        experts = self.num_experts
         for layer, chosen in enumerate(self._chosen):
             for idx in chosen:
                 k = idx.shape[-1]
                 pairs = chars.repeat_interleave(k) * experts + idx.reshape(-1).to(chars.device)
-                self.counts[layer] += torch.bincount(pairs, minlength=vocab * experts).view(vocab, experts)
+                self.counts[layer].view(-1).index_add_(0, pairs, torch.ones_like(pairs))
             chosen.clear()
 
 

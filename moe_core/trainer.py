@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .batches import Batches, evaluation_batches, split_ids
-from .checkpoint import load_checkpoint, prune, restore_set_aside, save_checkpoint, step_checkpoints
+from .checkpoint import load_checkpoint, restore_set_aside, step_checkpoints
+from .checkpoint_writer import CheckpointWriter, Snapshot
 from .config import RESUMABLE_KEYS, Config, resolve_device
 from .control import Control
 from .data import Vocab
@@ -44,6 +45,7 @@ class Trainer:
         self.config, self.run_dir, self.vocab = config, run, vocab
         self.on_event = on_event or (lambda event: None)
         self.control = Control()
+        self.writer = CheckpointWriter()
         self.device = resolve_device(config.device)
         self.state = "starting"
 
@@ -55,7 +57,8 @@ class Trainer:
                             f"{config.block_size + 1}; use a longer text or a smaller --block-size")
 
         torch.manual_seed(config.seed)
-        self.model = MoETransformer(config, len(vocab)).to(self.device)
+        with torch.device(self.device):  # initialised where it trains: on a GPU that takes no time
+            self.model = MoETransformer(config, len(vocab))
         self.params_total, self.params_active = self.model.num_params()
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = self._make_optimizer()
@@ -204,6 +207,13 @@ class Trainer:
         return complete(self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
 
     def save(self, best: bool = False) -> Path:
+        """Write a checkpoint now. (The loop's own saves are written by `self.writer`, off this thread.)"""
+        folder = self.snapshot(best).write()
+        if not best:
+            self.last_saved_step = self.step_num
+        return folder
+
+    def snapshot(self, best: bool = False) -> Snapshot:
         c = self.config
         state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "batches_rng": self.batches.generator.get_state(), "step": self.step_num,
@@ -216,13 +226,9 @@ class Trainer:
                     "config": {k: getattr(c, k) for k in sorted(RESUMABLE_KEYS)},
                     "val_loss": None if math.isinf(self.best_val) else self.best_val,
                     "created": time.time()}
-        root = self.run_dir.checkpoints
-        folder = root / ("best" if best else f"step-{self.step_num:08d}")
-        save_checkpoint(folder, self.model.state_dict(), state, manifest)
-        if not best:
-            prune(root, c.keep_checkpoints)
-            self.last_saved_step = self.step_num
-        return folder
+        folder = self.run_dir.checkpoints / ("best" if best else f"step-{self.step_num:08d}")
+        return Snapshot.take(folder, self.model.state_dict(), state, manifest, self.step_num, best,
+                             c.keep_checkpoints)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -270,6 +276,7 @@ class Trainer:
 
     def _tick(self, serve_after_finish: bool) -> str | None:
         """Act on one command, or take one step; returns how `run()` ends, or None to go on."""
+        self._report_writes()
         command = self.control.next(wait=0.2 if (self._paused or self._done) else None)
         if command is not None:
             kind, arg = command
@@ -321,13 +328,11 @@ class Trainer:
         c = self.config
         self.emit(StepMetrics(self.step_num, loss, aux, z, self.optimizer.param_groups[0]["lr"], norm,
                               n * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
-        layers = []
-        for moe in self.model.moe_layers():
-            st = moe.stats
-            counts = st.tokens_per_expert.float()
-            layers.append(LayerRouting((counts / counts.sum()).tolist(), st.dropped.item() / st.assignments,
-                                       st.entropy.item()))
-        self.emit(RouterStats(self.step_num, layers))
+        # One row per layer: expert shares, dropped share, entropy; read back in one transfer.
+        rows = torch.stack([torch.cat([st.tokens_per_expert / st.tokens_per_expert.sum(),
+                                       (st.dropped / st.assignments)[None], st.entropy[None]]).float()
+                            for st in (moe.stats for moe in self.model.moe_layers())]).tolist()
+        self.emit(RouterStats(self.step_num, [LayerRouting(row[:-2], row[-2], row[-1]) for row in rows]))
 
     def _check_window(self) -> torch.Tensor:
         """The per-step figures since the last log line, after checking that all are finite."""
@@ -387,18 +392,24 @@ class Trainer:
     def _save_or_warn(self, best: bool) -> None:
         self._check_window()  # a step since the last log line may have diverged: never save that
         self.set_state("saving")
-        try:
-            folder = self.save(best=best)
-        except OSError as err:
-            self.emit(Notice("warning", f"could not save a checkpoint at step {self.step_num} ({err}); "
-                                        "training goes on and the previous checkpoint is kept", self.step_num))
-            return
-        self.emit(CheckpointSaved(self.step_num, str(folder), best,
-                                  None if math.isinf(self.best_val) else self.best_val))
+        self.writer.submit(self.snapshot(best))
+
+    def _report_writes(self, wait: bool = False) -> None:
+        """Events for the checkpoints written since the last call (with `wait`, for all submitted)."""
+        for snap, error in self.writer.outcomes(wait):
+            if error is not None:  # a full disk, say: the run goes on
+                self.emit(Notice("warning", f"could not save a checkpoint at step {snap.step} ({error}); "
+                                            "training goes on and the previous checkpoint is kept", self.step_num))
+                continue
+            if not snap.best:
+                self.last_saved_step = snap.step
+            self.emit(CheckpointSaved(snap.step, str(snap.folder), snap.best, snap.manifest["val_loss"]))
 
     def _checkpoint_quietly(self) -> None:
+        self._report_writes(wait=True)
         if self.unsaved and self.state != "error":
             self._save_or_warn(best=False)
+            self._report_writes(wait=True)
 
     def _finish(self) -> None:
         self._serve("eval", None)
@@ -409,6 +420,7 @@ class Trainer:
 
     def _fail(self, err: Exception) -> None:
         self._window = []
+        self._report_writes(wait=True)  # the snapshots taken before the failure are good
         last = self.last_saved_step
         hint = (f"the last good checkpoint (step {last}) is kept" if last >= 0 else "no checkpoint was saved yet")
         if isinstance(err, NonFiniteLoss):

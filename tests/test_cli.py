@@ -5,6 +5,7 @@ Bad input is in test_bad_input.py, signals and crashes in test_faults.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -76,7 +77,10 @@ def test_sample_skips_a_corrupt_newest_checkpoint_and_says_so(trained, capsys):
     code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Moe:", "--max-new-tokens", "20")
     assert code == 0 and out.startswith("Moe:")
     assert err.startswith("warning: skipped: checkpoint ") and "step-00000030 is corrupt" in err
-    assert err.rstrip().endswith("using step-00000020, the newest intact one")
+    warning, speed = err.rstrip().split("\n")
+    assert warning.endswith("using step-00000020, the newest intact one")
+    assert re.fullmatch(r"sampled 1 x 20 characters in [\d.]+ s on cpu: [\d,]+ characters/s, the first after [\d.]+ ms",
+                        speed), speed
 
 
 def test_runs_and_datasets_listings(trained, capsys):

@@ -366,3 +366,14 @@ def test_output_shape_and_empty_experts_fine():
     out = moe(x)
     assert out.shape == x.shape
     assert int(moe.stats.tokens_per_expert.sum()) == 2
+
+
+def test_every_expert_weighted_by_the_gates_equals_the_sorted_dispatch():
+    # The path a GPU samples with: all experts on each token, the unchosen ones gated to zero.
+    torch.manual_seed(3)
+    moe = MoE(C, 8, 2).eval()
+    x = torch.randn(6, C)
+    _, weights, chosen = moe.router(x)
+    gates = torch.zeros(6, 8).scatter_(1, chosen, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.experts.every(x, gates), moe(x[:, None])[:, 0], atol=1e-5, rtol=1e-5)

@@ -153,13 +153,19 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_
     trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000,
                            sample_interval=1000)
 
-    def sink(event):
-        events.append(event)
-        if isinstance(event, CheckpointSaved) and event.step == 20:
+    take_snapshot = trainer.snapshot
+
+    def snapshot_then_diverge(best=False):
+        # The checkpoint is written on another thread while training goes on: a NaN that appears
+        # right after the snapshot must not reach the file.
+        snapshot = take_snapshot(best)
+        if trainer.step_num == 20:
             with torch.no_grad():  # a real NaN in the weights, as a diverging run would produce
                 trainer.model.lm_head.weight[0, 0] = float("nan")
+        return snapshot
 
-    trainer.on_event = sink
+    trainer.snapshot = snapshot_then_diverge
+    trainer.on_event = events.append
     assert trainer.run() == "error"
     errors = [e for e in events if isinstance(e, Notice) and e.level == "error"]
     assert errors and "non-finite at step 21" in errors[0].message and "step 20" in errors[0].message
@@ -258,11 +264,13 @@ def test_pruning_keeps_a_set_aside_checkpoint_that_is_the_only_copy(tmp_path, sh
     assert not (root / ".old-best-4242").exists()  # best is whole again: the leftover can go
 
 
-def test_training_the_way_cuda_does_bf16_autocast_and_the_per_expert_loop(tmp_path, shared_dir, monkeypatch):
-    # No GPU here, so run CUDA's configuration on the CPU: matmuls under bf16 autocast with fp32
-    # weights, and experts through the per-expert loop (grouped_mm is CPU-only), with the gpu preset's
-    # router, capacity and dropout. bf16 expert rows meet fp32 gates and outputs in the dispatch.
-    monkeypatch.setattr(moe_core.moe, "_grouped_mm_supported", lambda x, w: False)
+@pytest.mark.parametrize("experts_dtype", [torch.bfloat16, None], ids=["grouped-bf16", "per-expert-loop"])
+def test_training_the_way_cuda_does_bf16_autocast(tmp_path, shared_dir, monkeypatch, experts_dtype):
+    # Without a GPU, run CUDA's configuration on the CPU: matmuls under bf16 autocast with fp32
+    # weights, with a noisy router, capacity and dropout; experts through the grouped matmul in
+    # bf16 (what Hopper GPUs run) or the per-expert loop (older GPUs). bf16 expert rows meet fp32
+    # gates and outputs in the dispatch.
+    monkeypatch.setattr(moe_core.moe, "grouped_mm_dtype", lambda x, w: experts_dtype)
     events = []
     trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=150, eval_interval=50,
                            router="noisy_topk", capacity_factor=1.25, dropout=0.1, pos_encoding="rope",
