@@ -155,12 +155,26 @@ class Router(nn.Module):
 
 @dataclass
 class RoutingStats:
-    """What the router did in one forward pass (tensors: no host sync until someone reads them)."""
+    """What the router did in one forward pass. Its figures are worked out when read (at a log
+    line), not at every step: on a GPU each is a few more kernels to launch."""
 
-    tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert, before capacity
+    probs: torch.Tensor  # (N, E) the router's probabilities, detached
+    expert_idx: torch.Tensor  # (N, k) the experts chosen
     dropped: torch.Tensor  # () assignments that found their expert full
-    entropy: torch.Tensor  # () mean entropy of the router's distribution per token, in nats
-    assignments: int  # tokens * top_k
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E,) assignments routed to each expert, before capacity."""
+        return count_per_expert(self.expert_idx, self.probs.shape[-1])
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """() mean entropy of the router's distribution per token, in nats."""
+        return -(self.probs * self.probs.clamp_min(1e-9).log()).sum(-1).mean()
+
+    @property
+    def assignments(self) -> int:
+        return self.expert_idx.numel()
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -229,10 +243,7 @@ class MoE(nn.Module):
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts)
         self.z_loss = router_z_loss(logits)
-        with torch.no_grad():
-            entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-            counts = count_per_expert(expert_idx, self.num_experts)
-        self.stats = RoutingStats(counts, dropped, entropy, expert_idx.numel())
+        self.stats = RoutingStats(probs.detach(), expert_idx, dropped)
         return out.reshape(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,

@@ -215,9 +215,10 @@ class Trainer:
 
     def snapshot(self, best: bool = False) -> Snapshot:
         c = self.config
-        state = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "batches_rng": self.batches.generator.get_state(), "step": self.step_num,
-                 "best_val": self.best_val, "elapsed": self.elapsed}
+        state = {"rng": torch.get_rng_state(), "batches_rng": self.batches.generator.get_state(),
+                 "step": self.step_num, "best_val": self.best_val, "elapsed": self.elapsed}
+        if not best:  # `best` is for sampling; training resumes from step checkpoints, twice its size
+            state["optimizer"] = self.optimizer.state_dict()
         if self.device == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
         shape = {k: getattr(c, k) for k in SHAPE_KEYS}
