@@ -15,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$root MOE_TUI_DATA=$root/.anchors/data MOE_TUI_RUNS=/tmp/runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/gpu.txt"
+echo "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$OUT/gpu.txt"
 
 stamp() { python3 -c "
 import sys,time
