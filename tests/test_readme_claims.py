@@ -68,7 +68,7 @@ def test_headless_nan_exits_1_and_keeps_the_last_good_checkpoint(trained, capsys
 
 
 def fail_after_step_20(trainer, poison) -> tuple[list, dict[int, list[float]]]:
-    """Train, `poison()` the trainer once step 20 is saved, and return the events and each step's
+    """Train, `poison()` the trainer once step 20's checkpoint is taken, and return the events and each step's
     (loss, aux loss, z loss, gradient norm) as the trainer recorded them."""
     events, rows = [], {}
     step = trainer.step
@@ -77,13 +77,16 @@ def fail_after_step_20(trainer, poison) -> tuple[list, dict[int, list[float]]]:
         step()
         rows[trainer.step_num] = [float(v) for v in trainer._window[-1]]
 
-    def sink(event):
-        events.append(event)
-        if isinstance(event, CheckpointSaved) and event.step == 20:
+    take_snapshot = trainer.snapshot
+
+    def snapshot_then_poison(best=False):  # the checkpoint's copy is taken; the file is written later
+        snapshot = take_snapshot(best)
+        if trainer.step_num == 20 and not best:
             with torch.no_grad():
                 poison()
+        return snapshot
 
-    trainer.step, trainer.on_event = step_and_record, sink
+    trainer.step, trainer.snapshot, trainer.on_event = step_and_record, snapshot_then_poison, events.append
     assert trainer.run() == "error"
     return events, rows
 
