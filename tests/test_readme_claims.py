@@ -277,3 +277,19 @@ def test_no_color_is_honoured(tmp_path, shared_dir):
     assert hued_colours(screens["colour"]), "the check finds no colour even without NO_COLOR"
     assert not hued_colours(screens["plain"]), screens["plain"]
     assert "RUNNING" in screens["plain"] and "\x1b[" in screens["plain"]  # greys and bold remain
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_says_it_starts_again(tmp_path, shared_dir):
+    import io
+
+    from tui.exits import print_next_step
+
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=1000, eval_interval=1000,
+                           sample_interval=1000)
+    with torch.no_grad():  # diverged from the start: there is no good checkpoint to go back to
+        trainer.model.lm_head.weight[0, 0] = float("nan")
+    assert trainer.run() == "error" and trainer.last_saved_step == -1
+    said = io.StringIO()
+    print_next_step(trainer, "moe-tui train --resume run", "moe-tui sample run", said)
+    assert said.getvalue() == ("no checkpoint was saved before the failure; start again from step 0 with: "
+                               "moe-tui train --resume run --lr <lower>\n")

@@ -36,7 +36,10 @@ def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) ->
     """After the session: how to resume an unfinished or failed run, or how to use a finished one."""
     stream = stream or sys.stderr
     try:
-        if trainer.state == "error":
+        if trainer.state == "error" and trainer.last_saved_step < 0:
+            print(f"no checkpoint was saved before the failure; start again from step 0 with: {resume_hint} "
+                  "--lr <lower>", file=stream)
+        elif trainer.state == "error":
             print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=stream)
         elif trainer.unsaved:  # finished, but the final save failed (disk full?)
             last = trainer.last_saved_step
