@@ -16,7 +16,7 @@ from .test_training import make_trainer
 
 
 class Held:
-    """Holds the trainer inside one of its methods (evaluate, save, sample) until `release()`, so that
+    """Holds the trainer inside one of its methods (evaluate, snapshot, sample) until `release()`, so that
     the test can see what the screen shows while the trainer is busy there: otherwise a few ms."""
 
     def __init__(self, trainer, method: str):
@@ -34,7 +34,7 @@ class Held:
 
 def test_question_mark_shows_help_and_c_and_e_show_saving_and_evaluating(tmp_path, shared_dir, fast_keys):
     trainer = make_trainer(tmp_path, shared_dir, **QUIET)
-    evaluating, saving = Held(trainer, "evaluate"), Held(trainer, "save")
+    evaluating, saving = Held(trainer, "evaluate"), Held(trainer, "snapshot")
 
     async def scenario():
         app = Dashboard(trainer)
