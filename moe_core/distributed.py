@@ -25,9 +25,10 @@ stops them; `COLLECTIVE_TIMEOUT` bounds a wait on a rank that hangs instead.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -221,7 +222,16 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
     return device
 
 
-def finish(ranks: Ranks) -> None:
-    """Leave the process group (after a clean end only: with a rank gone it could wait on it)."""
-    if ranks.parallel and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def leave(code: int) -> NoReturn:
+    """End this rank's process now, with `code`, once its output is flushed.
+
+    Not through the interpreter's normal teardown: there the process group's C++ threads are destroyed
+    while other ranks exit too, and under load that sometimes aborts the process ("terminate called
+    without an active exception", SIGABRT), turning a clean exit into a crash. Everything worth doing
+    at exit (the final checkpoint, the lease) is done by then."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a terminal that is gone
+            pass
+    os._exit(code)

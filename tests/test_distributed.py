@@ -160,6 +160,28 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGINT), ("rank 0", signal.SIGTERM),
+                                        ("rank 1", signal.SIGTERM), ("rank 1", signal.SIGINT)],
+                         ids=lambda v: v if isinstance(v, str) else v.name)
+def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_code(target, sig, tmp_path):
+    process = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "s", "--nproc", "2",
+                     "--headless"], tmp_path)
+    try:
+        wait_for_line(process, r"^step +10 ")
+        pid = process.pid if target == "launcher" else rank_pids(process.pid)[int(target[-1])]
+        os.kill(pid, sig)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + sig, err
+    stopped = int(re.search(r"saved checkpoint at step (\d+)", out).group(1))
+    assert out.rstrip().endswith(f"stopped: {sig.name[3:].lower()} received" +
+                                 (" by rank 1" if target == "rank 1" else ""))
+    assert err.strip() == "resume with: moe-tui train --resume s --nproc 2"  # nothing else, from any rank
+    assert [p.name for p in (tmp_path / "s" / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
+
+
 KILL_DEADLINE = 30.0  # seconds from kill -9 of a rank to every process gone; measured: about 1
 
 

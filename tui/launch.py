@@ -23,9 +23,11 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
 
     # A fair share of the cores each: N processes of all-core torch threads would fight for them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # The launcher's own log lines (its settings, each rank's exit) would bury the run's; what matters
-    # is said below, in one line.
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    # The launcher's own log lines (each rank's exit, signals passed on) would bury the run's; what
+    # matters is said below, in one line. Each of its loggers sets its own level: quiet them one by one.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # torchrun --standalone: a rendezvous on a free port of this machine (what `run()` sets for the flag).
     config, command, command_args = config_from_args(parse_args(
         ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--rdzv-id=moe-tui-{os.getpid()}",

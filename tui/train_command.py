@@ -83,12 +83,18 @@ def train(
     launching = nproc is not None and not distributed.launched_by_torchrun()  # else: already a rank
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc must be a positive integer, got {nproc}")
+    ranks = distributed.from_environment()
+    if (launching and nproc > 1) or ranks.parallel:
+        if on_hangup == "keep":
+            raise UserError("--on-hangup keep needs a single process: torchrun stops every process when its "
+                            "terminal goes; use --on-hangup stop (the default with --nproc), or start the run "
+                            "in tmux or under nohup")
+        on_hangup = "stop"  # each process saves, and all exit 129
     if launching and detach:
         raise UserError("--detach does not start several processes yet; run `moe-tui train ... --nproc N` "
                         "under nohup or in tmux instead")
     if detach and not is_detached_child():  # this process starts the trainer and returns; the child has both
         raise typer.Exit(start_detached(invocation_args()))
-    ranks = distributed.from_environment()
     flags = {k: v for k, v in locals().items() if v is not None and k in Config.__dataclass_fields__}
     if dense:
         flags.update(num_experts=1, top_k=1)
@@ -160,8 +166,9 @@ def train(
         code = ranks.same_exit_code(code)
     except LostRank as err:
         print(f"error: {err}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    distributed.finish(ranks)
+        code = 1
+    if ranks.parallel:
+        distributed.leave(code)
     raise typer.Exit(code)
 
 
