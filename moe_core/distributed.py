@@ -123,11 +123,11 @@ class Ranks:
             return
         from .trainer_state import load_training_state, training_state
 
-        weights, state = self.from_leader(_on_cpu((trainer.model.state_dict(), training_state(trainer)))
-                                          if self.leader else None)
+        leaders = (trainer.model.state_dict(), training_state(trainer), trainer.last_saved_step)
+        weights, state, last_saved = self.from_leader(_on_cpu(leaders) if self.leader else None)
         if not self.leader:
             load_training_state(trainer, weights, state)
-            trainer.last_saved_step = trainer.step_num
+            trainer.last_saved_step = last_saved
 
     def same_exit_code(self, code: int) -> int:
         """The largest exit code of all ranks, so that all exit with the same one (a signal's 128 + n
