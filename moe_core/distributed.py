@@ -128,6 +128,10 @@ class Ranks:
         if not self.leader:
             load_training_state(trainer, weights, state)
             trainer.last_saved_step = last_saved
+            # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice
+            # of the batch would get the same masks. Rank 0 goes on with the run's (saved in checkpoints);
+            # rank r seeds from it and r, so that a resume on as many processes draws the same again.
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.rank)
 
     def same_exit_code(self, code: int) -> int:
         """The largest exit code of all ranks, so that all exit with the same one (a signal's 128 + n

@@ -213,10 +213,13 @@ def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device)
     from moe_core.trainer import Trainer
 
     name = ranks.from_leader(None)
-    if name is None:  # rank 0 refused the run and says why
-        return 2
-    trainer = Trainer(config, Run(runs_dir / name), vocab, _encode(vocab, corpus.text), resume=resuming,
-                      ranks=ranks, device=device)
+    if name is None:  # rank 0 refused the run and says why: leave quietly
+        distributed.leave(2)
+    try:
+        trainer = Trainer(config, Run(runs_dir / name), vocab, _encode(vocab, corpus.text), resume=resuming,
+                          ranks=ranks, device=device)
+    except LostRank:  # rank 0 failed to set up (a corrupt checkpoint, say) and says why itself
+        distributed.leave(1)
     received: list[int] = []
 
     def on_signal(signum, frame):
