@@ -25,6 +25,7 @@ stops them; `COLLECTIVE_TIMEOUT` bounds a wait on a rank that hangs instead.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -158,9 +159,10 @@ def _collective(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except RuntimeError as err:  # gloo and NCCL raise DistBackendError, a RuntimeError, on a lost peer
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise LostRank(f"another process of this run stopped answering ({reason}); torchrun's report names "
-                       "it; resume from the last checkpoint") from None
+        # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise LostRank(f"lost contact with another process of this run ({reason.split('. ')[0][:160]}); "
+                       "torchrun's report names it; resume from the last checkpoint") from None
 
 
 # -- joining and leaving ------------------------------------------------------------------------

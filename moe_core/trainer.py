@@ -263,14 +263,14 @@ class Trainer:
         c = self.config
         self.emit(StepMetrics(self.step_num, loss, aux, z, self.optimizer.param_groups[0]["lr"], norm,
                               n * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
-        layers = []
-        for moe in self.model.moe_layers():  # the global batch's routing: counts summed, entropy averaged
-            st = moe.stats
-            row = self.ranks.sum(torch.cat([st.tokens_per_expert.float(), st.dropped.float()[None],
-                                            st.entropy.float()[None] / self.ranks.world])).tolist()
-            counts, dropped, entropy = row[:-2], row[-2], row[-1]
-            layers.append(LayerRouting([n / sum(counts) for n in counts], dropped / (st.assignments * self.ranks.world),
-                                       entropy))
+        # The global batch's routing, one row per layer: expert counts and dropped assignments summed over
+        # the ranks, entropy averaged (divided first, so that the sum is the mean); one collective, one read.
+        stats = [moe.stats for moe in self.model.moe_layers()]
+        rows = self.ranks.sum(torch.stack([torch.cat([st.tokens_per_expert.float(), st.dropped.float()[None],
+                                                      st.entropy.float()[None] / self.ranks.world])
+                                           for st in stats])).tolist()
+        layers = [LayerRouting([n / sum(row[:-2]) for n in row[:-2]], row[-2] / (st.assignments * self.ranks.world),
+                               row[-1]) for row, st in zip(rows, stats)]
         self.emit(RouterStats(self.step_num, layers))
 
     def _check_window(self, over_ranks: bool = False) -> torch.Tensor:

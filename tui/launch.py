@@ -36,9 +36,11 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
         elastic_launch(config, command)(*command_args)
         return 0
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        if failure.exitcode >= 0:  # the ranks ended on their own, agreeing on the code and saying why
-            return failure.exitcode
+        # A rank killed by a signal is the cause; the others then failed on losing it (or were stopped).
+        killed = sorted((rank, failure) for rank, failure in err.failures.items() if failure.exitcode < 0)
+        if not killed:  # the ranks ended on their own, agreeing on the code and saying why
+            return err.get_first_failure()[1].exitcode
+        rank, failure = killed[0]
         name = signal.Signals(-failure.exitcode).name
         print(f"error: process {rank} of {nproc} (pid {failure.pid}) was killed by {name}, and the others were "
               f"stopped; resume from the last checkpoint with: {resume_hint} --nproc {nproc}", file=sys.stderr)
