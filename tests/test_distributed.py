@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -261,7 +260,3 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch():
     parts = [distributed.Ranks(r, 3).shard(rows) for r in range(3)]
     assert torch.equal(torch.cat(parts), rows)
     assert distributed.SINGLE.shard(rows) is rows
-
-
-def test_the_commands_shown_are_quoted_for_a_shell():
-    assert shlex.split("moe-tui train --resume k --nproc 2")[-2:] == ["--nproc", "2"]
