@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -177,13 +178,20 @@ class RoutingStats:
         return self.expert_idx.numel()
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
+                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch Transformer auxiliary loss: E * sum_e f_e * P_e.
 
     f_e is the fraction of token->expert assignments that went to expert e, P_e the mean router
     probability for e. It is 1.0 when routing is perfectly uniform and grows as load concentrates.
+    With data parallelism `sum_over_ranks` makes f_e the global batch's: the loss is not linear in the
+    batch, but with f_e global (it carries no gradient) each rank's loss is linear in its own P_e, so
+    the mean of the ranks' gradients is exactly one process's gradient on the whole batch.
     """
-    f = count_per_expert(expert_idx, num_experts).to(probs.dtype) / expert_idx.numel()
+    counts = count_per_expert(expert_idx, num_experts).to(probs.dtype)
+    if sum_over_ranks is not None:
+        counts = sum_over_ranks(counts)
+    f = counts / counts.sum()
     p = probs.mean(dim=0)
     return num_experts * torch.sum(f * p)
 
@@ -207,6 +215,8 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.stats: RoutingStats | None = None
+        # Set by data parallelism (moe_core/distributed.py): sums a tensor over all processes.
+        self.sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @staticmethod
     def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
@@ -241,7 +251,7 @@ class MoE(nn.Module):
             return out.reshape(shape)
 
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts)
+        self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts, self.sum_over_ranks)
         self.z_loss = router_z_loss(logits)
         self.stats = RoutingStats(probs.detach(), expert_idx, dropped)
         return out.reshape(shape)

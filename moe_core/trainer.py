@@ -3,12 +3,14 @@
     trainer = Trainer(config, run, vocab, ids, on_event=print)
     trainer.control.pause()        # safe from any thread
     trainer.run()                  # returns "finished", "stopped" or "error"
+
+With several processes (moe_core/distributed.py) every rank runs this same loop, in step: the
+commands are agreed between steps, the statistics summed; rank 0 alone emits events, writes the run
+folder and samples.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from . import trainer_state
 from .batches import Batches, evaluation_batches, split_ids
-from .checkpoint import load_checkpoint, restore_set_aside, step_checkpoints
 from .checkpoint_writer import CheckpointWriter, Snapshot
-from .config import RESUMABLE_KEYS, Config, resolve_device
+from .config import Config, resolve_device
 from .control import Control
 from .data import Vocab
+from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, LayerRouting,
                      Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
@@ -30,23 +33,20 @@ from .routes import RouteCounter
 from .runs import Run
 from .sampling import SampleRequest, complete
 
-# Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router", "dataset",
-              "columns", "encoding", "val_fraction")
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 class Trainer:
     def __init__(self, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor,
-                 on_event: EventSink | None = None, resume: bool = False):
-        self.config, self.run_dir, self.vocab = config, run, vocab
+                 on_event: EventSink | None = None, resume: bool = False, ranks: Ranks = SINGLE,
+                 device: str | None = None):
+        """`ranks` and `device` (`cuda:LOCAL_RANK`) come from `distributed.start` with several processes."""
+        self.config, self.run_dir, self.vocab, self.ranks = config, run, vocab, ranks
         self.on_event = on_event or (lambda event: None)
         self.control = Control()
         self.writer = CheckpointWriter()
-        self.device = resolve_device(config.device)
+        self.device = device or resolve_device(config.device)
         self.state = "starting"
 
         self.train_ids, self.val_ids = split_ids(ids, config.val_fraction)
@@ -59,12 +59,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         with torch.device(self.device):  # initialised where it trains: on a GPU that takes no time
             self.model = MoETransformer(config, len(vocab))
+        for moe in self.model.moe_layers():  # the load-balancing loss sees the global batch's routing
+            moe.sum_over_ranks = ranks.sum if ranks.parallel else None
         self.params_total, self.params_active = self.model.num_params()
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = self._make_optimizer()
-        self.batches = Batches(self.train_ids, config.block_size, config.batch_size, config.seed)
+        self.batches = Batches(self.train_ids, config.block_size, config.batch_size, config.seed, ranks.shard)
         # bf16 autocast on CUDA: matmuls at tensor-core speed, weights and optimizer stay fp32.
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda"
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
                          else nullcontext())
 
         self.step_num = 0
@@ -74,8 +76,9 @@ class Trainer:
         self.resumed = resume
         self._paused = self._done = False  # loop state of run()
         self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
-        if resume:
-            self._resume()
+        if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
+            trainer_state.resume(self)
+        ranks.copy_from_leader(self)
         self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
         self._window_time = 0.0
 
@@ -88,60 +91,8 @@ class Trainer:
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), fused=True)
 
-    def _resume(self) -> None:
-        """Continue from the newest intact checkpoint, after repairing what a crash can leave behind."""
-        root = self.run_dir.checkpoints
-        for name in restore_set_aside(root):
-            self.note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
-        if step_checkpoints(root):
-            self._restore(self.run_dir.checkpoint("latest", on_skip=lambda why: self.note("warning", why)))
-        else:
-            self.note("info", "the run stopped before its first checkpoint; training starts again from step 0")
-        try:
-            dropped = self.run_dir.rewind(self.step_num)
-        except OSError as err:
-            raise UserError(f"cannot rewrite {self.run_dir.metrics_path} ({err}); free some space or fix "
-                            "its permissions, then resume again") from None
-        if dropped:
-            self.note("info", f"dropped {dropped} metrics line(s) logged after step {self.step_num} "
-                               "(or torn by the interruption); they will be logged again")
-
     def note(self, level: str, message: str) -> None:
         self._notices.append(Notice(level, message, self.step_num))
-
-    def _restore(self, folder: Path) -> None:
-        weights, state, manifest = load_checkpoint(folder, verify=False)  # `checkpoint()` checked it
-        saved_shape = manifest.get("shape", {})
-        wanted = {k: getattr(self.config, k) for k in SHAPE_KEYS}
-        differ = [k for k in SHAPE_KEYS if k in saved_shape and saved_shape[k] != wanted[k]]
-        if differ:
-            raise UserError(f"checkpoint {folder} was made with a different "
-                            f"{', '.join(differ)}; resume with the run's own settings or start a new run")
-        if any(key.endswith(".experts.0.fc.weight") for key in weights):
-            # Its weights convert on load (see MoE.convert_expert_keys); its optimizer state does not.
-            raise UserError(f"checkpoint {folder} was saved by an older moe-tui, with one tensor per expert: "
-                            "`moe-tui sample` still reads it, but training cannot resume from it; start a new run")
-        try:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            if self.device == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"])
-            self.batches.generator.set_state(state["batches_rng"])
-            self.step_num = int(state["step"])
-            self.best_val = float(state["best_val"])
-            self.elapsed = float(state["elapsed"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise UserError(f"checkpoint {folder} does not fit this model ({str(err).splitlines()[0][:160]}); "
-                            "resume with the run's own settings or start a new run") from None
-        for group in self.optimizer.param_groups:  # a resumed run may ask for a new --lr
-            group["initial_lr"] = self.config.lr
-        self.last_saved_step = self.step_num
-        before = manifest.get("config", {})
-        changed = [f"{k} {before[k]} -> {getattr(self.config, k)}" for k in sorted(before)
-                   if k in RESUMABLE_KEYS and before[k] != getattr(self.config, k)]
-        if changed:
-            self.note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
 
     @property
     def unsaved(self) -> bool:
@@ -173,6 +124,7 @@ class Trainer:
         loss = out.loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.ranks.average_gradients(self.model)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.step_num += 1
@@ -187,7 +139,7 @@ class Trainer:
         losses = []
         routes = RouteCounter(self.model, len(self.vocab))
         for i, ids in enumerate((self.train_ids, self.val_ids)):
-            batches = evaluation_batches(ids, self.config, i)
+            batches = evaluation_batches(ids, self.config, i, self.ranks.shard)
             total = torch.zeros((), device=self.device)
             # The validation split runs uncompiled, so that its routers can be hooked without a recompile.
             forward, recording = (self.model, routes.recording()) if i else (self.forward, nullcontext())
@@ -198,42 +150,30 @@ class Trainer:
                         total += forward(x, y).loss
                     if i:
                         routes.add(x)
-            losses.append(total.item() / self.config.eval_iters)
+            losses.append(self.ranks.mean(total).item() / self.config.eval_iters)
         return (EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3)),
-                ExpertChars(self.step_num, "".join(self.vocab.chars), routes.counts.tolist()))
+                ExpertChars(self.step_num, "".join(self.vocab.chars), self.ranks.sum(routes.counts).tolist()))
 
     def sample(self, request: SampleRequest) -> str:
         """Text that starts with the prompt (seeded by the step unless the request names a seed)."""
         return complete(self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
 
     def save(self, best: bool = False) -> Path:
-        """Write a checkpoint now. (The loop's own saves are written by `self.writer`, off this thread.)"""
-        folder = self.snapshot(best).write()
+        """Write a checkpoint now: rank 0 writes it, every rank notes that its step is saved. (The loop's
+        own saves are written by `self.writer`, off this thread.)"""
+        folder = self.snapshot(best).write() if self.ranks.leader else self.run_dir.checkpoints
         if not best:
             self.last_saved_step = self.step_num
         return folder
 
     def snapshot(self, best: bool = False) -> Snapshot:
-        c = self.config
-        state = {"rng": torch.get_rng_state(), "batches_rng": self.batches.generator.get_state(),
-                 "step": self.step_num, "best_val": self.best_val, "elapsed": self.elapsed}
-        if not best:  # `best` is for sampling; training resumes from step checkpoints, twice its size
-            state["optimizer"] = self.optimizer.state_dict()
-        if self.device == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        shape = {k: getattr(c, k) for k in SHAPE_KEYS}
-        manifest = {"step": self.step_num, "shape": shape,
-                    "config_hash": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
-                    "config": {k: getattr(c, k) for k in sorted(RESUMABLE_KEYS)},
-                    "val_loss": None if math.isinf(self.best_val) else self.best_val,
-                    "created": time.time()}
-        folder = self.run_dir.checkpoints / ("best" if best else f"step-{self.step_num:08d}")
-        return Snapshot.take(folder, self.model.state_dict(), state, manifest, self.step_num, best,
-                             c.keep_checkpoints)
+        return trainer_state.snapshot(self, best)
 
     # -- the loop ------------------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
+        if not self.ranks.leader:
+            return
         if not isinstance(event, LIVE_ONLY):
             already_failing = self.run_dir.log_failing
             try:
@@ -255,7 +195,9 @@ class Trainer:
         an error, answering sample/save/eval commands until `control.stop()`.
         """
         c = self.config
-        self.emit(RunStarted(self.run_dir.name, c.dataset, self.device, self.params_total, self.params_active,
+        serve_after_finish = self.ranks.from_leader(serve_after_finish)  # every rank loops as long as rank 0
+        device = f"{self.device.split(':')[0]} x {self.ranks.world}" if self.ranks.parallel else self.device
+        self.emit(RunStarted(self.run_dir.name, c.dataset, device, self.params_total, self.params_active,
                              self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
                              self.resumed))
         for notice in self._notices:
@@ -278,7 +220,7 @@ class Trainer:
     def _tick(self, serve_after_finish: bool) -> str | None:
         """Act on one command, or take one step; returns how `run()` ends, or None to go on."""
         self._report_writes()
-        command = self.control.next(wait=0.2 if (self._paused or self._done) else None)
+        command = self.ranks.agree(self.control.next(wait=0.2 if (self._paused or self._done) else None))
         if command is not None:
             kind, arg = command
             if kind == "stop":
@@ -320,7 +262,7 @@ class Trainer:
 
     def _log_window(self, step_started: float) -> None:
         """Turn the per-step tensors of the last few steps into one StepMetrics and RouterStats."""
-        stacked = self._check_window()
+        stacked = self._check_window(over_ranks=True)
         n = len(self._window)
         self._window = []
         loss, aux, z, norm = stacked.mean(dim=0).tolist()
@@ -329,17 +271,24 @@ class Trainer:
         c = self.config
         self.emit(StepMetrics(self.step_num, loss, aux, z, self.optimizer.param_groups[0]["lr"], norm,
                               n * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
-        # One row per layer: expert shares, dropped share, entropy; read back in one transfer.
-        rows = torch.stack([torch.cat([st.tokens_per_expert / st.tokens_per_expert.sum(),
-                                       (st.dropped / st.assignments)[None], st.entropy[None]]).float()
-                            for st in (moe.stats for moe in self.model.moe_layers())]).tolist()
-        self.emit(RouterStats(self.step_num, [LayerRouting(row[:-2], row[-2], row[-1]) for row in rows]))
+        # The global batch's routing, one row per layer: expert counts and dropped assignments summed over
+        # the ranks, entropy averaged (divided first, so that the sum is the mean); one collective, one read.
+        stats = [moe.stats for moe in self.model.moe_layers()]
+        rows = self.ranks.sum(torch.stack([torch.cat([st.tokens_per_expert.float(), st.dropped.float()[None],
+                                                      st.entropy.float()[None] / self.ranks.world])
+                                           for st in stats])).tolist()
+        layers = [LayerRouting([n / sum(row[:-2]) for n in row[:-2]], row[-2] / (st.assignments * self.ranks.world),
+                               row[-1]) for row, st in zip(rows, stats)]
+        self.emit(RouterStats(self.step_num, layers))
 
-    def _check_window(self) -> torch.Tensor:
-        """The per-step figures since the last log line, after checking that all are finite."""
+    def _check_window(self, over_ranks: bool = False) -> torch.Tensor:
+        """The per-step figures since the last log line, after checking that all are finite;
+        `over_ranks`: their mean over all processes, the global batch's (a collective: log steps only).
+        The gradient norm is global in either case, so a diverged step fails on every rank."""
         if not self._window:
             return torch.zeros(0, 4)
-        stacked = torch.stack([torch.stack(row).float() for row in self._window]).cpu()  # one sync
+        stacked = torch.stack([torch.stack(row).float() for row in self._window])
+        stacked = (self.ranks.mean(stacked) if over_ranks else stacked).cpu()  # one sync
         bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
         if len(bad):
             first = self.step_num - len(self._window) + 1 + int(bad[0])
@@ -364,7 +313,7 @@ class Trainer:
                 if result.val_loss < self.best_val:
                     self.best_val = result.val_loss
                     self._save_or_warn(best=True)
-            elif kind == "sample":
+            elif kind == "sample" and self.ranks.leader:
                 self.set_state("sampling")
                 request = arg if isinstance(arg, SampleRequest) else SampleRequest(
                     prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
@@ -393,7 +342,10 @@ class Trainer:
     def _save_or_warn(self, best: bool) -> None:
         self._check_window()  # a step since the last log line may have diverged: never save that
         self.set_state("saving")
-        self.writer.submit(self.snapshot(best))
+        if self.ranks.leader:
+            self.writer.submit(self.snapshot(best))
+        elif not best:
+            self.last_saved_step = self.step_num  # rank 0 writes it
 
     def _report_writes(self, wait: bool = False) -> None:
         """Events for the checkpoints written since the last call (with `wait`, for all submitted)."""

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="moe-tui", standalone_mode=False)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all: theirs is the same error
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except typer.Exit as err:
         return err.exit_code

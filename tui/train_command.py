@@ -15,11 +15,14 @@ from rich.console import Console
 from moe_core.config import Config, build_config, diff_for_resume, read_toml, resolve_device, validate
 from moe_core.data import Vocab, default_data_dir, load_corpus
 from moe_core.errors import UserError
+from moe_core import distributed
 from moe_core.bus import EventBus
+from moe_core.distributed import LostRank
 from moe_core.live.host import LiveTraining
 from moe_core.live.lease import RunLease, already_live_message, is_live, read_status
 from moe_core.runs import Run, default_runs_dir
 from tui.detach import is_detached_child, move_output_to_log, start_detached
+from tui.launch import launch
 from tui.exits import HANGUP, move_output_after_hangup, print_next_step, signal_exit_code, stop_signals_handled
 from tui.options import (DATA, MODEL, SCHEDULE, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
                          stop_command, watch_command)
@@ -70,12 +73,26 @@ def train(
     headless: Annotated[bool, opt("Plain log lines instead of the dashboard (automatic without a TTY)", DATA, "--headless")] = False,
     detach: Annotated[bool, opt("Train in the background, free of this terminal (output: RUN/train.log); watch with `moe-tui watch`", DATA, "--detach")] = False,
     on_hangup: Annotated[Optional[str], opt("keep | stop: what losing the terminal does \\[default: keep with the dashboard, stop with plain lines]", DATA)] = None,
+    nproc: Annotated[Optional[int], opt("Processes to train on, data parallel (through torchrun; --batch-size is global) \\[default: 1]", TRAINING)] = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Train a model (Ctrl-C saves a checkpoint and prints the command to resume)."""
     if on_hangup not in (None, "keep", "stop"):
         raise UserError(f"--on-hangup must be keep or stop, got {on_hangup!r}")
+    launching = nproc is not None and not distributed.launched_by_torchrun()  # else: already a rank
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc must be a positive integer, got {nproc}")
+    ranks = distributed.from_environment()
+    if (launching and nproc > 1) or ranks.parallel:
+        if on_hangup == "keep":
+            raise UserError("--on-hangup keep needs a single process: torchrun stops every process when its "
+                            "terminal goes; use --on-hangup stop (the default with --nproc), or start the run "
+                            "in tmux or under nohup")
+        on_hangup = "stop"  # each process saves, and all exit 129
+    if launching and detach:
+        raise UserError("--detach does not start several processes yet; run `moe-tui train ... --nproc N` "
+                        "under nohup or in tmux instead")
     if detach and not is_detached_child():  # this process starts the trainer and returns; the child has both
         raise typer.Exit(start_detached(invocation_args()))
     flags = {k: v for k, v in locals().items() if v is not None and k in Config.__dataclass_fields__}
@@ -85,7 +102,8 @@ def train(
         flags["columns"] = list(column)
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
-    use_dashboard = not (headless or detach) and sys.stdout.isatty() and sys.stdin.isatty() and _dashboard_available()
+    use_dashboard = (ranks.leader and not (headless or detach) and sys.stdout.isatty() and sys.stdin.isatty()
+                     and _dashboard_available())
     torch_threads = None
     if use_dashboard:
         from tui.sources import reserve_torch_threads
@@ -93,6 +111,7 @@ def train(
         torch_threads = reserve_torch_threads()  # before any torch work on this, the UI's, thread
     from moe_core.trainer import Trainer  # torch import: only when training
 
+    # What to train: checked and read, nothing written yet.
     if resume:
         if overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
@@ -112,46 +131,132 @@ def train(
                             "start a new run")
         config = dataclasses.replace(saved, **allowed)
         validate(config)
-        resolve_device(config.device)
+        device = resolve_device(config.device)
         corpus = load_corpus(config.dataset, data_dir, columns=config.columns, encoding=config.encoding,
                              progress=_download_progress())
         vocab = run.load_vocab()
         if Vocab.from_text(corpus.text) != vocab:
             raise UserError(f"the text of '{config.dataset}' has changed since run '{resume}' started (its characters "
                             "differ); restore the original file or start a new run")
-        lease = RunLease.acquire(run)  # before the trainer rewinds the run's files to its checkpoint
-        try:
-            trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text), resume=True)
-        except BaseException:
-            lease.release()
-            raise
-        if allowed:
-            run.save_config(config)
     else:
         file_values = read_toml(config_file) if config_file else {}
         if dataset is not None:
             flags["dataset"] = dataset
         config = build_config(preset, file_values, flags)
+        device = resolve_device(config.device)
         corpus = load_corpus(config.dataset, data_dir, columns=config.columns, encoding=config.encoding,
                              progress=_download_progress())
         name = run_name or f"{corpus.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = Run.prepare(runs_dir, name, overwrite)
+        run = Run.prepare(runs_dir, name, overwrite) if ranks.leader else Run(runs_dir / name)
         vocab = Vocab.from_text(corpus.text)
-        trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text))
+
+    if launching:  # this process starts the ranks, each of which runs this command again
+        _check_launch(nproc, config, device)
+        args = [a for a in invocation_args()]
+        args = _without_nproc(args) + ([] if resume or run_name else ["--run-name", run.name])
+        raise typer.Exit(launch(nproc, args, resume_command(run.name, runs_dir)))
+
+    device = distributed.start(ranks, device, config.batch_size)  # with several ranks: join them
+    try:
+        if ranks.parallel and not ranks.leader:
+            code = _train_as_follower(ranks, runs_dir, config, vocab, corpus, bool(resume), device)
+        else:
+            code = _train_as_leader(ranks, run, config, vocab, corpus, bool(resume), device, resume and allowed,
+                                    overwrite, detach, use_dashboard, torch_threads, runs_dir, on_hangup)
+        code = ranks.same_exit_code(code)
+    except LostRank as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    if ranks.parallel:
+        distributed.leave(code)
+    raise typer.Exit(code)
+
+
+def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, changed, overwrite, detach,
+                     use_dashboard, torch_threads, runs_dir, on_hangup) -> int:
+    """One process, or rank 0 of several: the run folder, its lease, the front end."""
+    from moe_core.trainer import Trainer
+
+    try:
+        lease = RunLease.acquire(run) if resuming else None  # before the trainer rewinds the run's files
+    except UserError:
+        ranks.from_leader(None)  # the others leave quietly: this rank says why
+        raise
+    ranks.from_leader(run.name)
+    try:
+        trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text), resume=resuming, ranks=ranks,
+                          device=device)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    if resuming:
+        if changed:
+            run.save_config(config)
+    else:
         if overwrite and run.path.is_dir() and is_live(run):  # checked last: building the trainer takes a while
             raise UserError(already_live_message(run, read_status(run).pid))
         run.initialise(config, vocab, replace=overwrite)
         lease = RunLease.acquire(run)
-
     lease.activate()
     if detach:
         move_output_to_log(run, watch_command(run.name, runs_dir), stop_command(run.name, runs_dir))
     with LiveTraining(trainer, lease, EventBus()) as live:
         if use_dashboard:
-            code = _run_dashboard(live, runs_dir, torch_threads, on_hangup or "keep")
-        else:
-            code = _run_headless(trainer, live.bus, runs_dir, on_hangup or "stop")
-    raise typer.Exit(code)
+            return _run_dashboard(live, runs_dir, torch_threads, on_hangup or "keep")
+        return _run_headless(trainer, live.bus, runs_dir, on_hangup or "stop")
+
+
+def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device) -> int:
+    """Ranks 1..N-1: train in step with rank 0, writing and printing nothing. A stop signal sent to
+    this process stops all ranks (see Ranks.agree); SIGHUP is rank 0's to act on."""
+    from moe_core.trainer import Trainer
+
+    name = ranks.from_leader(None)
+    if name is None:  # rank 0 refused the run and says why: leave quietly
+        distributed.leave(2)
+    try:
+        trainer = Trainer(config, Run(runs_dir / name), vocab, _encode(vocab, corpus.text), resume=resuming,
+                          ranks=ranks, device=device)
+    except LostRank:  # rank 0 failed to set up (a corrupt checkpoint, say) and says why itself
+        distributed.leave(1)
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if signum != HANGUP:
+            received.append(signum)
+            trainer.control.stop(f"{signal.Signals(signum).name.replace('SIG', '').lower()} received by rank "
+                                 f"{ranks.rank}")
+
+    with stop_signals_handled(on_signal):
+        outcome = trainer.run()
+    if outcome == "stopped":
+        return signal_exit_code(received[0]) if received else 0
+    return 1 if outcome == "error" else 0
+
+
+def _check_launch(nproc: int, config: Config, device: str) -> None:
+    """What `--nproc` can refuse before any process starts."""
+    import torch
+
+    distributed.check_batch(config.batch_size, nproc)
+    if device == "cuda":
+        distributed.check_cuda_count(nproc, torch.cuda.device_count())
+    if device == "mps" and nproc > 1:
+        raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
+                        "--device cpu, or one process on mps")
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def invocation_args() -> list[str]:
@@ -177,8 +282,13 @@ def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: s
     from tui.session import run_dashboard
 
     name = live.trainer.run_dir.name
-    return run_dashboard(live.trainer, resume_command(name, runs_dir), sample_command(name, runs_dir), torch_threads,
+    return run_dashboard(live.trainer, _resume_hint(live.trainer, runs_dir), sample_command(name, runs_dir), torch_threads,
                          bus=live.bus, on_hangup=on_hangup, finalise=live.close)
+
+
+def _resume_hint(trainer, runs_dir: Path) -> str:
+    world = trainer.ranks.world
+    return resume_command(trainer.run_dir.name, runs_dir) + (f" --nproc {world}" if world > 1 else "")
 
 
 def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
@@ -192,6 +302,8 @@ def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
         if signum == HANGUP and on_hangup == "keep":
             move_output_after_hangup(trainer.run_dir)  # the terminal is gone; training goes on
             return
+        if received and trainer.ranks.parallel:  # torchrun passing on the signal this process had already
+            return
         if received:  # a second Ctrl-C: the user means it
             raise KeyboardInterrupt
         received.append(signum)
@@ -203,7 +315,7 @@ def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
         finally:
             reporter.close()
     name = trainer.run_dir.name
-    print_next_step(trainer, resume_command(name, runs_dir), sample_command(name, runs_dir))
+    print_next_step(trainer, _resume_hint(trainer, runs_dir), sample_command(name, runs_dir))
     if outcome == "stopped":  # by a signal, or on request from a viewer or `moe-tui stop`
         return signal_exit_code(received[0]) if received else 0
     return 1 if outcome == "error" or trainer.unsaved else 0  # unsaved: finished, but the final save failed

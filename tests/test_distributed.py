@@ -1,0 +1,262 @@
+"""Data parallelism with real processes: torchrun's launcher (`--nproc`, and torchrun itself), gloo over
+loopback on the CPU, tiny models.
+
+About the tolerances. Two processes compute each gradient as the mean of two half-batch gradients,
+one process as one whole-batch gradient: the same sums in another order, so the weights differ by
+float rounding (1e-7 after the first steps, checked below). Training then amplifies rounding, and a
+sparse MoE more than most: a token whose top two router logits are within rounding of each other goes
+to another expert. For scale, the same one-process run with 2 torch threads instead of 1 (another
+summation order, nothing else) ends 40 steps 1.4e-3 away in the weights and 4e-4 in eval loss on
+this machine. The settings below (a long warmup, so the learning rate stays low over the 40 steps
+while the loss still falls from 4.7 to 3.9) keep that amplification small enough for the issue's 1e-4
+on the eval losses; the weights must be within 1e-3, no further than that thread-count noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_core import distributed
+from moe_core.errors import UserError
+
+from .conftest import REPO, TINY, as_flags, shared_data_dir
+
+DP = {**TINY, "warmup_iters": 400, "eval_interval": 20, "ckpt_interval": 20, "max_iters": 40}
+DP_FLAGS = as_flags(DP)
+QUIET = ["--max-iters", "100000", "--eval-interval", "100000", "--sample-interval", "100000",
+         "--ckpt-interval", "100000", "--log-interval", "5"]
+
+
+def environment(runs: Path) -> dict:
+    # One torch thread per rank: two ranks of two threads on two cores run ~50x slower (libgomp spins).
+    return {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs),
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def start(args: list[str], runs: Path, module: str = "tui", launcher: list[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *launcher, *(["-m"] if launcher else []), module, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(runs),
+                            cwd=REPO, start_new_session=True)
+
+
+def train(args: list[str], runs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    process = start(["train", "simpsons", *args, "--headless"], runs)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def records(run: Path, event: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def evals(run: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["train_loss"], r["val_loss"]) for r in records(run, "EvalMetrics")}
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The reference: one process, 40 steps."""
+    runs = tmp_path_factory.mktemp("straight")
+    done = train([*DP_FLAGS, "--run-name", "one"], runs)
+    assert done.returncode == 0, done.stderr
+    return runs / "one"
+
+
+def test_two_processes_follow_the_one_process_run(straight, tmp_path):
+    done = train([*DP_FLAGS, "--run-name", "two", "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    # Rank 0 alone reports: one line per event, and nothing at all on stderr but the closing hint.
+    assert done.stdout.count("training run 'two'") == 1 and "device cpu x 2" in done.stdout
+    assert done.stdout.count("eval     40") == 1 and done.stdout.count("sample @ step 40") == 1
+    assert done.stderr.strip() == "run two finished at step 40; sample from it with: moe-tui sample two"
+    run = tmp_path / "two"
+    one, two = evals(straight), evals(run)
+    assert sorted(one) == sorted(two) == [20, 40]
+    for step in (20, 40):
+        assert one[step] == pytest.approx(two[step], abs=1e-4), step
+    first = {r["step"]: r for r in records(straight, "StepMetrics")}[10]
+    again = {r["step"]: r for r in records(run, "StepMetrics")}[10]
+    for key in ("loss", "aux_loss", "z_loss", "grad_norm"):  # before rounding has been amplified
+        assert first[key] == pytest.approx(again[key], rel=1e-5), key
+    a, b = weights(straight, 40), weights(run, 40)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    # The expert shares shown are the global batch's: they sum to 1 and match one process's.
+    shares = [r["layers"][0]["expert_fraction"] for r in records(run, "RouterStats")]
+    reference = [r["layers"][0]["expert_fraction"] for r in records(straight, "RouterStats")]
+    assert shares[0] == pytest.approx(reference[0], abs=1e-6) and sum(shares[0]) == pytest.approx(1.0)
+
+
+def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
+    """Read stdout until a line matches; returns the lines read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+    process.kill()
+    raise AssertionError(f"{pattern!r} never printed: {''.join(seen)}\n{process.stderr.read()}")
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight_run(first, then, straight,
+                                                                                      tmp_path):
+    nproc = lambda n: ["--nproc", str(n)] if n > 1 else []  # noqa: E731
+    process = start(["train", "simpsons", *DP_FLAGS, "--run-name", "split", *nproc(first), "--headless"], tmp_path)
+    wait_for_line(process, r"^step +10 ")
+    process.send_signal(signal.SIGTERM)  # to the launcher with --nproc: torchrun passes it to the ranks
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    stopped = int(re.search(r"saved checkpoint at step (\d+)", out).group(1))
+    assert 10 <= stopped < 40 and "resume with: moe-tui train --resume split" in err
+    done = train(["--resume", "split", *nproc(then)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming at step {stopped}" in done.stdout
+    run = tmp_path / "split"
+    steps = [r["step"] for r in records(run, "StepMetrics")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # the steps continue, none twice
+    # Within the rounding noise of the introduction: this run changed summation order mid-way, at a
+    # step that varies, so it gets the thread-count noise's bound (4e-4 in eval loss, 1.4e-3 in the
+    # weights) with a margin, not the 1e-4 of the fixed comparison above.
+    assert evals(straight)[40] == pytest.approx(evals(run)[40], abs=1e-3)
+    a, b = weights(straight, 40), weights(run, 40)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-3
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started under `launcher`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGINT), ("rank 0", signal.SIGTERM),
+                                        ("rank 1", signal.SIGTERM), ("rank 1", signal.SIGINT)],
+                         ids=lambda v: v if isinstance(v, str) else v.name)
+def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_code(target, sig, tmp_path):
+    process = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "s", "--nproc", "2",
+                     "--headless"], tmp_path)
+    try:
+        wait_for_line(process, r"^step +10 ")
+        pid = process.pid if target == "launcher" else rank_pids(process.pid)[int(target[-1])]
+        os.kill(pid, sig)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + sig, err
+    stopped = int(re.search(r"saved checkpoint at step (\d+)", out).group(1))
+    assert out.rstrip().endswith(f"stopped: {sig.name[3:].lower()} received" +
+                                 (" by rank 1" if target == "rank 1" else ""))
+    assert err.strip() == "resume with: moe-tui train --resume s --nproc 2"  # nothing else, from any rank
+    assert [p.name for p in (tmp_path / "s" / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
+
+
+KILL_DEADLINE = 30.0  # seconds from kill -9 of a rank to every process gone; measured: about 1
+
+
+def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
+    process = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "k", "--nproc", "2",
+                     "--headless"], tmp_path)
+    try:
+        wait_for_line(process, r"^step +10 ")
+        ranks = rank_pids(process.pid)
+        assert sorted(ranks) == [0, 1]
+        killed = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        out, err = process.communicate(timeout=KILL_DEADLINE)
+        took = time.monotonic() - killed
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1 and took < KILL_DEADLINE
+    assert f"process 1 of 2 (pid {ranks[1]}) was killed by SIGKILL" in err, err
+    assert "resume from the last checkpoint with: moe-tui train --resume k --nproc 2" in err
+    assert not Path(f"/proc/{ranks[0]}").exists() or "zombie" in Path(f"/proc/{ranks[0]}/status").read_text()
+
+
+def test_torchrun_itself_runs_the_headless_reporter_on_rank_0_only(tmp_path):
+    process = start(["train", "simpsons", *DP_FLAGS, "--max-iters", "20", "--run-name", "t", "--headless"], tmp_path,
+                    launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert out.count("training run 't'") == 1 and out.count("eval     20") == 1 and "finished" in out
+    assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir()) == ["best", "step-00000020"]
+
+
+TMUX = shutil.which("tmux")
+MOE_TUI = Path(sys.executable).with_name("moe-tui")
+
+
+@pytest.mark.skipif(TMUX is None or not MOE_TUI.is_file(), reason="needs tmux and the moe-tui console script")
+def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
+    from .test_tmux import Terminal
+
+    terminal = Terminal(tmp_path)
+    env = {k: v for k, v in environment(tmp_path / "runs").items() if k not in ("NO_COLOR", "TMUX")}
+    command = " ".join([str(MOE_TUI), "train", "simpsons", "--run-name", "dash", *as_flags(TINY), *QUIET,
+                        "--nproc", "2", "--on-hangup", "stop"])
+    try:
+        terminal.start(f"{command}; echo exit=$?; sleep 600", env)
+        terminal.wait_for(r"RUNNING +step [1-9]\d*/100000", timeout=120)
+        terminal.send("Space")  # pause: every rank stops between the same two steps
+        screen = terminal.wait_for(r"PAUSED +step")
+        paused_at = int(re.search(r"step (\d+)/100000", screen).group(1))
+        terminal.send("c")
+        terminal.wait_for(rf"saved step-{paused_at:08d}")
+        terminal.send("q")
+        terminal.wait_for(r"Stop training and quit\?")
+        terminal.send("y")
+        screen = terminal.wait_for(r"exit=\d+", timeout=120)
+    finally:
+        terminal.close()
+    assert "exit=0" in screen, screen
+    assert "resume with: moe-tui train --resume dash --nproc 2" in screen
+    assert (tmp_path / "runs" / "dash" / "checkpoints" / f"step-{paused_at:08d}").is_dir()
+
+
+# -- what can only be checked apart from a real run here (no GPUs, one kind of device) -------------
+
+def test_a_process_per_gpu_and_one_kind_of_device():
+    with pytest.raises(UserError, match=r"--nproc 4 asks for more processes than the 2 CUDA GPU\(s\)"):
+        distributed.check_cuda_count(4, 2)
+    distributed.check_cuda_count(2, 2)
+    with pytest.raises(UserError, match=r"rank 0 cuda, rank 1 cpu\); give every process the same --device"):
+        distributed.check_same_devices(["cuda", "cpu"])
+    distributed.check_same_devices(["cpu", "cpu"])
+
+
+def test_each_rank_takes_its_slice_of_the_same_global_batch():
+    rows = torch.arange(12).reshape(6, 2)
+    parts = [distributed.Ranks(r, 3).shard(rows) for r in range(3)]
+    assert torch.equal(torch.cat(parts), rows)
+    assert distributed.SINGLE.shard(rows) is rows
