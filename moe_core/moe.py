@@ -63,12 +63,17 @@ class StackedExperts(nn.Module):
             # CUDA's grouped matmul takes bf16 only: cast here, as autocast does for nn.Linear.
             x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, self.w1, self.b1, self.w2, self.b2))
             offs = counts.cumsum(0).to(torch.int32)  # stays on the device: no host sync
-            # Biases through a one-hot (rows, E) matrix: a small matmul whose backward sums each
-            # expert's rows in a GEMM. (b1[expert]'s backward adds every row into E rows with
-            # atomics, all colliding: it was a fifth of a GPU step.)
-            one_hot = torch.zeros(x.shape[0], len(counts), dtype=dtype, device=x.device).scatter_(1, expert[:, None], 1)
-            h = F.grouped_mm(x, w1.transpose(1, 2), offs=offs) + one_hot @ b1
-            y = F.grouped_mm(F.relu(h), w2.transpose(1, 2), offs=offs) + one_hot @ b2
+            if x.device.type != "cpu":
+                # Biases through a one-hot (rows, E) matrix: a small matmul whose backward sums each
+                # expert's rows in a GEMM. (On a GPU, the gather's backward adds every row into E
+                # rows with atomics, all colliding: it was a fifth of the step.)
+                one_hot = torch.zeros(x.shape[0], len(counts), dtype=dtype, device=x.device)
+                one_hot.scatter_(1, expert[:, None], 1)
+                bias1, bias2 = one_hot @ b1, one_hot @ b2
+            else:  # index_select, not b1[expert]: its backward is a fast index_add, not an index_put
+                bias1, bias2 = b1.index_select(0, expert), b2.index_select(0, expert)
+            h = F.grouped_mm(x, w1.transpose(1, 2), offs=offs) + bias1
+            y = F.grouped_mm(F.relu(h), w2.transpose(1, 2), offs=offs) + bias2
         else:  # one matmul per expert; unbind once, so the backward writes one weight gradient
             sizes = counts.tolist()  # the slice sizes must be read on the host: a sync on a GPU
             parts = zip(x.split(sizes), self.w1.unbind(), self.b1.unbind(), self.w2.unbind(), self.b2.unbind())
