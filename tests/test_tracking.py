@@ -17,14 +17,15 @@ import torch
 from moe_core.bus import EventBus
 from moe_core.events import Notice, StepMetrics
 from moe_core.runs import Run
-from moe_core.track import Tracker, Tracking
+from moe_core.track import Tracker, Tracking, trackers
 from moe_core.track.base import TrackerSink, TrackerState
 
 from .conftest import cli
 from .test_training import make_trainer
 
-# 40 steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
-SHORT = dict(max_iters=40, eval_interval=10, log_interval=10, sample_interval=20, ckpt_interval=20)
+# 40 small steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
+SHORT = dict(max_iters=40, eval_interval=10, log_interval=10, sample_interval=20, ckpt_interval=20, batch_size=8,
+             eval_iters=2, sample_tokens=20)
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +37,16 @@ def offline(monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
 
 
+def need(*names: str) -> None:
+    """The trackers' packages (the `track` extra): a skip here, a failure in CI (tests/no_skips_in_ci.py)."""
+    for name in names:
+        pytest.importorskip(trackers()[name].package, reason=f"pip install 'moe-tui[{name}]' to test it")
+
+
 def tracked_run(tmp_path: Path, shared_dir: Path, track: list[str], name: str = "run", resume: bool = False,
                 backends=(), **overrides):
     """Train a tiny run with these trackers on the bus; returns the trainer and every event."""
+    need(*track)
     settings = {**SHORT, "track": track, "track_project": f"p-{tmp_path.name}"[:60], **overrides}
     trainer = make_trainer(tmp_path, shared_dir, name=name, resume=resume, **settings)
     bus, events = EventBus(), []
@@ -186,6 +194,7 @@ def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
 # -- export -----------------------------------------------------------------------------------------
 
 def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
+    need("tensorboard", "mlflow")
     run = Run(trained)
     code, out, err = cli(capsys, "export", "tiny", "--to", "tensorboard")
     assert code == 0, err
@@ -200,6 +209,7 @@ def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
 
 
 def test_track_in_a_config_file_and_runs_show_names_where(env, shared_dir, capsys, tmp_path):
+    need("tensorboard")
     (tmp_path / "track.toml").write_text('[tracking]\ntrack = ["tensorboard"]\ntrack_project = "mine"\n')
     code, out, err = cli(capsys, "train", "simpsons", "--config", str(tmp_path / "track.toml"), "--n-layer", "1",
                          "--n-embd", "32", "--block-size", "16", "--batch-size", "8", "--max-iters", "10",

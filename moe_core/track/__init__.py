@@ -42,7 +42,7 @@ def check_trackers(names: Iterable[str], flag: str = "--track") -> None:
     known = trackers()
     for name in names:
         if name not in known:
-            raise UserError(f"unknown tracker '{name}' in {flag}; use one of {', '.join(known)}")
+            raise UserError(f"unknown tracker '{name}'; {flag} takes one of {', '.join(known)}")
         tracker = known[name]
         try:
             importlib.import_module(tracker.package)

@@ -1,14 +1,24 @@
 """MLflow: to $MLFLOW_TRACKING_URI, else a SQLite store beside the runs (runs/mlflow.db, artifacts in
-runs/mlflow-artifacts/). SQLite, not ./mlruns: MLflow 3 refuses its file store unless told to allow it."""
+runs/mlflow-artifacts/). SQLite, not a ./mlruns folder: MLflow 3 refuses its file store unless
+MLFLOW_ALLOW_FILE_STORE=true, and recommends sqlite:/// for local use."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from .base import Tracker
+
+def artifacts_beside(uri: str) -> str | None:
+    """Artifacts (the samples) of a SQLite store go beside its database file, not into ./mlruns of
+    whatever folder training started in; a server keeps its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").resolve().as_uri()
+
 
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
 
@@ -31,10 +41,7 @@ class MLflow(Tracker):
         else:
             experiment = self.client.get_experiment_by_name(self.project)
             if experiment is None:
-                local = uri == self.local_uri()
-                experiment_id = self.client.create_experiment(
-                    self.project, artifact_location=(self.run.path.parent / "mlflow-artifacts").resolve().as_uri()
-                    if local else None)
+                experiment_id = self.client.create_experiment(self.project, artifact_location=artifacts_beside(uri))
             else:
                 experiment_id = experiment.experiment_id
             self.run_id = self.client.create_run(experiment_id, run_name=self.run.name,
