@@ -225,6 +225,7 @@ CASES = {
     "resume with an unknown tracker": Case(TRACK, ["train", "--resume", "tiny", "--track", "neptune", *SHORT]),
     "export to an unknown tracker": Case(TRACK, ["export", "tiny", "--to", "neptune"]),
     "export an unknown run": Case(TRACK, ["export", "ghost", "--to", "tensorboard"]),
+    "export a run that is training": Case(TRACK, ["export", "tiny", "--to", "tensorboard"], other_trainer("live")),
 }
 
 
@@ -371,6 +372,7 @@ OFFENDING = {
     "resume with an unknown tracker": ["'neptune'", "--track"],
     "export to an unknown tracker": ["'neptune'", "--to"],
     "export an unknown run": ["'ghost'"],
+    "export a run that is training": ["'tiny'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

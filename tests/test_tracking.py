@@ -103,7 +103,7 @@ def trackio_logs(run: Run) -> list[dict]:
 
     e = entry(run, "trackio")
     assert e["run"] in [r.name for r in trackio.Api().runs(e["project"])]
-    return trackio.SQLiteStorage.get_logs(e["project"], e["run"])
+    return trackio.SQLiteStorage.get_logs(e["project"], e["run"], run_id=e["run_id"])
 
 
 def same(points, expected) -> bool:

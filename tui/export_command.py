@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from moe_core.errors import UserError
 from moe_core.events import Event, Notice, Sample
+from moe_core.live.lease import read_status
 from moe_core.runs import Run, default_runs_dir
 from moe_core.track import Tracking, check_trackers, trackers, where_written
 from tui.options import RunsDir
@@ -28,6 +30,9 @@ def export(
     """Send a recorded run to a tracker (again: only the steps it does not have yet)."""
     check_trackers([to], flag="--to")
     r = Run.open(runs_dir or default_runs_dir(), run)
+    if read_status(r).state in ("live", "starting"):
+        raise UserError(f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}`), "
+                        f"or resume it with --track {to}")
     config = r.load_config()
     if track_project:
         config = dataclasses.replace(config, track_project=track_project)

@@ -126,8 +126,9 @@ class TrackerState:
             return self.entries.setdefault(name, {})
 
     def save(self) -> None:
-        with self.lock:
-            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+        with self.lock:  # the copies are taken whole (under the GIL) while other sinks may update theirs
+            snapshot = {name: dict(entry) for name, entry in list(self.entries.items())}
+            atomic_write_text(self.path, json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
 
 
 _STOP = object()

@@ -1,5 +1,7 @@
 """Trackio (Hugging Face, local-first): into its own local store ($TRACKIO_DIR, default
-~/.cache/huggingface/trackio), one project database with a run per moe-tui run; `trackio show` opens it."""
+~/.cache/huggingface/trackio), one project database with a run per moe-tui run; `trackio show` opens it.
+A resume continues the run of the same name (Trackio's resume="allow"); a new moe-tui run of a name
+used before is a new Trackio run of that name (resume="never")."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class Trackio(Tracker):
         with contextlib.redirect_stdout(io.StringIO()):  # its greeting would land on the dashboard's screen
             self.tr = trackio.init(project=project, name=self.run.name, config=params,
                                    resume="allow" if continuing else "never", auto_log_cpu=False, auto_log_gpu=False)
-        self.entry.update(project=project, run=self.run.name, dir=str(TRACKIO_DIR))
+        self.entry.update(project=project, run=self.run.name, run_id=self.tr.id, dir=str(TRACKIO_DIR))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.tr.log(values, step=step)

@@ -42,7 +42,7 @@ class WandB(Tracker):
         self.entry.update(run_id=run_id, project=self.entry.get("project", self.project),
                           mode="offline" if self.wb.offline else "online",
                           url="" if self.wb.offline else (self.wb.url or ""),
-                          dir=str(self.run.path / "wandb"))
+                          dir=str((self.run.path / "wandb").resolve()))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.wb.log(values, step=step)
