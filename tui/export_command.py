@@ -31,8 +31,8 @@ def export(
     check_trackers([to], flag="--to")
     r = Run.open(runs_dir or default_runs_dir(), run)
     if read_status(r).state in ("live", "starting"):
-        raise UserError(f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}`), "
-                        f"or resume it with --track {to}")
+        raise UserError(f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}` "
+                        f"stops it, and `moe-tui train --resume {r.name} --track {to}` would go on tracked)")
     config = r.load_config()
     if track_project:
         config = dataclasses.replace(config, track_project=track_project)
