@@ -72,6 +72,9 @@ class Config:
     encoding: str = "utf-8"
     val_fraction: float = 0.1
     preset: str = "cpu"
+    # experiment tracking (moe_core/track): where the run is sent besides its own folder
+    track: list[str] = field(default_factory=list)
+    track_project: str = "moe-tui"
 
     @property
     def head_dim(self) -> int:
@@ -89,10 +92,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "schedule": ("eval_interval", "eval_iters", "log_interval", "sample_interval", "sample_tokens",
                  "ckpt_interval", "keep_checkpoints"),
     "data": ("dataset", "columns", "encoding", "val_fraction", "preset"),
+    "tracking": ("track", "track_project"),
 }
 
 # Keys that may change when a run is resumed: they alter neither the model nor the data.
-RESUMABLE_KEYS = frozenset(SECTIONS["schedule"]) | {
+RESUMABLE_KEYS = frozenset(SECTIONS["schedule"]) | frozenset(SECTIONS["tracking"]) | {
     "max_iters", "lr", "min_lr_ratio", "device", "compile", "grad_clip", "preset"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -137,7 +141,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a config file: flat keys, or keys grouped in [model], [train], [schedule], [data]."""
+    """Read a config file: flat keys, or keys grouped in [model], [train], [schedule], [data], [tracking]."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -237,6 +241,11 @@ def validate(c: Config) -> None:
                          ("lr_schedule", SCHEDULES), ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
         need(getattr(c, key) in allowed,
              f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
+    need(bool(c.track_project.strip()), "--track-project must not be empty; name a project (e.g. moe-tui)")
+    if c.track:
+        from .track import check_trackers  # imports each tracker's package: only when asked for
+
+        check_trackers(c.track)
 
 
 def diff_for_resume(saved: Config, wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

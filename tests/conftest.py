@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -18,6 +20,15 @@ from tui.cli import main
 from .no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The trackers' own stores go to a temporary folder, never the user's: Trackio reads $TRACKIO_DIR once, when
+# first imported, and W&B keeps settings and caches beside its runs' folders.
+_TRACKER_HOME = Path(tempfile.mkdtemp(prefix="moe-tui-trackers-"))
+atexit.register(shutil.rmtree, _TRACKER_HOME, True)
+for _var, _sub in (("TRACKIO_DIR", "trackio"), ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                   ("WANDB_DATA_DIR", "wandb-data")):
+    os.environ[_var] = str(_TRACKER_HOME / _sub)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # Tests run many small models one after another; two intra-op threads on two cores is the sweet spot,
 # and more would oversubscribe when pytest runs beside a subprocess under test.

@@ -43,7 +43,7 @@ class Case:
     env: dict[str, str] | None = None  # set for the command, which then runs as a process of its own
 
     def command(self) -> str:
-        env = "".join(f"{key}={shlex.quote(value)} " for key, value in (self.env or {}).items())
+        env = "".join(f"{key}={shlex.quote(value).replace('{tmp}', '<tmp>')} " for key, value in (self.env or {}).items())
         return env + "moe-tui " + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>")
                                            for a in self.args)
 
@@ -116,6 +116,13 @@ def not_a_run(run: Path, tmp: Path) -> None:
     (tmp / "runs" / "notes" / "todo.txt").write_text("not a run\n")
 
 
+def hide_mlflow(run: Path, tmp: Path) -> None:
+    """A folder that, first on PYTHONPATH, makes `import mlflow` fail as it does where it is not installed."""
+    (tmp / "no-mlflow" / "mlflow").mkdir(parents=True)
+    (tmp / "no-mlflow" / "mlflow" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n")
+
+
 def write_inputs(tmp: Path) -> None:
     """The bad files the corpus and config cases point at."""
     files = {"empty.txt": "", "short.txt": "Homer: Doh!\n",
@@ -123,14 +130,15 @@ def write_inputs(tmp: Path) -> None:
              "lines.csv": "speaker,line\nHomer,Doh\n", "bad.toml": "n_layer = = 2\n",
              "unknown.toml": "n_layers = 2\n", "wrongtype.toml": 'n_layer = "two"\n',
              "negative.toml": "[train]\nlr = -1.0\n", "section.toml": "[modell]\nn_layer = 2\n",
-             "runs-file": "not a folder\n"}
+             "runs-file": "not a folder\n", "tracker.toml": '[tracking]\ntrack = ["neptune"]\n'}
     for name, content in files.items():
         (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
     (tmp / "corpus-folder").mkdir(exist_ok=True)
 
 
-CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE = ("CLI arguments", "config files", "corpora", "run names",
-                                                "checkpoints", "prompts", "watching and stopping")
+CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK = ("CLI arguments", "config files", "corpora", "run names",
+                                                       "checkpoints", "prompts", "watching and stopping",
+                                                       "experiment tracking")
 CASES = {
     "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
     "rope with an odd head width": Case(CLI, ["train", "simpsons", "--pos-encoding", "rope", "--n-embd", "36",
@@ -213,6 +221,17 @@ CASES = {
     "stop a trainer of another version": Case(LIVE, ["stop", "tiny"], other_trainer("other-protocol")),
     "report in an unknown format": Case(RUN, ["report", "tiny", "--format", "pdf"]),
     "report on an unknown run": Case(RUN, ["report", "ghost"]),
+    "unknown tracker": Case(TRACK, ["train", "simpsons", "--track", "neptune", *SHORT]),
+    # No bytecode written: the case must leave its folder as it found it.
+    "tracker package not installed": Case(TRACK, ["train", "simpsons", "--track", "mlflow", *SHORT], hide_mlflow,
+                                          env={"PYTHONPATH": "{tmp}/no-mlflow", "PYTHONDONTWRITEBYTECODE": "1"}),
+    "unknown tracker in a config file": Case(TRACK, ["train", "simpsons", "--config", "{tmp}/tracker.toml", *SHORT]),
+    "empty tracker project": Case(TRACK, ["train", "simpsons", "--track", "tensorboard", "--track-project", "",
+                                          *SHORT]),
+    "resume with an unknown tracker": Case(TRACK, ["train", "--resume", "tiny", "--track", "neptune", *SHORT]),
+    "export to an unknown tracker": Case(TRACK, ["export", "tiny", "--to", "neptune"]),
+    "export an unknown run": Case(TRACK, ["export", "ghost", "--to", "tensorboard"]),
+    "export a run that is training": Case(TRACK, ["export", "tiny", "--to", "tensorboard"], other_trainer("live")),
 }
 
 
@@ -242,7 +261,8 @@ def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
     args = [a.replace("{tmp}", str(tmp)) for a in case.args]
     if case.env:  # a process of its own: torch reads CUDA_VISIBLE_DEVICES once, when it first looks for a GPU
         with user_session(tmp):
-            done = subprocess.run([sys.executable, "-m", "tui", *args], env={**os.environ, **case.env},
+            env = {key: value.replace("{tmp}", str(tmp)) for key, value in case.env.items()}
+            done = subprocess.run([sys.executable, "-m", "tui", *args], env={**os.environ, **env},
                                   capture_output=True, text=True, timeout=300)
         return done.returncode, done.stdout, done.stderr, before
     out, err = io.StringIO(), io.StringIO()
@@ -355,6 +375,14 @@ OFFENDING = {
     "stop a trainer of another version": ["moe-tui 9.9.9", "protocol 99"],
     "report in an unknown format": ["--format", "'pdf'"],
     "report on an unknown run": ["'ghost'"],
+    "unknown tracker": ["'neptune'", "--track"],
+    "tracker package not installed": ["--track mlflow", "pip install 'moe-tui[mlflow]'"],
+    "unknown tracker in a config file": ["'neptune'"],
+    "empty tracker project": ["--track-project"],
+    "resume with an unknown tracker": ["'neptune'", "--track"],
+    "export to an unknown tracker": ["'neptune'", "--to"],
+    "export an unknown run": ["'ghost'"],
+    "export a run that is training": ["'tiny'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

@@ -188,7 +188,8 @@ def test_the_manifest_holds_the_shape_its_hash_and_the_resumable_settings(traine
     assert manifest["config"] == {
         "ckpt_interval": 10, "compile": False, "device": "cpu", "eval_interval": 10, "eval_iters": 5,
         "grad_clip": 1.0, "keep_checkpoints": 3, "log_interval": 10, "lr": 0.003, "max_iters": 30,
-        "min_lr_ratio": 0.1, "preset": "cpu", "sample_interval": 100, "sample_tokens": 40}
+        "min_lr_ratio": 0.1, "preset": "cpu", "sample_interval": 100, "sample_tokens": 40, "track": [],
+        "track_project": "moe-tui"}
     assert manifest["config"] == {key: getattr(config, key) for key in RESUMABLE_KEYS}  # and config.toml's
     for name, entry in manifest["files"].items():
         assert entry == {"size": (folders[1] / name).stat().st_size, "sha256": file_digest(folders[1] / name)}

@@ -12,6 +12,7 @@ import typer
 
 from moe_core.errors import UserError
 from tui.bench_command import bench
+from tui.export_command import export
 from tui.live_commands import stop, watch
 from tui.report import report
 from tui.run_commands import datasets, runs_app, sample
@@ -29,6 +30,7 @@ app.add_typer(runs_app, name="runs")
 app.command()(datasets)
 app.command()(report)
 app.command()(bench)
+app.command()(export)
 
 
 def main(argv: list[str] | None = None) -> int:

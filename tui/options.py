@@ -13,6 +13,7 @@ MODEL = "Model"
 TRAINING = "Training"
 SCHEDULE = "Evaluation, sampling, checkpoints"
 DATA = "Data and runs"
+TRACKING = "Experiment tracking"
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Dataset cache \\[default: $MOE_TUI_DATA or ./data]", rich_help_panel=DATA)]
 RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Run output \\[default: $MOE_TUI_RUNS or ./runs]", rich_help_panel=DATA)]

@@ -111,6 +111,10 @@ def runs_show(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run n
     if r.best_checkpoint.is_dir():
         ckpts.append("best")
     console.print(f"checkpoints: {', '.join(ckpts) or 'none yet'}")
+    from moe_core.track import where_written
+
+    for line in where_written(r):
+        console.print(f"tracked in {line}", markup=False, highlight=False)
     if r.samples_path.exists():
         last = r.samples_path.read_text(encoding="utf-8").rstrip().rsplit("--- step ", 1)[-1]
         console.print(f"latest sample, step {last}", markup=False, highlight=False)

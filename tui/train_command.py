@@ -21,10 +21,11 @@ from moe_core.distributed import LostRank
 from moe_core.live.host import LiveTraining
 from moe_core.live.lease import RunLease, already_live_message, is_live, read_status
 from moe_core.runs import Run, default_runs_dir
+from moe_core.track import Tracking
 from tui.detach import is_detached_child, move_output_to_log, start_detached
 from tui.launch import launch
 from tui.exits import HANGUP, move_output_after_hangup, print_next_step, signal_exit_code, stop_signals_handled
-from tui.options import (DATA, MODEL, SCHEDULE, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
+from tui.options import (DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
                          stop_command, watch_command)
 
 
@@ -74,6 +75,8 @@ def train(
     detach: Annotated[bool, opt("Train in the background, free of this terminal (output: RUN/train.log); watch with `moe-tui watch`", DATA, "--detach")] = False,
     on_hangup: Annotated[Optional[str], opt("keep | stop: what losing the terminal does \\[default: keep with the dashboard, stop with plain lines]", DATA)] = None,
     nproc: Annotated[Optional[int], opt("Processes to train on, data parallel (through torchrun; --batch-size is global) \\[default: 1]", TRAINING)] = None,
+    track: Annotated[Optional[list[str]], opt("Also send the run to tensorboard | mlflow | wandb | trackio (repeatable; each needs its extra: pip install 'moe-tui[NAME]')", TRACKING)] = None,
+    track_project: Annotated[Optional[str], opt("Project (experiment) name in the trackers \\[default: moe-tui]", TRACKING)] = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -100,6 +103,8 @@ def train(
         flags.update(num_experts=1, top_k=1)
     if column:
         flags["columns"] = list(column)
+    if track is not None:
+        flags["track"] = list(track)
     data_dir = data_dir or default_data_dir()
     runs_dir = runs_dir or default_runs_dir()
     use_dashboard = (ranks.leader and not (headless or detach) and sys.stdout.isatty() and sys.stdin.isatty()
@@ -201,10 +206,14 @@ def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, change
     lease.activate()
     if detach:
         move_output_to_log(run, watch_command(run.name, runs_dir), stop_command(run.name, runs_dir))
-    with LiveTraining(trainer, lease, EventBus()) as live:
+    with LiveTraining(trainer, lease, EventBus()) as live, Tracking(config, run, live.bus) as tracking:
+        finalise = lambda: (tracking.close(), live.close())  # noqa: E731 - before a forced exit after a hangup
         if use_dashboard:
-            return _run_dashboard(live, runs_dir, torch_threads, on_hangup or "keep")
-        return _run_headless(trainer, live.bus, runs_dir, on_hangup or "stop")
+            code = _run_dashboard(live, runs_dir, torch_threads, on_hangup or "keep", finalise)
+        else:
+            code = _run_headless(trainer, live.bus, runs_dir, on_hangup or "stop")
+            tracking.close()  # while the reporter still prints its warnings
+    return code
 
 
 def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device) -> int:
@@ -278,12 +287,12 @@ def _dashboard_available() -> bool:
     return importlib.util.find_spec("textual") is not None
 
 
-def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: str) -> int:
+def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: str, finalise) -> int:
     from tui.session import run_dashboard
 
     name = live.trainer.run_dir.name
     return run_dashboard(live.trainer, _resume_hint(live.trainer, runs_dir), sample_command(name, runs_dir), torch_threads,
-                         bus=live.bus, on_hangup=on_hangup, finalise=live.close)
+                         bus=live.bus, on_hangup=on_hangup, finalise=finalise)
 
 
 def _resume_hint(trainer, runs_dir: Path) -> str:

@@ -1,0 +1,273 @@
+"""What every tracker shares: the events turned into scalars and text, the queue and worker thread that
+keep a tracker off the training thread, and the run's `trackers.json`.
+
+A backend subclasses `Tracker` and implements `open`, `scalars`, `text`, `close` and `describe`; it never
+sees the bus, the queue or the thread. `TrackerSink` is the bus subscriber that runs one backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import deque
+from pathlib import Path
+from queue import Empty, Full, Queue
+from typing import Any, Callable
+
+from ..atomic import atomic_write_text
+from ..config import Config
+from ..events import (LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged,
+                      StepMetrics)
+from ..runs import Run
+
+QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
+CLOSE_TIMEOUT = 60.0  # seconds a tracker may take to send what is queued when training ends
+
+
+class Tracker:
+    """One tracking backend. Its methods run on the sink's worker thread, one at a time."""
+
+    name = ""  # the value of --track
+    package = ""  # the module it needs; missing, `pip install 'moe-tui[EXTRA]'` is the fix
+    extra = ""  # the pip extra that installs it (default: the name)
+    # True: `open` itself drops what the tracked run holds after `start_step` (TensorBoard's purge).
+    # False: events at steps the tracked run already has are skipped, so no step is logged twice.
+    rewinds = False
+
+    def __init__(self, run: Run, project: str, entry: dict[str, Any]):
+        self.run, self.project = run, project
+        self.entry = entry  # this tracker's part of trackers.json: ids to continue with, where it wrote
+
+    def open(self, params: dict[str, Any], start_step: int, continuing: bool) -> None:
+        """Start (or, `continuing`, reopen) the tracked run and record its hyperparameters; may fill
+        `self.entry` with what a resume or `moe-tui runs show` needs."""
+        raise NotImplementedError
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def expert_shares(self, step: int, layer: int, shares: list[float]) -> None:
+        """Each expert's share of one layer's routed tokens: one scalar per expert unless overridden."""
+        self.scalars(step, {f"experts/layer{layer}/expert{i}": share for i, share in enumerate(shares)})
+
+    def text(self, step: int, key: str, text: str) -> None:
+        raise NotImplementedError
+
+    def close(self, outcome: str) -> None:
+        """End the tracked run: outcome is finished, stopped or error."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, run: Run, entry: dict[str, Any]) -> str:
+        """Where this tracker wrote the run, and how to open it (for `moe-tui runs show`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def extra_name(cls) -> str:
+        return cls.extra or cls.name
+
+
+def run_params(config: Config, started: RunStarted | None) -> dict[str, Any]:
+    """The hyperparameters every tracker records: the resolved config and the model's size."""
+    params: dict[str, Any] = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
+    if started is not None:
+        params.update(params_total=started.params_total, params_active=started.params_active,
+                      tokens_per_step=started.tokens_per_step, vocab_size=started.vocab_size,
+                      resolved_device=started.device)
+    return params
+
+
+def send(tracker: Tracker, event: Event) -> None:
+    """What the dashboard shows of one event, as the tracker's scalars and text."""
+    if isinstance(event, StepMetrics):
+        tracker.scalars(event.step, {"train/loss": event.loss, "train/aux_loss": event.aux_loss,
+                                     "train/z_loss": event.z_loss, "train/lr": event.lr,
+                                     "train/grad_norm": event.grad_norm, "train/tokens_per_sec": event.tokens_per_sec})
+    elif isinstance(event, EvalMetrics):
+        tracker.scalars(event.step, {"eval/train_loss": event.train_loss, "eval/val_loss": event.val_loss,
+                                     "eval/train_bpc": event.train_bpc, "eval/val_bpc": event.val_bpc})
+    elif isinstance(event, RouterStats):
+        values: dict[str, float] = {}
+        for i, layer in enumerate(event.layers):
+            values.update({f"routing/layer{i}/dropped": layer.dropped_fraction,
+                           f"routing/layer{i}/imbalance_cv": layer.imbalance, f"routing/layer{i}/entropy": layer.entropy})
+        n = len(event.layers) or 1
+        values.update({"routing/dropped": sum(la.dropped_fraction for la in event.layers) / n,
+                       "routing/imbalance_cv": sum(la.imbalance for la in event.layers) / n})
+        tracker.scalars(event.step, {k: v for k, v in values.items() if math.isfinite(v)})
+        for i, layer in enumerate(event.layers):
+            tracker.expert_shares(event.step, i, layer.expert_fraction)
+    elif isinstance(event, Sample):
+        tracker.text(event.step, "samples/requested" if event.requested else "samples/periodic", event.text)
+
+
+class TrackerState:
+    """`runs/NAME/trackers.json`: per tracker, what continuing its run needs (ids, where it wrote) and
+    the last step it was sent. Shared by the sinks of one process, hence the lock."""
+
+    FILE = "trackers.json"
+
+    def __init__(self, run: Run):
+        self.path = Path(run.path) / self.FILE
+        self.lock = threading.Lock()
+        self.entries: dict[str, dict[str, Any]] = self.read(run)
+
+    @classmethod
+    def read(cls, run: Run) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads((Path(run.path) / cls.FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def entry(self, name: str) -> dict[str, Any]:
+        with self.lock:
+            return self.entries.setdefault(name, {})
+
+    def save(self) -> None:
+        with self.lock:  # the copies are taken whole (under the GIL) while other sinks may update theirs
+            snapshot = {name: dict(entry) for name, entry in list(self.entries.items())}
+            atomic_write_text(self.path, json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
+
+
+_STOP = object()
+
+
+class TrackerSink:
+    """A bus subscriber that hands events to one tracker on a worker thread of its own.
+
+    The training thread only puts events on a bounded queue: a full queue drops events (one warning),
+    a tracker that raises is turned off (one warning) and training goes on. Warnings are published on
+    the bus from the thread that publishes, at its next event, or at `close`.
+    """
+
+    def __init__(self, tracker: Tracker, config: Config, state: TrackerState, publish: Callable[[Event], None],
+                 queue_size: int = QUEUE_SIZE):
+        self.tracker, self.config, self.state, self.publish = tracker, config, state, publish
+        self.name = tracker.name
+        self.entry = state.entry(tracker.name)
+        self.queue: Queue = Queue(maxsize=queue_size)
+        self.failed = self.dropped = False
+        self.opened = False
+        self.skip_through = -1  # steps the tracked run already holds (continuing without a rewind)
+        self.outcome = "stopped"
+        self._notices: deque[Notice] = deque()
+        self._step = 0
+        self.thread = threading.Thread(target=self._work, name=f"tracker-{tracker.name}", daemon=True)
+        self.thread.start()
+
+    # -- the publishing thread -----------------------------------------------------------------
+
+    def __call__(self, event: Event) -> None:
+        self._publish_notices()
+        if self.failed or isinstance(event, Notice) or (isinstance(event, LIVE_ONLY) and not isinstance(
+                event, StateChanged)):
+            return
+        self._step = getattr(event, "step", self._step)
+        try:
+            self.queue.put_nowait(event)
+        except Full:
+            if not self.dropped:
+                self.dropped = True
+                self._notices.append(Notice("warning", f"tracker {self.name} is falling behind: events are being "
+                                                       "dropped for it; training goes on", self._step))
+
+    def replay(self, events: list[Event]) -> None:
+        """Feed recorded events (`moe-tui export`), waiting for room rather than dropping any."""
+        for event in events:
+            if self.failed:
+                break
+            self.queue.put(event)
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Send what is queued, end the tracked run, and publish any warning left."""
+        if not self.thread.is_alive():  # closed already
+            self._publish_notices()
+            return
+        try:
+            self.queue.put(_STOP, timeout=timeout)
+        except Full:
+            pass
+        self.thread.join(timeout)
+        if self.thread.is_alive() and not self.failed:
+            self._notices.append(Notice("warning", f"tracker {self.name} did not finish sending within "
+                                                   f"{timeout or 0:.0f} s; what it has not sent is lost", self._step))
+        self._publish_notices()
+
+    def _publish_notices(self) -> None:
+        while self._notices:
+            try:
+                notice = self._notices.popleft()
+            except IndexError:
+                return
+            self.publish(notice)
+
+    # -- the worker thread ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            event = self.queue.get()
+            if event is _STOP:
+                if self.opened and self.failed:
+                    try:  # end what it can of the tracked run; it has warned once already
+                        self.tracker.close("error")
+                    except Exception:  # noqa: BLE001
+                        pass
+                elif self.opened:
+                    self._guarded(lambda: self.tracker.close(self.outcome))
+                return
+            if not self.failed:
+                self._guarded(lambda: self._handle(event))
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - a tracker's failure is never training's
+            self.failed = True
+            message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            self._notices.append(Notice("warning", f"tracker {self.name} failed ({message}); it is off for the rest "
+                                                   "of this run, training goes on", self._step))
+            self._drain()
+
+    def _drain(self) -> None:
+        """Empty the queue of a failed tracker, so that nothing waits on it (a STOP is kept)."""
+        while True:
+            try:
+                event = self.queue.get_nowait()
+            except Empty:
+                return
+            if event is _STOP:
+                self.queue.put(_STOP)
+                return
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, StateChanged):
+            if event.state in ("finished", "error") or (event.state == "stopped" and self.outcome == "stopped"):
+                self.outcome = event.state  # a dashboard's finished run is stopped when the user quits: finished
+            return
+        if not self.opened:
+            self._open(event if isinstance(event, RunStarted) else None)
+        if isinstance(event, RunStarted):
+            return
+        step = getattr(event, "step", None)
+        if step is None or step <= self.skip_through:
+            return
+        if step > self.entry.get("last_step", -1):  # written before sending: a crash never sends a step twice
+            self.entry["last_step"] = step
+            self.state.save()
+        send(self.tracker, event)
+
+    def _open(self, started: RunStarted | None) -> None:
+        continuing = bool(self.entry)  # this run was sent to this tracker before: continue it
+        start_step = started.start_step if started is not None else 0
+        if continuing and not self.tracker.rewinds:
+            self.skip_through = self.entry.get("last_step", -1)
+        self.tracker.open(run_params(self.config, started), start_step, continuing)
+        self.opened = True
+        self.entry.setdefault("last_step", start_step if self.tracker.rewinds else self.skip_through)
+        if self.tracker.rewinds:
+            self.entry["last_step"] = start_step
+        self.state.save()
+        self._notices.append(Notice("info", f"tracker {self.name}: {self.tracker.describe(self.tracker.run, self.entry)}",
+                                    start_step))

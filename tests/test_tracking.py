@@ -1,0 +1,292 @@
+"""Experiment tracking: tiny real runs sent to TensorBoard, MLflow, W&B (offline) and Trackio, read back
+through each library's own reader; resume without a step twice; export; a failing or slow tracker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_core.bus import EventBus
+from moe_core.events import Notice, StepMetrics
+from moe_core.runs import Run
+from moe_core.track import Tracker, Tracking, trackers
+from moe_core.track.base import TrackerSink, TrackerState
+
+from .conftest import cli
+from .test_training import make_trainer
+
+# 40 small steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
+SHORT = dict(max_iters=40, eval_interval=10, log_interval=10, sample_interval=20, ckpt_interval=20, batch_size=8,
+             eval_iters=2, sample_tokens=20)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No tracker may reach the network: W&B logged out (and pointed at a closed port), MLflow local."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", os.devnull)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+
+
+def need(*names: str) -> None:
+    """The trackers' packages (the `track` extra): a skip here, a failure in CI (tests/no_skips_in_ci.py)."""
+    for name in names:
+        pytest.importorskip(trackers()[name].package, reason=f"pip install 'moe-tui[{name}]' to test it")
+
+
+def tracked_run(tmp_path: Path, shared_dir: Path, track: list[str], name: str = "run", resume: bool = False,
+                backends=(), **overrides):
+    """Train a tiny run with these trackers on the bus; returns the trainer and every event."""
+    need(*track)
+    settings = {**SHORT, "track": track, "track_project": f"p-{tmp_path.name}"[:60], **overrides}
+    trainer = make_trainer(tmp_path, shared_dir, name=name, resume=resume, **settings)
+    bus, events = EventBus(), []
+    bus.subscribe(events.append)
+    trainer.on_event = bus
+    tracking = Tracking(trainer.config, trainer.run_dir, bus, backends=backends)
+    assert trainer.run() == "finished"
+    tracking.close()
+    return trainer, events
+
+
+def logged(run: Run, kind: str, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in run.read_metrics() if r["event"] == kind]
+
+
+def warnings(events) -> list[str]:
+    return [e.message for e in events if isinstance(e, Notice) and e.level != "info"]
+
+
+def entry(run: Run, name: str) -> dict:
+    return json.loads((run.path / "trackers.json").read_text())[name]
+
+
+# -- readers: each library's own ------------------------------------------------------------------
+
+def tensorboard_scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+def mlflow_history(run: Run, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    e = entry(run, "mlflow")
+    return sorted((m.step, m.value) for m in MlflowClient(e["tracking_uri"]).get_metric_history(e["run_id"], key))
+
+
+def wandb_history(run: Run) -> list[dict]:
+    """Every history row of every offline run folder (a resume makes another), read by `wandb leet inspect`."""
+    rows = []
+    for folder in sorted((run.path / "wandb").glob("offline-run-*")):
+        done = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        rows += [json.loads(line)["history"]["item"] for line in done.stdout.splitlines()
+                 if json.loads(line).get("type") == "history"]
+    return rows
+
+
+def trackio_logs(run: Run) -> list[dict]:
+    import trackio
+
+    e = entry(run, "trackio")
+    assert e["run"] in [r.name for r in trackio.Api().runs(e["project"])]
+    return trackio.SQLiteStorage.get_logs(e["project"], e["run"], run_id=e["run_id"])
+
+
+def same(points, expected) -> bool:
+    """The same steps, and values equal to float32 precision (TensorBoard keeps float32)."""
+    assert [s for s, _ in points] == [s for s, _ in expected]
+    assert [v for _, v in points] == pytest.approx([v for _, v in expected], rel=1e-6)
+    return True
+
+
+# -- each backend ------------------------------------------------------------------------------------
+
+def test_tensorboard_val_loss_equals_metrics_jsonl_step_for_step(tmp_path, shared_dir):
+    trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard"])
+    run = trainer.run_dir
+    val = logged(run, "EvalMetrics", "val_loss")
+    assert [s for s, _ in val] == [10, 20, 30, 40]
+    assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), val)
+    assert same(tensorboard_scalars(run.path / "tensorboard", "train/loss"), logged(run, "StepMetrics", "loss"))
+    assert [s for s, _ in tensorboard_scalars(run.path / "tensorboard", "experts/layer1/expert3")] == [10, 20, 30, 40]
+    assert not warnings(events)
+
+
+def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_jsonl(tmp_path, shared_dir, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/tracking/mlflow.db"
+    (tmp_path / "tracking").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow"])
+    run = trainer.run_dir
+    from mlflow import MlflowClient
+
+    e = entry(run, "mlflow")
+    assert e["tracking_uri"] == uri
+    tracked = MlflowClient(uri).get_run(e["run_id"])
+    config = run.load_config().to_dict()
+    assert {k: tracked.data.params[k] for k in config} == {
+        k: ", ".join(v) if isinstance(v, list) else str(v) for k, v in config.items()}
+    assert int(tracked.data.params["params_total"]) == trainer.params_total
+    assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+    assert tracked.info.status == "FINISHED"
+    assert not warnings(events)
+
+
+def test_wandb_offline_run_folder_holds_the_history(tmp_path, shared_dir):
+    trainer, events = tracked_run(tmp_path, shared_dir, ["wandb"])
+    run = trainer.run_dir
+    assert entry(run, "wandb")["mode"] == "offline"
+    rows = wandb_history(run)
+    val = [(row["_step"], row["eval/val_loss"]) for row in rows if "eval/val_loss" in row]
+    assert same(val, logged(run, "EvalMetrics", "val_loss"))
+    assert [row["_step"] for row in rows if "samples/periodic._type" in row] == [20, 40]
+    assert not warnings(events)
+
+
+def test_trackio_logs_read_back_through_its_api(tmp_path, shared_dir):
+    trainer, events = tracked_run(tmp_path, shared_dir, ["trackio"])
+    run = trainer.run_dir
+    logs = trackio_logs(run)
+    val = [(row["step"], row["eval/val_loss"]) for row in logs if "eval/val_loss" in row]
+    assert same(val, logged(run, "EvalMetrics", "val_loss"))
+    assert not warnings(events)
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
+    every = ["tensorboard", "mlflow", "wandb", "trackio"]
+    trainer, _ = tracked_run(tmp_path, shared_dir, every)
+    # As if the process had died after step 40 with only the checkpoint of step 20 on disk: the trackers
+    # hold steps 21-40, which the resumed run trains again.
+    import shutil
+
+    shutil.rmtree(trainer.run_dir.checkpoints / "step-00000040")
+    trainer, events = tracked_run(tmp_path, shared_dir, every, resume=True, max_iters=60)
+    assert trainer.resumed and not warnings(events)
+    run = trainer.run_dir
+    steps = [s for s, _ in logged(run, "StepMetrics", "loss")]
+    assert steps == [10, 20, 30, 40, 50, 60]
+    assert [s for s, _ in tensorboard_scalars(run.path / "tensorboard", "train/loss")] == steps
+    assert [s for s, _ in mlflow_history(run, "train/loss")] == steps
+    assert [row["_step"] for row in wandb_history(run) if "train/loss" in row] == steps
+    assert [row["step"] for row in trackio_logs(run) if "train/loss" in row] == steps
+    # The same tracked run, continued: one MLflow run, one W&B id in both offline folders.
+    assert len({p.name.rsplit("-", 1)[1] for p in (run.path / "wandb").glob("offline-run-*")}) == 1
+    # TensorBoard holds the retrained values (purged and rewritten); the others keep the first ones.
+    assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
+    need("tensorboard", "mlflow")
+    run = Run(trained)
+    code, out, err = cli(capsys, "export", "tiny", "--to", "tensorboard")
+    assert code == 0, err
+    assert "exported run 'tiny' to tensorboard: event files in" in out
+    assert same(tensorboard_scalars(trained / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+    for _ in range(2):
+        code, out, err = cli(capsys, "export", "tiny", "--to", "mlflow")
+        assert code == 0, err
+    assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+    code, out, err = cli(capsys, "runs", "show", "tiny")
+    assert "tracked in mlflow: run " in out and "tracked in tensorboard: " in out
+
+
+def test_track_in_a_config_file_and_runs_show_names_where(env, shared_dir, capsys, tmp_path):
+    need("tensorboard")
+    (tmp_path / "track.toml").write_text('[tracking]\ntrack = ["tensorboard"]\ntrack_project = "mine"\n')
+    code, out, err = cli(capsys, "train", "simpsons", "--config", str(tmp_path / "track.toml"), "--n-layer", "1",
+                         "--n-embd", "32", "--block-size", "16", "--batch-size", "8", "--max-iters", "10",
+                         "--eval-interval", "10", "--log-interval", "5", "--device", "cpu", "--run-name", "t",
+                         "--headless")
+    assert code == 0, err
+    assert "info: tracker tensorboard: event files in" in out
+    assert tensorboard_scalars(env / "t" / "tensorboard", "train/loss")
+    code, out, err = cli(capsys, "runs", "show", "t")
+    assert 'track = ["tensorboard"]' in out and "tracked in tensorboard: event files in" in out
+    assert "tensorboard --logdir" in out
+
+
+# -- trackers that fail or fall behind ------------------------------------------------------------
+
+class Raising(Tracker):
+    name = "raising"
+    calls = 0
+
+    def open(self, *args):
+        Raising.calls += 1
+        raise ConnectionError("server down")
+
+    scalars = text = close = open
+
+
+def test_a_tracker_that_always_raises_warns_once_and_changes_nothing(tmp_path, shared_dir):
+    plain, _ = tracked_run(tmp_path / "plain", shared_dir, [])
+    run = Run(tmp_path / "raising")
+    trainer, events = tracked_run(tmp_path / "raising", shared_dir, [],
+                                  backends=[Raising(run, "p", {})])
+    assert Raising.calls >= 1
+    assert warnings(events) == ["tracker raising failed (server down); it is off for the rest of this run, "
+                                "training goes on"]
+    assert [e for e in events if isinstance(e, StepMetrics)][-1].step == 40
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[key]), key
+
+
+class Stuck(Tracker):
+    name = "stuck"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.release, self.sent = threading.Event(), []
+
+    def open(self, *args):
+        self.release.wait(30)
+
+    def scalars(self, step, values):
+        self.sent.append(step)
+
+    def close(self, outcome):
+        pass
+
+    @classmethod
+    def describe(cls, run, entry):
+        return "nowhere"
+
+
+def test_a_tracker_that_falls_behind_never_blocks_the_publisher(tmp_path):
+    run = Run(tmp_path)
+    published = []
+    tracker = Stuck(run, "p", {})
+    sink = TrackerSink(tracker, run_config(), TrackerState(run), published.append, queue_size=5)
+    t0 = time.perf_counter()
+    for step in range(1, 1001):
+        sink(StepMetrics(step, 1.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1))
+    assert time.perf_counter() - t0 < 0.5  # a thousand events, none waited for the tracker
+    tracker.release.set()
+    sink.close()
+    assert [n.message for n in published if n.level == "warning"] == [
+        "tracker stuck is falling behind: events are being dropped for it; training goes on"]
+    assert 0 < len(tracker.sent) <= 6 and tracker.sent == sorted(tracker.sent)
+
+
+def run_config():
+    from moe_core.config import Config
+
+    return Config()
