@@ -114,7 +114,6 @@ def train(
         from tui.sources import reserve_torch_threads
 
         torch_threads = reserve_torch_threads()  # before any torch work on this, the UI's, thread
-    from moe_core.trainer import Trainer  # torch import: only when training
 
     # What to train: checked and read, nothing written yet.
     if resume:
