@@ -164,8 +164,12 @@ def restore_set_aside(root: Path) -> list[str]:
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` step checkpoints (plus `best`), and clear leftovers of crashed writes."""
     for _, folder in step_checkpoints(root)[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):
+        # Renamed out of the way first: a crash in the middle of deleting it must not leave a
+        # step-N folder with half its files, which would read as a corrupt checkpoint.
+        doomed = folder.with_name(f".del-{folder.name}-{os.getpid()}")
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in root.glob(".old-*"):
         # A crash before the new NAME was renamed in leaves this the only copy: it goes only once

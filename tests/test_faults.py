@@ -230,6 +230,7 @@ def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, s
     (root / "step-00000040").mkdir()
     (root / "step-00000040" / MODEL_FILE).write_bytes(b"\0" * 100)
     (root / ".tmp-step-00000050-4242").mkdir()
+    (root / ".del-step-00000000-4242").mkdir()  # an old checkpoint, half deleted
 
     events = []
     resumed = make_trainer(tmp_path, shared_dir, resume=True, sink=events.append, max_iters=50,
@@ -243,8 +244,29 @@ def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, s
     steps = [r["step"] for r in run.read_metrics() if r["event"] == "StepMetrics"]
     assert steps == [10, 20, 30, 40, 50]
     assert "step 35" not in run.samples_path.read_text()
-    assert not (root / ".old-best-4242").exists() and not list(root.glob(".tmp-*"))
+    assert not (root / ".old-best-4242").exists() and not list(root.glob(".tmp-*")) and not list(root.glob(".del-*"))
     load_checkpoint(root / "best")
+
+
+def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, shared_dir, monkeypatch):
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10,
+                           keep_checkpoints=3)
+    trainer.run()
+    root = trainer.run_dir.checkpoints
+
+    def die_halfway(path, ignore_errors=False):  # the process is killed after deleting one file
+        os.remove(sorted(Path(path).iterdir())[0])
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", die_halfway)
+    with pytest.raises(SystemExit):
+        checkpoint_module.prune(root, keep=1)
+    for _, folder in step_checkpoints(root):
+        load_checkpoint(folder)  # whole, or not there at all
+    assert [step for step, _ in step_checkpoints(root)] == [30, 10]  # 20 went first, all at once
+    monkeypatch.undo()
+    checkpoint_module.prune(root, keep=1)  # the next prune clears what the crash left
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step-00000030"]
 
 
 def test_resuming_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, shared_dir):
