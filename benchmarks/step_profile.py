@@ -20,9 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_core.config import build_config
-from moe_core.data import Vocab, default_data_dir, load_corpus
+from moe_core.data import default_data_dir, load_corpus
 from moe_core.runs import Run
 from moe_core.trainer import Trainer
+from moe_core.vocab import Vocab
 
 
 class CountOps(TorchDispatchMode):

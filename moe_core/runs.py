@@ -22,8 +22,8 @@ from typing import Any, Callable
 from .atomic import atomic_write_text
 from .checkpoint import newest_intact, read_manifest
 from .config import Config, read_toml, write_toml
-from .data import Vocab
 from .errors import UserError
+from .vocab import Vocab
 
 
 def default_runs_dir() -> Path:

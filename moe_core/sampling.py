@@ -9,10 +9,10 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import resolve_device
-from .data import Vocab
 from .errors import UserError
 from .model import MoETransformer
 from .runs import Run
+from .vocab import Vocab
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from .batches import Batches, evaluation_batches, split_ids
 from .checkpoint_writer import CheckpointWriter, Snapshot
 from .config import Config, resolve_device
 from .control import Control
-from .data import Vocab
 from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, LayerRouting,
@@ -32,6 +31,7 @@ from .model import MoETransformer
 from .routes import RouteCounter
 from .runs import Run
 from .sampling import SampleRequest, complete
+from .vocab import Vocab
 
 class NonFiniteLoss(RuntimeError):
     pass

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from moe_core import data
-from moe_core.data import CORPORA, Corpus, Vocab, file_sha256, load_corpus, named_corpus_status
+from moe_core.data import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
 from moe_core.errors import UserError
+from moe_core.vocab import Vocab
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:

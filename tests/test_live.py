@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.data import Vocab
+from moe_core.vocab import Vocab
 from moe_core.live.client import live_client
 from moe_core.live.follow import RunFollower
 from moe_core.live.lease import is_live, process_gone, read_status, socket_path

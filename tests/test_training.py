@@ -16,12 +16,13 @@ import torch
 import moe_core.moe
 from moe_core.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
 from moe_core.config import build_config
-from moe_core.data import Vocab, load_corpus
+from moe_core.data import load_corpus
 from moe_core.errors import UserError
 from moe_core.events import CheckpointSaved, EvalMetrics, Notice, Sample, StateChanged, StepMetrics
 from moe_core.runs import Run
 from moe_core.sampling import SampleRequest
 from moe_core.trainer import Trainer
+from moe_core.vocab import Vocab
 
 from .conftest import TINY
 

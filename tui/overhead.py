@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from moe_core.config import Config
-from moe_core.data import Vocab, default_data_dir, load_corpus
+from moe_core.data import default_data_dir, load_corpus
 from moe_core.runs import Run
 from moe_core.trainer import Trainer
+from moe_core.vocab import Vocab
 from tui.app import Dashboard
 from tui.sources import reserve_torch_threads
 from tui.headless import HeadlessReporter

@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 
 from moe_core.config import Config, build_config, diff_for_resume, read_toml, resolve_device, validate
-from moe_core.data import Vocab, default_data_dir, load_corpus
+from moe_core.data import default_data_dir, load_corpus
 from moe_core.errors import UserError
+from moe_core.vocab import Vocab
 from moe_core import distributed
 from moe_core.bus import EventBus
 from moe_core.distributed import LostRank

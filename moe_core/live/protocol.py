@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..data import Vocab
 from ..errors import UserError
 from ..sampling import SampleRequest
+from ..vocab import Vocab
 
 PROTOCOL = 1
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..control import Control
-from ..data import Vocab
 from ..events import LIVE_ONLY, Event, StateChanged, to_record
 from ..runs import Run
+from ..vocab import Vocab
 from .lease import make_control_dir, socket_path
 from .protocol import MAX_LINE, PROTOCOL, VERSION, ProtocolError, encode, parse_command, peer_uid, socket_address
 
