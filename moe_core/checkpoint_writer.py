@@ -49,12 +49,16 @@ class Snapshot:
 
 
 class CheckpointWriter:
-    def __init__(self):
-        self._todo: queue.Queue[Snapshot] = queue.Queue()
+    def __init__(self, waiting: int = 1):
+        # At most `waiting` snapshots queue behind the one being written: each is a whole copy of the
+        # weights and optimizer in host memory, so on a disk slower than the checkpoints come, training
+        # waits in `submit` instead of filling the memory.
+        self._todo: queue.Queue[Snapshot] = queue.Queue(maxsize=waiting)
         self._done: queue.SimpleQueue[tuple[Snapshot, BaseException | None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def submit(self, snapshot: Snapshot) -> None:
+        """Queue `snapshot` for writing; blocks while `waiting` others are queued already."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
             self._thread.start()

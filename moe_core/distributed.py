@@ -17,9 +17,13 @@ are all of them, and where they happen:
 - each turn of the trainer's loop: the commands (`agree`), so that all act on the same one between the
   same two steps;
 - each log line and evaluation: the statistics, summed (`sum`, `mean`);
+- each step checkpoint: every rank's random streams, for rank 0 to save (`gather`);
+- a stop: whether rank 0 has steps to save (`from_leader`);
 - the end: the exit code (`same_exit_code`).
 A rank that dies breaks the connection: the others' next collective fails (`LostRank`), and torchrun
-stops them; `COLLECTIVE_TIMEOUT` bounds a wait on a rank that hangs instead.
+stops them. A rank whose training fails (`RankFailed`) leaves at once, the same way: it may have failed
+alone, between two collectives the others are already in. `COLLECTIVE_TIMEOUT` bounds a wait on a rank
+that hangs instead.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 class LostRank(Exception):
     """A collective failed: another rank died or stopped answering. Not a RuntimeError, so that the
     trainer's loop does not take it for a failure of training it could report and serve on from."""
+
+
+class RankFailed(Exception):
+    """Training failed on this rank (out of memory, say), maybe on this rank alone and in the middle of
+    a collective the others wait in: no further collective can be trusted, so the rank leaves at once
+    and the others learn of it from the broken connection (`LostRank`), instead of waiting out
+    `COLLECTIVE_TIMEOUT`."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,14 @@ class Ranks:
         stops = [c for c in commands if c is not None and c[0] == "stop"]
         return stops[0] if stops else commands[0]
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value of a small picklable object, in rank order, on every rank."""
+        if not self.parallel:
+            return [value]
+        values: list[Any] = [None] * self.world
+        _collective(torch.distributed.all_gather_object, values, value)
+        return values
+
     def from_leader(self, value: Any) -> Any:
         """Rank 0's value of a small picklable object, on every rank."""
         if not self.parallel:
@@ -124,15 +143,20 @@ class Ranks:
             return
         from .trainer_state import load_training_state, training_state
 
-        leaders = (trainer.model.state_dict(), training_state(trainer), trainer.last_saved_step)
-        weights, state, last_saved = self.from_leader(_on_cpu(leaders) if self.leader else None)
+        leaders = (trainer.model.state_dict(), training_state(trainer), trainer.last_saved_step,
+                   trainer.resumed_rank_rng)
+        weights, state, last_saved, rank_rng = self.from_leader(_on_cpu(leaders) if self.leader else None)
         if not self.leader:
             load_training_state(trainer, weights, state)
             trainer.last_saved_step = last_saved
             # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice
-            # of the batch would get the same masks. Rank 0 goes on with the run's (saved in checkpoints);
-            # rank r seeds from it and r, so that a resume on as many processes draws the same again.
-            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.rank)
+            # of the batch would get the same masks. Rank 0 goes on with the run's; on a fresh start rank
+            # r seeds from it and r. Step checkpoints keep every rank's stream (`rank_rng_state`), so a
+            # resume on as many processes draws exactly what the uninterrupted run would have.
+            if rank_rng is not None and len(rank_rng) == self.world:
+                set_rng_state(rank_rng[self.rank], trainer.device)
+            else:
+                torch.manual_seed(int(torch.randint(2**62, (1,))) + self.rank)
 
     def same_exit_code(self, code: int) -> int:
         """The largest exit code of all ranks, so that all exit with the same one (a signal's 128 + n
@@ -142,6 +166,18 @@ class Ranks:
         box = torch.tensor([code])
         _collective(torch.distributed.all_reduce, box, op=torch.distributed.ReduceOp.MAX)
         return int(box.item())
+
+
+def rng_state(device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's random streams that dropout and router noise draw from: torch's, and the GPU's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
+
+
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: str) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(cuda)
 
 
 def _on_cpu(value: Any) -> Any:

@@ -23,7 +23,7 @@ from .batches import Batches, evaluation_batches, split_ids
 from .checkpoint_writer import CheckpointWriter, Snapshot
 from .config import Config, resolve_device
 from .control import Control
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from .errors import UserError
 from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, LayerRouting,
                      Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
@@ -32,6 +32,7 @@ from .routes import RouteCounter
 from .runs import Run
 from .sampling import SampleRequest, complete
 from .vocab import Vocab
+
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -74,11 +75,13 @@ class Trainer:
         self.elapsed = 0.0  # training wall time, pauses excluded
         self.last_saved_step = -1
         self.resumed = resume
+        self.resumed_rank_rng: list | None = None  # every rank's random streams, from the checkpoint resumed
         self._paused = self._done = False  # loop state of run()
         self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
         if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
             trainer_state.resume(self)
         ranks.copy_from_leader(self)
+        self.best_written = self.best_val  # the validation loss of the `best` on disk
         self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
         self._window_time = 0.0
 
@@ -166,8 +169,8 @@ class Trainer:
             self.last_saved_step = self.step_num
         return folder
 
-    def snapshot(self, best: bool = False) -> Snapshot:
-        return trainer_state.snapshot(self, best)
+    def snapshot(self, best: bool = False, rank_rng: list | None = None) -> Snapshot:
+        return trainer_state.snapshot(self, best, rank_rng)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -208,8 +211,15 @@ class Trainer:
         while True:
             try:
                 outcome = self._tick(serve_after_finish)
+            except LostRank:
+                self._report_writes(wait=True)  # the snapshots taken before are good: on disk before leaving
+                raise
             except (NonFiniteLoss, RuntimeError, OSError) as err:
                 self._fail(err)
+                if self.ranks.parallel and not isinstance(err, NonFiniteLoss):  # found on every rank alike
+                    raise RankFailed(f"process {self.ranks.rank} of {self.ranks.world} failed at step "
+                                     f"{self.step_num} ({str(err).splitlines()[0][:200]}); the others stop "
+                                     "too; resume from the last checkpoint") from err
                 if not serve_after_finish:
                     return "error"
                 self._done = True
@@ -328,6 +338,8 @@ class Trainer:
         except NonFiniteLoss:
             raise  # a diverged run is a failure of training, not of this request
         except (RuntimeError, OSError, ValueError) as err:  # out of memory while sampling, disk full: the run goes on
+            if kind == "eval" and self.ranks.parallel and not isinstance(err, ValueError):
+                raise  # unless the other ranks may be inside evaluate()'s collectives: see RankFailed
             self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
                              self.step_num))
         finally:
@@ -342,8 +354,11 @@ class Trainer:
     def _save_or_warn(self, best: bool) -> None:
         self._check_window()  # a step since the last log line may have diverged: never save that
         self.set_state("saving")
+        # Every rank's own random streams, for a resume on as many processes (not for `best`, which is
+        # never resumed from, and which rank 0 alone may decide to write again: no collective there).
+        rank_rng = self.ranks.gather(rng_state(self.device)) if self.ranks.parallel and not best else None
         if self.ranks.leader:
-            self.writer.submit(self.snapshot(best))
+            self.writer.submit(self.snapshot(best, rank_rng))
         elif not best:
             self.last_saved_step = self.step_num  # rank 0 writes it
 
@@ -351,16 +366,20 @@ class Trainer:
         """Events for the checkpoints written since the last call (with `wait`, for all submitted)."""
         for snap, error in self.writer.outcomes(wait):
             if error is not None:  # a full disk, say: the run goes on
+                if snap.best and self.best_val == snap.manifest["val_loss"]:  # no newer best taken since
+                    self.best_val = self.best_written  # the next evaluation that beats what is on disk tries again
                 self.emit(Notice("warning", f"could not save a checkpoint at step {snap.step} ({error}); "
                                             "training goes on and the previous checkpoint is kept", self.step_num))
                 continue
-            if not snap.best:
+            if snap.best:
+                self.best_written = snap.manifest["val_loss"]
+            else:
                 self.last_saved_step = snap.step
             self.emit(CheckpointSaved(snap.step, str(snap.folder), snap.best, snap.manifest["val_loss"]))
 
     def _checkpoint_quietly(self) -> None:
         self._report_writes(wait=True)
-        if self.unsaved and self.state != "error":
+        if self.ranks.from_leader(self.unsaved) and self.state != "error":  # rank 0 knows of failed writes
             self._save_or_warn(best=False)
             self._report_writes(wait=True)
 

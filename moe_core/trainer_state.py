@@ -54,9 +54,11 @@ def load_training_state(trainer: Trainer, weights: dict[str, torch.Tensor], stat
     trainer.elapsed = float(state["elapsed"])
 
 
-def snapshot(trainer: Trainer, best: bool = False) -> Snapshot:
+def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None) -> Snapshot:
     """A step checkpoint's contents (weights and training state), or `best`'s (the weights, for
-    sampling: it leaves out the optimizer's state, two thirds of the size), copied to host memory."""
+    sampling: it leaves out the optimizer's state, two thirds of the size), copied to host memory.
+    `rank_rng`: with several processes, every rank's random streams, so that a resume on as many
+    continues each rank's own."""
     c = trainer.config
     shape = {k: getattr(c, k) for k in SHAPE_KEYS}
     manifest = {"step": trainer.step_num, "shape": shape,
@@ -67,6 +69,8 @@ def snapshot(trainer: Trainer, best: bool = False) -> Snapshot:
     state = training_state(trainer)
     if best:
         del state["optimizer"]
+    if rank_rng is not None:
+        state["rank_rng"] = rank_rng
     folder = trainer.run_dir.checkpoints / ("best" if best else f"step-{trainer.step_num:08d}")
     return Snapshot.take(folder, trainer.model.state_dict(), state, manifest, trainer.step_num, best,
                          c.keep_checkpoints)
@@ -111,6 +115,7 @@ def restore(trainer: Trainer, folder: Path) -> None:
     for group in trainer.optimizer.param_groups:  # a resumed run may ask for a new --lr
         group["initial_lr"] = config.lr
     trainer.last_saved_step = trainer.step_num
+    trainer.resumed_rank_rng = state.get("rank_rng")  # for the other ranks (distributed.copy_from_leader)
     before = manifest.get("config", {})
     changed = [f"{k} {before[k]} -> {getattr(config, k)}" for k in sorted(before)
                if k in RESUMABLE_KEYS and before[k] != getattr(config, k)]

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import distributed
+from moe_core.checkpoint import load_checkpoint
 from moe_core.errors import UserError
 
 from .conftest import REPO, TINY, as_flags, shared_data_dir
@@ -45,14 +46,15 @@ def environment(runs: Path) -> dict:
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def start(args: list[str], runs: Path, module: str = "tui", launcher: list[str] = ()) -> subprocess.Popen:
+def start(args: list[str], runs: Path, module: str = "tui", launcher: list[str] = (),
+          env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *launcher, *(["-m"] if launcher else []), module, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(runs),
-                            cwd=REPO, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**environment(runs), **(env or {})}, cwd=REPO, start_new_session=True)
 
 
-def train(args: list[str], runs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    process = start(["train", "simpsons", *args, "--headless"], runs)
+def train(args: list[str], runs: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    process = start(["train", "simpsons", *args, "--headless"], runs, env=env)
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
@@ -179,6 +181,81 @@ def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_c
                                  (" by rank 1" if target == "rank 1" else ""))
     assert err.strip() == "resume with: moe-tui train --resume s --nproc 2"  # nothing else, from any rank
     assert [p.name for p in (tmp_path / "s" / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
+
+
+def test_resumed_on_as_many_processes_with_dropout_and_router_noise_it_is_the_straight_run_exactly(tmp_path):
+    # Each rank draws its own dropout masks and router noise; a step checkpoint keeps every rank's
+    # stream, so that the resumed ranks draw what they would have drawn. (warmup_iters 400: the
+    # learning rate at each step does not depend on --max-iters.)
+    noisy = [*DP_FLAGS, "--dropout", "0.1", "--router", "noisy_topk", "--nproc", "2"]
+    assert train([*noisy, "--run-name", "straight"], tmp_path).returncode == 0
+    first = train([*noisy, "--run-name", "resumed", "--max-iters", "20"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    done = train(["--resume", "resumed", "--max-iters", "40", "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    a, b = weights(tmp_path / "straight", 40), weights(tmp_path / "resumed", 40)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert evals(tmp_path / "straight")[40] == evals(tmp_path / "resumed")[40]
+
+
+# Faults injected into the ranks through a sitecustomize module on PYTHONPATH, chosen by MOE_TUI_FAULT.
+FAULTS = """
+import os, signal, time
+fault, rank = os.environ.get("MOE_TUI_FAULT"), os.environ.get("RANK")
+if fault and rank is not None:
+    from moe_core import checkpoint_writer, trainer
+    if fault == "eval-fails-on-rank-1" and rank == "1":
+        evaluate = trainer.Trainer.evaluate
+        def failing(self):
+            if self.step_num == 40:
+                raise RuntimeError("CUDA out of memory (injected on rank 1 only)")
+            return evaluate(self)
+        trainer.Trainer.evaluate = failing
+    if fault == "slow-disk-then-rank-1-dies":
+        if rank == "0":  # the step-20 checkpoint takes 3 s to write
+            write = checkpoint_writer.Snapshot.write
+            def slow(self):
+                time.sleep(3 if self.step == 20 and not self.best else 0)
+                return write(self)
+            checkpoint_writer.Snapshot.write = slow
+        else:  # rank 1 dies right after the step-20 save was taken
+            save = trainer.Trainer._save_or_warn
+            def save_then_die(self, best):
+                save(self, best)
+                if self.step_num == 20 and not best:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            trainer.Trainer._save_or_warn = save_then_die
+"""
+
+
+def faults(tmp_path: Path, fault: str) -> dict:
+    folder = tmp_path / "faults"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(FAULTS)
+    return {"PYTHONPATH": str(folder), "MOE_TUI_FAULT": fault}
+
+
+def test_a_rank_that_fails_alone_brings_every_rank_down_at_once_and_the_run_resumes(tmp_path):
+    # Out of memory on one GPU in the middle of an evaluation: rank 0 is already inside a collective
+    # that rank 1 will never join. Rank 1 leaves at once instead of waiting out COLLECTIVE_TIMEOUT.
+    started = time.monotonic()
+    done = train([*DP_FLAGS, "--run-name", "f", "--nproc", "2"], tmp_path, timeout=120,
+                 env=faults(tmp_path, "eval-fails-on-rank-1"))
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert ("error: process 1 of 2 failed at step 40 (CUDA out of memory (injected on rank 1 only)); the others "
+            "stop too; resume from the last checkpoint") in done.stderr
+    assert took < distributed.COLLECTIVE_TIMEOUT.total_seconds() / 3
+    resumed = train(["--resume", "f", "--nproc", "2"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 20" in resumed.stdout and "eval     40" in resumed.stdout
+
+
+def test_a_checkpoint_being_written_when_a_rank_dies_is_written_before_rank_0_leaves(tmp_path):
+    done = train([*DP_FLAGS, "--run-name", "w", "--nproc", "2"], tmp_path, timeout=120,
+                 env=faults(tmp_path, "slow-disk-then-rank-1-dies"))
+    assert done.returncode == 1 and "process 1 of 2" in done.stderr and "SIGKILL" in done.stderr, done.stderr
+    load_checkpoint(tmp_path / "w" / "checkpoints" / "step-00000020")  # whole, 3 s after rank 1 died
 
 
 KILL_DEADLINE = 30.0  # seconds from kill -9 of a rank to every process gone; measured: about 1

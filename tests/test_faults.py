@@ -14,6 +14,7 @@ import random
 import resource
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import checkpoint as checkpoint_module
+from moe_core import checkpoint_writer
 from moe_core import runs as runs_module
 from moe_core.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.errors import UserError
@@ -209,6 +211,48 @@ def test_a_real_file_size_limit_fails_every_save_and_training_still_finishes(tmp
     assert "could not save a checkpoint at step 10" in out and "File too large" in out
     assert "step     20" in out and "Traceback" not in out + err
     assert not any((runs / "limited" / "checkpoints").iterdir()), "a failed save left files behind"
+
+
+def test_a_best_checkpoint_that_could_not_be_written_is_not_counted_as_best(tmp_path, shared_dir, monkeypatch):
+    real_save = checkpoint_writer.save_checkpoint
+
+    def no_room_for_best(folder, *args):
+        if folder.name == "best":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(folder, *args)
+
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", no_room_for_best)
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=10, eval_interval=1000, ckpt_interval=1000)
+    assert trainer.run() == "finished"  # its final evaluation was the best so far, but not written
+    _, state, _ = load_checkpoint(trainer.run_dir.checkpoints / "step-00000010")
+    assert state["best_val"] == float("inf")  # so the next evaluation after a resume writes `best`
+
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", real_save)
+    resumed = make_trainer(tmp_path, shared_dir, resume=True, max_iters=20, eval_interval=1000, ckpt_interval=1000)
+    assert resumed.run() == "finished"
+    assert load_checkpoint(resumed.run_dir.checkpoints / "best")[2]["step"] == 20
+
+
+def test_the_checkpoint_writer_lets_one_snapshot_wait_and_then_holds_training_back(tmp_path):
+    disk = threading.Event()  # a disk that takes as long as the test says
+
+    class SlowSnapshot(checkpoint_writer.Snapshot):
+        def write(self):
+            disk.wait(timeout=30)
+            return self.folder
+
+    writer = checkpoint_writer.CheckpointWriter()
+    snapshots = [SlowSnapshot(tmp_path / f"step-{i}", {}, {}, {}, i, False, 3) for i in range(3)]
+    writer.submit(snapshots[0])
+    time.sleep(0.2)  # the writer thread takes it and blocks on the disk
+    writer.submit(snapshots[1])  # one may wait in memory
+    third = threading.Thread(target=writer.submit, args=(snapshots[2],))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive(), "a third snapshot was queued in memory while the disk was busy"
+    disk.set()
+    third.join(timeout=30)
+    assert [snap.step for snap, error in writer.outcomes(wait=True)] == [0, 1, 2]
 
 
 # -- what a crash leaves behind --------------------------------------------------------------------

@@ -191,6 +191,18 @@ def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
     assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
 
 
+def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, shared_dir):
+    trainer, _ = tracked_run(tmp_path, shared_dir, [], max_iters=20)  # untracked to step 20
+    trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard", "mlflow"], resume=True)
+    assert trainer.resumed and not warnings(events)
+    run = trainer.run_dir
+    steps = [s for s, _ in logged(run, "StepMetrics", "loss")]
+    assert steps == [10, 20, 30, 40]
+    assert [s for s, _ in tensorboard_scalars(run.path / "tensorboard", "train/loss")] == steps
+    assert [s for s, _ in mlflow_history(run, "train/loss")] == steps
+    assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+
+
 # -- export -----------------------------------------------------------------------------------------
 
 def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
@@ -284,6 +296,68 @@ def test_a_tracker_that_falls_behind_never_blocks_the_publisher(tmp_path):
     assert [n.message for n in published if n.level == "warning"] == [
         "tracker stuck is falling behind: events are being dropped for it; training goes on"]
     assert 0 < len(tracker.sent) <= 6 and tracker.sent == sorted(tracker.sent)
+
+
+class FailsAtStep(Tracker):
+    name = "flaky"
+
+    def __init__(self, run, fail_at: int):
+        super().__init__(run, "p", {})
+        self.fail_at, self.sent = fail_at, []
+
+    def open(self, *args):
+        pass
+
+    def scalars(self, step, values):
+        if step == self.fail_at:
+            raise ConnectionError("server down")
+        self.sent.append(step)
+
+    def close(self, outcome):
+        pass
+
+    @classmethod
+    def describe(cls, run, entry):
+        return "nowhere"
+
+
+def test_a_step_a_tracker_failed_to_send_is_sent_by_the_next_export(tmp_path):
+    run, state = Run(tmp_path), TrackerState(Run(tmp_path))
+    events = [StepMetrics(step, 1.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1) for step in (10, 20, 30)]
+    first = FailsAtStep(run, fail_at=20)
+    sink = TrackerSink(first, run_config(), state, lambda event: None)
+    sink.replay(events)
+    sink.close()
+    assert first.sent == [10] and entry(run, "flaky")["last_step"] == 19  # step 20 is not counted as sent
+
+    again = FailsAtStep(run, fail_at=-1)
+    sink = TrackerSink(again, run_config(), TrackerState(run), lambda event: None)
+    sink.replay(events)  # what `moe-tui export` does
+    sink.close()
+    assert again.sent == [20, 30]
+
+
+def test_closing_waits_once_for_all_trackers_together_and_ends_them(tmp_path, monkeypatch):
+    from moe_core.track import base
+
+    monkeypatch.setattr(base, "ABANDON_GRACE", 1.0)
+    run, published = Run(tmp_path), []
+    stuck = [Stuck(run, "p", {}) for _ in range(3)]
+    tracking = Tracking(run_config(), run, publish=published.append, names=[], backends=stuck)
+    for sink in tracking.sinks:
+        sink(StepMetrics(10, 1.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1))
+    t0 = time.monotonic()
+    tracking.close(timeout=1.0)
+    took = time.monotonic() - t0
+    assert took < 4.0  # one deadline and one grace for all three (2 s), not one each (6 s)
+    messages = [n.message for n in published]
+    assert messages[0].startswith("sending what is left to stuck, stuck, stuck (up to 1 s)")
+    assert sum("did not finish sending in time" in m for m in messages) == 3
+    t0 = time.monotonic()
+    tracking.close(timeout=1.0)  # the second close (a headless run closes on its way out too)
+    assert time.monotonic() - t0 < 0.1
+    for tracker in stuck:
+        tracker.release.set()
 
 
 def run_config():

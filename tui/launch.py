@@ -36,10 +36,15 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
         elastic_launch(config, command)(*command_args)
         return 0
     except ChildFailedError as err:
-        # A rank killed by a signal is the cause; the others then failed on losing it (or were stopped).
-        killed = sorted((rank, failure) for rank, failure in err.failures.items() if failure.exitcode < 0)
-        if not killed:  # the ranks ended on their own, agreeing on the code and saying why
-            return err.get_first_failure()[1].exitcode
+        # A rank killed by a signal is the cause; the others then failed on losing it, or were stopped
+        # by the launcher (SIGTERM) while waiting in a collective for it.
+        failures = sorted(err.failures.items())
+        killed = [(rank, f) for rank, f in failures if f.exitcode < 0 and -f.exitcode != signal.SIGTERM]
+        if not killed:
+            said = [f.exitcode for _, f in failures if f.exitcode > 0]
+            if said:  # the ranks ended on their own (the one that failed first saying why)
+                return max(said)
+            killed = [(rank, f) for rank, f in failures if f.exitcode < 0]
         rank, failure = killed[0]
         name = signal.Signals(-failure.exitcode).name
         print(f"error: process {rank} of {nproc} (pid {failure.pid}) was killed by {name}, and the others were "

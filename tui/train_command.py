@@ -15,10 +15,11 @@ from rich.console import Console
 from moe_core.config import Config, build_config, diff_for_resume, read_toml, resolve_device, validate
 from moe_core.data import default_data_dir, load_corpus
 from moe_core.errors import UserError
+from moe_core.events import Notice
 from moe_core.vocab import Vocab
 from moe_core import distributed
 from moe_core.bus import EventBus
-from moe_core.distributed import LostRank
+from moe_core.distributed import LostRank, RankFailed
 from moe_core.live.host import LiveTraining
 from moe_core.live.lease import RunLease, already_live_message, is_live, read_status
 from moe_core.runs import Run, default_runs_dir
@@ -169,7 +170,7 @@ def train(
             code = _train_as_leader(ranks, run, config, vocab, corpus, bool(resume), device, resume and allowed,
                                     overwrite, detach, use_dashboard, torch_threads, runs_dir, on_hangup)
         code = ranks.same_exit_code(code)
-    except LostRank as err:
+    except (LostRank, RankFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 1
     if ranks.parallel:
@@ -210,10 +211,17 @@ def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, change
         finalise = lambda: (tracking.close(), live.close())  # noqa: E731 - before a forced exit after a hangup
         if use_dashboard:
             code = _run_dashboard(live, runs_dir, torch_threads, on_hangup or "keep", finalise)
+            live.bus.subscribe(_notice_on_stderr)  # the screen is gone: the trackers' last words go to the terminal
+            tracking.close()
         else:
             code = _run_headless(trainer, live.bus, runs_dir, on_hangup or "stop")
             tracking.close()  # while the reporter still prints its warnings
     return code
+
+
+def _notice_on_stderr(event) -> None:
+    if isinstance(event, Notice):
+        print(f"{event.level}: {event.message}", file=sys.stderr)
 
 
 def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device) -> int:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import time
 from functools import cache
 from typing import Callable, Iterable
 
 from ..config import Config
 from ..errors import UserError
-from ..events import Event
+from ..events import Event, Notice
 from ..runs import Run
-from .base import CLOSE_TIMEOUT, Tracker, TrackerSink, TrackerState
+from .base import CLOSE_TIMEOUT, Tracker, TrackerSink, TrackerState, finish
+
+SAY_WAITING_AFTER = 2.0  # seconds of waiting for the trackers at the end before saying so
 
 __all__ = ["Tracker", "Tracking", "check_trackers", "trackers", "where_written"]
 
@@ -63,6 +66,7 @@ class Tracking:
         state = TrackerState(run)
         project = config.track_project
         publish = publish or bus or (lambda event: None)
+        self.publish, self.closed = publish, False
         chosen = [trackers()[name](run, project, state.entry(name)) for name in names] + list(backends)
         self.sinks = [TrackerSink(tracker, config, state, publish) for tracker in chosen]
         if bus is not None:
@@ -78,15 +82,24 @@ class Tracking:
         return any(sink.failed for sink in self.sinks)
 
     def close(self, outcome: str | None = None, timeout: float | None = CLOSE_TIMEOUT) -> None:
-        """Send what is queued and end each tracked run, waiting up to `timeout` seconds for each
-        (None: as long as it takes); safe to call twice."""
+        """Send what is queued and end each tracked run, waiting up to `timeout` seconds for all of them
+        together (None: as long as it takes); a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         for sink in self.sinks:
             if self.bus is not None:
                 self.bus.unsubscribe(sink)
             if outcome is not None:
                 sink.outcome = outcome
-        for sink in self.sinks:
-            sink.close(timeout)
+            sink.stop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        say_at = time.monotonic() + SAY_WAITING_AFTER if deadline is None else min(deadline, time.monotonic() + SAY_WAITING_AFTER)
+        busy = [sink.name for sink in self.sinks if not sink.stopped_within(max(0.0, say_at - time.monotonic()))]
+        if busy:  # a slow server, say: tell the user what the terminal is waiting for
+            limit = "" if timeout is None else f" (up to {timeout:.0f} s)"
+            self.publish(Notice("info", f"sending what is left to {', '.join(busy)}{limit}", 0))
+        finish(self.sinks, deadline)
 
     def __enter__(self) -> "Tracking":
         return self
@@ -100,6 +113,6 @@ def where_written(run: Run) -> list[str]:
     lines = []
     for name, entry in TrackerState.read(run).items():
         tracker = trackers().get(name)
-        if tracker is not None and isinstance(entry, dict):
+        if tracker is not None and isinstance(entry, dict) and entry:
             lines.append(f"{name}: {tracker.describe(run, entry)}")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from queue import Empty, Full, Queue
@@ -18,11 +19,12 @@ from typing import Any, Callable
 from ..atomic import atomic_write_text
 from ..config import Config
 from ..events import (LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged,
-                      StepMetrics)
+                      StepMetrics, from_record)
 from ..runs import Run
 
 QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
-CLOSE_TIMEOUT = 60.0  # seconds a tracker may take to send what is queued when training ends
+CLOSE_TIMEOUT = 60.0  # seconds the trackers may take, together, to send what is queued when training ends
+ABANDON_GRACE = 10.0  # past that, seconds a tracker still gets to end its run, what was queued dropped
 
 
 class Tracker:
@@ -127,11 +129,25 @@ class TrackerState:
 
     def save(self) -> None:
         with self.lock:  # the copies are taken whole (under the GIL) while other sinks may update theirs
-            snapshot = {name: dict(entry) for name, entry in list(self.entries.items())}
+            # (Not the empty entries of trackers that never opened a run.)
+            snapshot = {name: dict(entry) for name, entry in list(self.entries.items()) if entry}
             atomic_write_text(self.path, json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
 
 
-_STOP = object()
+def finish(sinks: list[TrackerSink], deadline: float | None) -> None:
+    """Wait for stopped sinks to end their tracked runs, all by `deadline` (time.monotonic(); None: no
+    limit); then those still busy drop what they hold and get ABANDON_GRACE seconds more, together."""
+    def left(until: float | None) -> float | None:
+        return None if until is None else max(0.0, until - time.monotonic())
+
+    late = [sink for sink in sinks if not sink.stopped_within(left(deadline))]
+    grace = time.monotonic() + ABANDON_GRACE
+    for sink in late:
+        sink.abandon()
+    for sink in late:
+        sink.stopped_within(left(grace))
+    for sink in sinks:
+        sink._publish_notices()
 
 
 class TrackerSink:
@@ -152,6 +168,8 @@ class TrackerSink:
         self.opened = False
         self.skip_through = -1  # steps the tracked run already holds (continuing without a rewind)
         self.outcome = "stopped"
+        self.stopping = threading.Event()  # set by `stop`: end the tracked run once the queue is empty
+        self.abandoned = False  # set when `wait` runs out of time: drop what is queued, end the run
         self._notices: deque[Notice] = deque()
         self._step = 0
         self.thread = threading.Thread(target=self._work, name=f"tracker-{tracker.name}", daemon=True)
@@ -182,18 +200,24 @@ class TrackerSink:
 
     def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Send what is queued, end the tracked run, and publish any warning left."""
-        if not self.thread.is_alive():  # closed already
-            self._publish_notices()
-            return
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except Full:
-            pass
-        self.thread.join(timeout)
-        if self.thread.is_alive() and not self.failed:
-            self._notices.append(Notice("warning", f"tracker {self.name} did not finish sending within "
-                                                   f"{timeout or 0:.0f} s; what it has not sent is lost", self._step))
-        self._publish_notices()
+        self.stop()
+        finish([self], None if timeout is None else time.monotonic() + timeout)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def stopped_within(self, seconds: float | None) -> bool:
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+    def abandon(self) -> None:
+        """Out of time: drop what is still queued, and end the tracked run once the call in progress returns."""
+        self.abandoned = True
+        if not self.failed:
+            self._notices.append(Notice(
+                "warning", f"tracker {self.name} did not finish sending in time; what it had not sent is "
+                           f"missing there (`moe-tui export {self.tracker.run.name} --to {self.name}` sends it "
+                           "later)", self._step))
 
     def _publish_notices(self) -> None:
         while self._notices:
@@ -207,18 +231,21 @@ class TrackerSink:
 
     def _work(self) -> None:
         while True:
-            event = self.queue.get()
-            if event is _STOP:
-                if self.opened and self.failed:
-                    try:  # end what it can of the tracked run; it has warned once already
-                        self.tracker.close("error")
-                    except Exception:  # noqa: BLE001
-                        pass
-                elif self.opened:
-                    self._guarded(lambda: self.tracker.close(self.outcome))
-                return
-            if not self.failed:
+            try:
+                event = self.queue.get(timeout=0.1)
+            except Empty:
+                if self.stopping.is_set():
+                    break
+                continue
+            if not (self.failed or self.abandoned):  # else dropped: the queue empties, nothing waits on it
                 self._guarded(lambda: self._handle(event))
+        if self.opened and self.failed:
+            try:  # end what it can of the tracked run; it has warned once already
+                self.tracker.close("error")
+            except Exception:  # noqa: BLE001
+                pass
+        elif self.opened:
+            self._guarded(lambda: self.tracker.close(self.outcome))
 
     def _guarded(self, action: Callable[[], Any]) -> None:
         try:
@@ -228,18 +255,6 @@ class TrackerSink:
             message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             self._notices.append(Notice("warning", f"tracker {self.name} failed ({message}); it is off for the rest "
                                                    "of this run, training goes on", self._step))
-            self._drain()
-
-    def _drain(self) -> None:
-        """Empty the queue of a failed tracker, so that nothing waits on it (a STOP is kept)."""
-        while True:
-            try:
-                event = self.queue.get_nowait()
-            except Empty:
-                return
-            if event is _STOP:
-                self.queue.put(_STOP)
-                return
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, StateChanged):
@@ -253,14 +268,25 @@ class TrackerSink:
         step = getattr(event, "step", None)
         if step is None or step <= self.skip_through:
             return
+        self._send(event, step)
+
+    def _send(self, event: Event, step: int) -> None:
         if step > self.entry.get("last_step", -1):  # written before sending: a crash never sends a step twice
             self.entry["last_step"] = step
             self.state.save()
-        send(self.tracker, event)
+        try:
+            send(self.tracker, event)
+        except Exception:
+            # Not sent: the step counts as missing, so that `moe-tui export` or the next resume sends it
+            # (with any of its events sent before this one: a step repeated beats a step lost).
+            self.entry["last_step"] = min(self.entry["last_step"], step - 1)
+            self.state.save()
+            raise
 
     def _open(self, started: RunStarted | None) -> None:
         continuing = bool(self.entry)  # this run was sent to this tracker before: continue it
         start_step = started.start_step if started is not None else 0
+        held = self.entry.get("last_step", -1)  # the tracked run holds the steps up to here
         if continuing and not self.tracker.rewinds:
             self.skip_through = self.entry.get("last_step", -1)
         self.tracker.open(run_params(self.config, started), start_step, continuing)
@@ -269,5 +295,21 @@ class TrackerSink:
         if self.tracker.rewinds:
             self.entry["last_step"] = start_step
         self.state.save()
+        if started is not None and started.resumed and held < start_step:
+            self._backfill(held, start_step)
         self._notices.append(Notice("info", f"tracker {self.name}: {self.tracker.describe(self.tracker.run, self.entry)}",
                                     start_step))
+
+    def _backfill(self, held: int, through: int) -> None:
+        """A resumed run whose tracked run lacks steps it logged before (tracking added on this resume, or
+        a tracker that failed last time): send them from metrics.jsonl, steps after `held` to `through`."""
+        for record in self.tracker.run.read_metrics():
+            step = record.get("step")
+            if not (isinstance(step, int) and held < step <= through):
+                continue
+            try:
+                event = from_record(record)
+            except (KeyError, TypeError):  # a line of a kind this version does not know
+                continue
+            if not isinstance(event, (RunStarted, StateChanged)):
+                self._send(event, step)
