@@ -298,27 +298,19 @@ def test_a_tracker_that_falls_behind_never_blocks_the_publisher(tmp_path):
     assert 0 < len(tracker.sent) <= 6 and tracker.sent == sorted(tracker.sent)
 
 
-class FailsAtStep(Tracker):
+class FailsAtStep(Stuck):
+    """A tracker that records the steps sent to it, and fails to send one of them."""
     name = "flaky"
 
     def __init__(self, run, fail_at: int):
         super().__init__(run, "p", {})
-        self.fail_at, self.sent = fail_at, []
-
-    def open(self, *args):
-        pass
+        self.fail_at = fail_at
+        self.release.set()  # never stuck
 
     def scalars(self, step, values):
         if step == self.fail_at:
             raise ConnectionError("server down")
-        self.sent.append(step)
-
-    def close(self, outcome):
-        pass
-
-    @classmethod
-    def describe(cls, run, entry):
-        return "nowhere"
+        super().scalars(step, values)
 
 
 def test_a_step_a_tracker_failed_to_send_is_sent_by_the_next_export(tmp_path):

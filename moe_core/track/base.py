@@ -147,7 +147,7 @@ def finish(sinks: list[TrackerSink], deadline: float | None) -> None:
     for sink in late:
         sink.stopped_within(left(grace))
     for sink in sinks:
-        sink._publish_notices()
+        sink.publish_notices()
 
 
 class TrackerSink:
@@ -178,7 +178,7 @@ class TrackerSink:
     # -- the publishing thread -----------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
-        self._publish_notices()
+        self.publish_notices()
         if self.failed or isinstance(event, Notice) or (isinstance(event, LIVE_ONLY) and not isinstance(
                 event, StateChanged)):
             return
@@ -219,7 +219,7 @@ class TrackerSink:
                            f"missing there (`moe-tui export {self.tracker.run.name} --to {self.name}` sends it "
                            "later)", self._step))
 
-    def _publish_notices(self) -> None:
+    def publish_notices(self) -> None:
         while self._notices:
             try:
                 notice = self._notices.popleft()
