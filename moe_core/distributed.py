@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -64,6 +64,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0  # on this machine: which GPU it uses
+    # A stop this follower holds back for one turn of the loop (see `agree`).
+    _held: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -115,6 +117,15 @@ class Ranks:
         else rank 0's (its front end: the dashboard, a viewer, the control channel)."""
         if not self.parallel:
             return command
+        # A stop signalled to a follower is offered one turn late. A signal sent to the whole job
+        # (Ctrl-C in its terminal, or passed on by the launcher) reaches every rank at once, but each
+        # acts on it when it next runs Python code: waiting a turn lets rank 0's stop, which names no
+        # rank, be the one that is reported.
+        if self._held:
+            command = self._held.pop()
+        elif command is not None and command[0] == "stop" and not self.leader:
+            self._held.append(command)
+            command = None
         commands: list[tuple[str, Any] | None] = [None] * self.world
         _collective(torch.distributed.all_gather_object, commands, command)
         stops = [c for c in commands if c is not None and c[0] == "stop"]

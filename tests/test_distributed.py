@@ -161,7 +161,8 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGINT), ("rank 0", signal.SIGTERM),
+@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGINT), ("terminal", signal.SIGINT),
+                                        ("rank 0", signal.SIGTERM),
                                         ("rank 1", signal.SIGTERM), ("rank 1", signal.SIGINT)],
                          ids=lambda v: v if isinstance(v, str) else v.name)
 def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_code(target, sig, tmp_path):
@@ -169,8 +170,10 @@ def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_c
                      "--headless"], tmp_path)
     try:
         wait_for_line(process, r"^step +10 ")
-        pid = process.pid if target == "launcher" else rank_pids(process.pid)[int(target[-1])]
-        os.kill(pid, sig)
+        if target == "terminal":  # Ctrl-C: every process of the job at once
+            os.killpg(process.pid, sig)
+        else:
+            os.kill(process.pid if target == "launcher" else rank_pids(process.pid)[int(target[-1])], sig)
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
