@@ -25,17 +25,16 @@ from .config import Config, resolve_device
 from .control import Control
 from .distributed import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from .errors import UserError
-from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, LayerRouting,
-                     Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, to_record)
+from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, Notice, RunStarted,
+                     Sample, StateChanged, StepMetrics, to_record)
 from .model import MoETransformer
 from .routes import RouteCounter
 from .runs import Run
 from .sampling import SampleRequest, complete
+from .step_log import NonFiniteLoss, StepWindow, router_stats
 from .vocab import Vocab
 
-
-class NonFiniteLoss(RuntimeError):
-    pass
+__all__ = ["NonFiniteLoss", "Trainer"]
 
 
 class Trainer:
@@ -82,8 +81,7 @@ class Trainer:
             trainer_state.resume(self)
         ranks.copy_from_leader(self)
         self.best_written = self.best_val  # the validation loss of the `best` on disk
-        self._window: list[tuple[torch.Tensor, ...]] = []  # per-step losses since the last log line
-        self._window_time = 0.0
+        self.window = StepWindow(ranks)  # the steps since the last log line
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -131,8 +129,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.step_num += 1
-        # Kept as tensors: reading them back every step would stall an accelerator.
-        self._window.append((out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(), norm.detach()))
+        self.window.add(out.loss, out.aux_loss, out.z_loss, norm)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[EvalMetrics, ExpertChars]:
@@ -259,10 +256,13 @@ class Trainer:
         s = self.step_num
         log_now = s % c.log_interval == 0 or s == c.max_iters
         if log_now:
-            self._log_window(t0)
+            self._log(t0)
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
-        self._window_time = 0.0 if log_now else self._window_time + seconds
+        if log_now:
+            self.window.clear()
+        else:
+            self.window.seconds += seconds
         if s % c.eval_interval == 0 and s < c.max_iters:
             self._serve("eval", None)
         if s % c.sample_interval == 0 and c.sample_tokens > 0 and s < c.max_iters:
@@ -270,40 +270,16 @@ class Trainer:
         if s % c.ckpt_interval == 0 and s < c.max_iters:
             self._serve("save", None)
 
-    def _log_window(self, step_started: float) -> None:
-        """Turn the per-step tensors of the last few steps into one StepMetrics and RouterStats."""
-        stacked = self._check_window(over_ranks=True)
-        n = len(self._window)
-        self._window = []
-        loss, aux, z, norm = stacked.mean(dim=0).tolist()
-        this_step = time.perf_counter() - step_started  # includes the sync above
-        seconds = self._window_time + this_step
+    def _log(self, step_started: float) -> None:
+        """One StepMetrics for the steps since the last log line, and the last step's RouterStats."""
+        rows = self.window.check(self.step_num, over_ranks=True)
+        loss, aux, z, norm = rows.mean(dim=0).tolist()
+        this_step = time.perf_counter() - step_started  # includes the read above
+        seconds = self.window.seconds + this_step
         c = self.config
         self.emit(StepMetrics(self.step_num, loss, aux, z, self.optimizer.param_groups[0]["lr"], norm,
-                              n * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
-        # The global batch's routing, one row per layer: expert counts and dropped assignments summed over
-        # the ranks, entropy averaged (divided first, so that the sum is the mean); one collective, one read.
-        stats = [moe.stats for moe in self.model.moe_layers()]
-        rows = self.ranks.sum(torch.stack([torch.cat([st.tokens_per_expert.float(), st.dropped.float()[None],
-                                                      st.entropy.float()[None] / self.ranks.world])
-                                           for st in stats])).tolist()
-        layers = [LayerRouting([n / sum(row[:-2]) for n in row[:-2]], row[-2] / (st.assignments * self.ranks.world),
-                               row[-1]) for row, st in zip(rows, stats)]
-        self.emit(RouterStats(self.step_num, layers))
-
-    def _check_window(self, over_ranks: bool = False) -> torch.Tensor:
-        """The per-step figures since the last log line, after checking that all are finite;
-        `over_ranks`: their mean over all processes, the global batch's (a collective: log steps only).
-        The gradient norm is global in either case, so a diverged step fails on every rank."""
-        if not self._window:
-            return torch.zeros(0, 4)
-        stacked = torch.stack([torch.stack(row).float() for row in self._window])
-        stacked = (self.ranks.mean(stacked) if over_ranks else stacked).cpu()  # one sync
-        bad = (~torch.isfinite(stacked)).any(dim=1).nonzero()
-        if len(bad):
-            first = self.step_num - len(self._window) + 1 + int(bad[0])
-            raise NonFiniteLoss(f"loss or gradient norm became non-finite at step {first}")
-        return stacked
+                              len(rows) * c.batch_size * c.block_size / seconds, round(self.elapsed + this_step, 3)))
+        self.emit(router_stats(self.model, self.ranks, self.step_num))
 
     def _serve(self, kind: str, arg: object) -> None:
         """Evaluate, sample or save on request; the time spent counts towards `elapsed`."""
@@ -352,7 +328,7 @@ class Trainer:
         return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]
 
     def _save_or_warn(self, best: bool) -> None:
-        self._check_window()  # a step since the last log line may have diverged: never save that
+        self.window.check(self.step_num)  # a step since the last log line may have diverged: never save that
         self.set_state("saving")
         # Every rank's own random streams, for a resume on as many processes (not for `best`, which is
         # never resumed from, and which rank 0 alone may decide to write again: no collective there).
@@ -391,7 +367,7 @@ class Trainer:
         self.set_state("finished")
 
     def _fail(self, err: Exception) -> None:
-        self._window = []
+        self.window.clear()
         self._report_writes(wait=True)  # the snapshots taken before the failure are good
         last = self.last_saved_step
         hint = (f"the last good checkpoint (step {last}) is kept" if last >= 0 else "no checkpoint was saved yet")

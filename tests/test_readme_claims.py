@@ -75,7 +75,7 @@ def fail_after_step_20(trainer, poison) -> tuple[list, dict[int, list[float]]]:
 
     def step_and_record():
         step()
-        rows[trainer.step_num] = [float(v) for v in trainer._window[-1]]
+        rows[trainer.step_num] = [float(v) for v in trainer.window.rows[-1]]
 
     take_snapshot = trainer.snapshot
 
