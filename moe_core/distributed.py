@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -48,6 +49,10 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 class LostRank(Exception):
     """A collective failed: another rank died or stopped answering. Not a RuntimeError, so that the
     trainer's loop does not take it for a failure of training it could report and serve on from."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out  # the other rank did not answer (rather than: its connection closed)
 
 
 class RankFailed(Exception):
@@ -209,7 +214,8 @@ def _collective(function, *args, **kwargs):
         # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
         reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
         raise LostRank(f"lost contact with another process of this run ({reason.split('. ')[0][:160]}); "
-                       "torchrun's report names it; resume from the last checkpoint") from None
+                       "torchrun's report names it; resume from the last checkpoint",
+                       timed_out="timed out" in str(err).lower() or "timeout" in str(err).lower()) from None
 
 
 # -- joining and leaving ------------------------------------------------------------------------
@@ -261,10 +267,9 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
         raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
                         "--device cpu, or one process on mps")
     # Compare devices through the launcher's key-value store, before a backend is chosen for them.
-    store, _, _ = next(dist.rendezvous("env://", ranks.rank, ranks.world, timeout=COLLECTIVE_TIMEOUT))
-    store = dist.PrefixStore("moe-tui", store)
+    store = _store(ranks, COLLECTIVE_TIMEOUT)
     store.set(f"device/{ranks.rank}", device)
-    check_same_devices([store.get(f"device/{r}").decode() for r in range(ranks.world)])
+    check_same_devices(_joined(store, ranks.world, "device"))
     if device == "cuda":
         check_cuda_count(ranks.local_rank + 1, torch.cuda.device_count())
         torch.cuda.set_device(ranks.local_rank)
@@ -273,6 +278,42 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
     dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo", store=store, rank=ranks.rank,
                             world_size=ranks.world, timeout=COLLECTIVE_TIMEOUT)
     return device
+
+
+def _store(ranks: Ranks, timeout: timedelta):
+    """The launcher's key-value store, which every rank reaches before any process group exists."""
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", ranks.rank, ranks.world, timeout=timeout))
+    return dist.PrefixStore("moe-tui", store)
+
+
+def _joined(store, world: int, key: str) -> list[str]:
+    """Every rank's value of `key`, once all have set it. A rank that could not start sets
+    `failed/RANK` instead (`report_setup_failure`): then every rank stops, naming it, instead of
+    waiting `COLLECTIVE_TIMEOUT` for it."""
+    deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+    while not store.check([f"{key}/{r}" for r in range(world)]):
+        for r in range(world):
+            if store.check([f"failed/{r}"]):
+                raise UserError(f"process {r} of {world} could not start: {store.get(f'failed/{r}').decode()}")
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world) if not store.check([f"{key}/{r}"])]
+            raise LostRank(f"process(es) {', '.join(map(str, missing))} of {world} did not start within "
+                           f"{COLLECTIVE_TIMEOUT}; check their machines' output", timed_out=True)
+        time.sleep(0.05)
+    return [store.get(f"{key}/{r}").decode() for r in range(world)]
+
+
+def report_setup_failure(message: str) -> None:
+    """Tell the other ranks, waiting in `start`, that this one cannot start and why (best effort)."""
+    ranks = from_environment()
+    if not ranks.parallel:
+        return
+    try:
+        _store(ranks, timedelta(seconds=10)).set(f"failed/{ranks.rank}", message)
+    except Exception:  # no store to reach: torchrun still sees this rank fail, and stops the others
+        pass
 
 
 def leave(code: int) -> NoReturn:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -279,8 +280,9 @@ def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 1 and took < KILL_DEADLINE
-    assert f"process 1 of 2 (pid {ranks[1]}) was killed by SIGKILL" in err, err
-    assert "resume from the last checkpoint with: moe-tui train --resume k --nproc 2" in err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert said == [f"error: process 1 of 2 (pid {ranks[1]}) was killed by SIGKILL, and the others were stopped; "
+                    "resume from the last checkpoint with: moe-tui train --resume k --nproc 2"], err  # one line
     assert not Path(f"/proc/{ranks[0]}").exists() or "zombie" in Path(f"/proc/{ranks[0]}/status").read_text()
 
 
@@ -291,6 +293,58 @@ def test_torchrun_itself_runs_the_headless_reporter_on_rank_0_only(tmp_path):
     assert process.returncode == 0, err
     assert out.count("training run 't'") == 1 and out.count("eval     20") == 1 and "finished" in out
     assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir()) == ["best", "step-00000020"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_machines(args: list[str], runs: Path, cwds: tuple[Path, Path]) -> list[subprocess.Popen]:
+    """README's multi-node command, both "machines" on this one: a torchrun per node, one process each."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                              "-m", "tui", "train", *args, "--headless"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(runs),
+                             cwd=cwd, start_new_session=True)
+            for node, cwd in enumerate(cwds)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    try:
+        return [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_two_machines_train_as_one_with_the_readme_command(straight, tmp_path):
+    nodes = two_machines(["simpsons", *DP_FLAGS, "--run-name", "nodes"], tmp_path, (REPO, tmp_path))
+    (out0, err0), (out1, err1) = finish(nodes, timeout=300)
+    assert [p.returncode for p in nodes] == [0, 0], err0 + err1
+    assert out0.count("training run 'nodes'") == 1 and "device cpu x 2" in out0
+    assert out1 == ""  # the other machine's process prints nothing but errors
+    for step in (20, 40):
+        assert evals(straight)[step] == pytest.approx(evals(tmp_path / "nodes")[step], abs=1e-4), step
+
+
+def test_a_file_missing_on_one_machine_stops_both_at_once_each_saying_why(tmp_path):
+    here, there = tmp_path / "machine0", tmp_path / "machine1"
+    here.mkdir(), there.mkdir()
+    shutil.copy(shared_data_dir() / "moes_tavern_lines.txt", here / "lines.txt")  # not copied to machine 1
+    started = time.monotonic()
+    nodes = two_machines(["lines.txt", *DP_FLAGS, "--run-name", "missing"], tmp_path / "runs", (here, there))
+    (_, err0), (out1, err1) = finish(nodes, timeout=120)
+    took = time.monotonic() - started
+    assert all(p.returncode != 0 for p in nodes) and took < 60  # not COLLECTIVE_TIMEOUT's 5 minutes
+    ours = [line for line in err1.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "lines.txt" in ours[0], err1  # said on the machine that lacks the file...
+    said = [line for line in err0.splitlines() if line.startswith("error:")]
+    assert said == [f"error: process 1 of 2 could not start: {ours[0].removeprefix('error: ')}"], err0  # ...and on 0
+    assert not (tmp_path / "runs").exists()  # nothing written
 
 
 TMUX = shutil.which("tmux")

@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from moe_core.distributed import report_setup_failure
 from moe_core.errors import UserError
 from tui.bench_command import bench
 from tui.export_command import export
@@ -40,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="moe-tui", standalone_mode=False)
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all: theirs is the same error
+        # Under torchrun the first process on each machine speaks for that machine's: theirs is the same error.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") != "0":  # on this rank alone, maybe (a file missing on this machine)
+            report_setup_failure(str(err))
         return 2
     except typer.Exit as err:
         return err.exit_code

@@ -13,6 +13,8 @@ import sys
 
 from tui.exits import signal_exit_code
 
+LAUNCHED = "MOE_TUI_NPROC"  # set for the ranks that `--nproc` starts
+
 
 def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     """Run `python -m tui ARGS` as `nproc` ranks on this machine; returns the exit code."""
@@ -22,6 +24,7 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     from torch.distributed.run import config_from_args, parse_args
 
     # A fair share of the cores each: N processes of all-core torch threads would fight for them.
+    os.environ[LAUNCHED] = "1"  # the ranks leave naming a lost rank to this process, which knows which it was
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The launcher's own log lines (each rank's exit, signals passed on) would bury the run's; what
     # matters is said below, in one line. Each of its loggers sets its own level: quiet them one by one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -25,7 +26,7 @@ from moe_core.live.lease import RunLease, already_live_message, is_live, read_st
 from moe_core.runs import Run, default_runs_dir
 from moe_core.track import Tracking
 from tui.detach import is_detached_child, move_output_to_log, start_detached
-from tui.launch import launch
+from tui.launch import LAUNCHED, launch
 from tui.exits import HANGUP, move_output_after_hangup, print_next_step, signal_exit_code, stop_signals_handled
 from tui.options import (DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
                          stop_command, watch_command)
@@ -162,8 +163,8 @@ def train(
         args = _without_nproc(args) + ([] if resume or run_name else ["--run-name", run.name])
         raise typer.Exit(launch(nproc, args, resume_command(run.name, runs_dir)))
 
-    device = distributed.start(ranks, device, config.batch_size)  # with several ranks: join them
     try:
+        device = distributed.start(ranks, device, config.batch_size)  # with several ranks: join them
         if ranks.parallel and not ranks.leader:
             code = _train_as_follower(ranks, runs_dir, config, vocab, corpus, bool(resume), device)
         else:
@@ -171,7 +172,9 @@ def train(
                                     overwrite, detach, use_dashboard, torch_threads, runs_dir, on_hangup)
         code = ranks.same_exit_code(code)
     except (LostRank, RankFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # A rank that died is named by `--nproc`'s launcher, which knows which it was; one that hangs is not.
+        if not (isinstance(err, LostRank) and not err.timed_out and os.environ.get(LAUNCHED)):
+            print(f"error: {err}", file=sys.stderr)
         code = 1
     if ranks.parallel:
         distributed.leave(code)
