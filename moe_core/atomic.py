@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -41,9 +42,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, read without setting it where Linux shows it: `os.umask` can only swap
+    it, and for that moment every file another thread creates (a tracker's, say) would be world-writable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_SWAP:
+        mask = os.umask(0o077)  # the most private mask for the moment it is swapped
+        os.umask(mask)
     return mask
+
+
+_UMASK_SWAP = threading.Lock()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
