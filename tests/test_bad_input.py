@@ -232,6 +232,7 @@ CASES = {
     "export to an unknown tracker": Case(TRACK, ["export", "tiny", "--to", "neptune"]),
     "export an unknown run": Case(TRACK, ["export", "ghost", "--to", "tensorboard"]),
     "export a run that is training": Case(TRACK, ["export", "tiny", "--to", "tensorboard"], other_trainer("live")),
+    "export with an empty tracker project": Case(TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]),
 }
 
 
@@ -383,6 +384,7 @@ OFFENDING = {
     "export to an unknown tracker": ["'neptune'", "--to"],
     "export an unknown run": ["'ghost'"],
     "export a run that is training": ["'tiny'"],
+    "export with an empty tracker project": ["--track-project"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from moe_core.bus import EventBus
-from moe_core.events import Notice, StepMetrics
+from moe_core.events import Notice, Sample, StepMetrics
 from moe_core.runs import Run
 from moe_core.track import Tracker, Tracking, trackers
-from moe_core.track.base import TrackerSink, TrackerState
+from moe_core.track.base import TEXTS_APART, TrackerSink, TrackerState
 
 from .conftest import cli
 from .test_training import make_trainer
@@ -203,19 +203,109 @@ def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, s
     assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
 
 
+def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_says_so(tmp_path, shared_dir):
+    trainer, _ = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio"], max_iters=20)
+    started_in = trainer.config.track_project
+    trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio", "tensorboard"], resume=True,
+                                  track_project="elsewhere")
+    run = trainer.run_dir
+    moved = [w for w in warnings(events) if "elsewhere" in w]
+    assert sorted(w.split()[1] for w in moved) == ["mlflow", "trackio"] and len(warnings(events)) == 2
+    assert f"goes on with its tracked run in project '{started_in}'" in moved[0]
+    for name in ("mlflow", "trackio"):
+        assert entry(run, name)["project"] == started_in
+    from mlflow import MlflowClient
+
+    client = MlflowClient(entry(run, "mlflow")["tracking_uri"])
+    assert client.get_experiment_by_name("elsewhere") is None
+    assert client.get_run(entry(run, "mlflow")["run_id"]).info.experiment_id == \
+        client.get_experiment_by_name(started_in).experiment_id
+    assert [s for s, _ in mlflow_history(run, "train/loss")] == [10, 20, 30, 40]
+    assert [row["step"] for row in trackio_logs(run) if "train/loss" in row] == [10, 20, 30, 40]
+
+
+def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text_per_step(tmp_path):
+    need("mlflow", "wandb")
+    run = Run(tmp_path / "paused")
+    run.path.mkdir()
+    asked = [Sample(30, "\n", "HOMER: first", True), Sample(30, "M", "MOE: second", True),
+             Sample(40, "\n", "BART: later", True)]
+    tracking = Tracking(run_config(), run, names=["mlflow", "wandb"])
+    tracking.replay(asked)
+    tracking.close(timeout=None)
+    from mlflow import MlflowClient
+
+    e = entry(run, "mlflow")
+    client = MlflowClient(e["tracking_uri"])
+    texts = [Path(client.download_artifacts(e["run_id"], f"samples/requested/step-000000{s}.txt", str(tmp_path)))
+             .read_text() for s in (30, 40)]
+    assert texts == ["HOMER: first" + TEXTS_APART + "MOE: second", "BART: later"]
+    rows = [row for row in wandb_history(run) if "samples/requested.path" in row]  # a media file per row
+    assert [row["_step"] for row in rows] == [30, 40]
+    step_30 = next((run.path / "wandb").glob("offline-run-*/files/" + rows[0]["samples/requested.path"])).read_text()
+    assert "HOMER: first" in step_30 and "MOE: second" in step_30
+
+
+def test_a_relative_mlflow_sqlite_uri_is_kept_as_the_database_it_named(tmp_path, monkeypatch):
+    need("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")
+    run = Run(tmp_path / "runs" / "r")
+    run.path.mkdir(parents=True)
+    tracking = Tracking(run_config(), run, names=["mlflow"])
+    tracking.replay([StepMetrics(10, 2.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1)])
+    tracking.close(timeout=None)
+    assert entry(run, "mlflow")["tracking_uri"] == f"sqlite:///{tmp_path / 'relative.db'}"
+    monkeypatch.chdir(run.path)  # a resume or an export from another folder reads the same store
+    assert mlflow_history(run, "train/loss") == [(10, 2.0)]
+
+
+TRACK_AT = """
+import sys, time
+from pathlib import Path
+from moe_core.config import Config
+from moe_core.events import Notice, StepMetrics
+from moe_core.runs import Run
+from moe_core.track import Tracking
+run, published = Run(Path(sys.argv[1])), []
+run.path.mkdir()
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all at the same instant
+tracking = Tracking(Config(), run, names=["mlflow"], publish=published.append)
+tracking.replay([StepMetrics(10, 2.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1)])
+tracking.close(timeout=None)
+print([e.message for e in published if isinstance(e, Notice) and e.level != "info"])
+"""
+
+
+def test_trainings_started_together_share_a_new_mlflow_store(tmp_path, monkeypatch):
+    # Without the lock beside runs/mlflow.db, 5 of 6 such starts failed here ("table ... already exists").
+    need("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    at = time.time() + 8  # past every process's imports
+    starts = [subprocess.Popen([sys.executable, "-c", TRACK_AT, str(tmp_path / name), str(at)], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for name in ("a", "b", "c")]
+    assert [p.communicate(timeout=120)[0].strip() for p in starts] == ["[]", "[]", "[]"]
+    for name in ("a", "b", "c"):
+        assert mlflow_history(Run(tmp_path / name), "train/loss") == [(10, 2.0)]
+
+
 # -- export -----------------------------------------------------------------------------------------
 
 def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
-    need("tensorboard", "mlflow")
+    need("tensorboard", "mlflow", "wandb")
     run = Run(trained)
     code, out, err = cli(capsys, "export", "tiny", "--to", "tensorboard")
     assert code == 0, err
     assert "exported run 'tiny' to tensorboard: event files in" in out
     assert same(tensorboard_scalars(trained / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
-    for _ in range(2):
-        code, out, err = cli(capsys, "export", "tiny", "--to", "mlflow")
-        assert code == 0, err
+    last = logged(run, "StepMetrics", "loss")[-1][0]
+    for to in ("mlflow", "wandb"):
+        for again in (False, True):
+            code, out, err = cli(capsys, "export", "tiny", "--to", to)
+            assert code == 0, err
+            assert (f"already in {to} up to its last step ({last}); nothing to send" in out) == again, out
     assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
+    assert len(list((trained / "wandb").glob("offline-run-*"))) == 1  # no empty run made by the second export
     code, out, err = cli(capsys, "runs", "show", "tiny")
     assert "tracked in mlflow: run " in out and "tracked in tensorboard: " in out
 

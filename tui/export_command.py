@@ -11,11 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from moe_core.config import validate
 from moe_core.errors import UserError
 from moe_core.events import Event, Notice, Sample
 from moe_core.live.lease import read_status
 from moe_core.runs import Run, default_runs_dir
 from moe_core.track import Tracking, check_trackers, trackers, where_written
+from moe_core.track.base import SENT, TrackerState
 from tui.options import RunsDir
 from tui.run_commands import run_state
 from tui.sources import run_history
@@ -34,8 +36,15 @@ def export(
         raise UserError(f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}` "
                         f"stops it, and `moe-tui train --resume {r.name} --track {to}` would go on tracked)")
     config = r.load_config()
-    if track_project:
+    if track_project is not None:
         config = dataclasses.replace(config, track_project=track_project)
+        validate(config)
+    events = recorded_events(r)
+    held = TrackerState.read(r).get(to, {}).get("last_step")
+    if held is not None and not any(getattr(e, "step", -1) > held for e in events if isinstance(e, SENT)):
+        # Nothing to add: not even a tracked run opened only to be ended (W&B would leave an empty one).
+        print(f"run '{r.name}' is already in {to} up to its last step ({held}); nothing to send")
+        return
     warnings: list[str] = []
 
     def publish(event: Event) -> None:
@@ -44,7 +53,7 @@ def export(
             print(f"{event.level}: {event.message}", file=sys.stderr)
 
     tracking = Tracking(config, r, names=[to], publish=publish)
-    tracking.replay(recorded_events(r))
+    tracking.replay(events)
     state = run_state(r)
     tracking.close(outcome=state if state in ("finished", "error") else "stopped", timeout=None)
     if warnings:

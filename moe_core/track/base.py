@@ -25,6 +25,7 @@ from ..runs import Run
 QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
 CLOSE_TIMEOUT = 60.0  # seconds the trackers may take, together, to send what is queued when training ends
 ABANDON_GRACE = 10.0  # past that, seconds a tracker still gets to end its run, what was queued dropped
+TEXTS_APART = "\n\n" + "-" * 40 + "\n\n"  # between texts sent together (`Tracker.add_text`)
 
 
 class Tracker:
@@ -36,10 +37,17 @@ class Tracker:
     # True: `open` itself drops what the tracked run holds after `start_step` (TensorBoard's purge).
     # False: events at steps the tracked run already has are skipped, so no step is logged twice.
     rewinds = False
+    # True: a second text under one key at one step replaces the first (a W&B history row, an MLflow
+    # artifact path). Then `add_text` sends all of that step's texts so far, joined, and none is lost:
+    # several samples asked for while paused all come at the same step.
+    one_text_per_step = False
 
     def __init__(self, run: Run, project: str, entry: dict[str, Any]):
-        self.run, self.project = run, project
+        self.run = run
         self.entry = entry  # this tracker's part of trackers.json: ids to continue with, where it wrote
+        # A tracked run stays in the project it started in (a tracker that has projects saves it as "project").
+        self.project = entry.get("project", project)
+        self._texts: dict[str, tuple[int, list[str]]] = {}  # per key: the last step's texts
 
     def open(self, params: dict[str, Any], start_step: int, continuing: bool) -> None:
         """Start (or, `continuing`, reopen) the tracked run and record its hyperparameters; may fill
@@ -55,6 +63,14 @@ class Tracker:
 
     def text(self, step: int, key: str, text: str) -> None:
         raise NotImplementedError
+
+    def add_text(self, step: int, key: str, text: str) -> None:
+        if self.one_text_per_step:
+            last = self._texts.get(key)
+            texts = [*last[1], text] if last is not None and last[0] == step else [text]
+            self._texts[key] = (step, texts)
+            text = TEXTS_APART.join(texts)
+        self.text(step, key, text)
 
     def close(self, outcome: str) -> None:
         """End the tracked run: outcome is finished, stopped or error."""
@@ -80,6 +96,9 @@ def run_params(config: Config, started: RunStarted | None) -> dict[str, Any]:
     return params
 
 
+SENT = (StepMetrics, EvalMetrics, RouterStats, Sample)  # the events `send` turns into scalars and text
+
+
 def send(tracker: Tracker, event: Event) -> None:
     """What the dashboard shows of one event, as the tracker's scalars and text."""
     if isinstance(event, StepMetrics):
@@ -101,7 +120,7 @@ def send(tracker: Tracker, event: Event) -> None:
         for i, layer in enumerate(event.layers):
             tracker.expert_shares(event.step, i, layer.expert_fraction)
     elif isinstance(event, Sample):
-        tracker.text(event.step, "samples/requested" if event.requested else "samples/periodic", event.text)
+        tracker.add_text(event.step, "samples/requested" if event.requested else "samples/periodic", event.text)
 
 
 class TrackerState:
@@ -287,6 +306,7 @@ class TrackerSink:
         continuing = bool(self.entry)  # this run was sent to this tracker before: continue it
         start_step = started.start_step if started is not None else 0
         held = self.entry.get("last_step", -1)  # the tracked run holds the steps up to here
+        kept = self.entry.get("project")  # the project it started in, which it stays in
         if continuing and not self.tracker.rewinds:
             self.skip_through = self.entry.get("last_step", -1)
         self.tracker.open(run_params(self.config, started), start_step, continuing)
@@ -297,6 +317,11 @@ class TrackerSink:
         self.state.save()
         if started is not None and started.resumed and held < start_step:
             self._backfill(held, start_step)
+        if kept is not None and kept != self.config.track_project:
+            self._notices.append(Notice(
+                "warning", f"tracker {self.name} goes on with its tracked run in project '{kept}', "
+                           f"where it started (a run cannot move); --track-project {self.config.track_project} applies "
+                           "to trackers this run has not used before", start_step))
         self._notices.append(Notice("info", f"tracker {self.name}: {self.tracker.describe(self.tracker.run, self.entry)}",
                                     start_step))
 

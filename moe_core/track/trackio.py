@@ -19,11 +19,10 @@ class Trackio(Tracker):
         import trackio
         from trackio.utils import TRACKIO_DIR
 
-        project = self.entry.get("project", self.project)
         with contextlib.redirect_stdout(io.StringIO()):  # its greeting would land on the dashboard's screen
-            self.tr = trackio.init(project=project, name=self.run.name, config=params,
+            self.tr = trackio.init(project=self.project, name=self.run.name, config=params,
                                    resume="allow" if continuing else "never", auto_log_cpu=False, auto_log_gpu=False)
-        self.entry.update(project=project, run=self.run.name, run_id=self.tr.id, dir=str(TRACKIO_DIR))
+        self.entry.update(project=self.project, run=self.run.name, run_id=self.tr.id, dir=str(TRACKIO_DIR))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.tr.log(values, step=step)

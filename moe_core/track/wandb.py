@@ -26,6 +26,7 @@ def logged_in() -> bool:
 
 class WandB(Tracker):
     name = package = "wandb"
+    one_text_per_step = True
 
     def open(self, params: dict[str, Any], start_step: int, continuing: bool) -> None:
         import wandb
@@ -34,12 +35,12 @@ class WandB(Tracker):
         run_id = self.entry.get("run_id") or secrets.token_hex(6)  # a W&B run id: lowercase letters and digits
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
                                   x_save_requirements=False)
-        self.wb = wandb.init(project=self.entry.get("project", self.project), name=self.run.name, id=run_id,
+        self.wb = wandb.init(project=self.project, name=self.run.name, id=run_id,
                              resume="allow", dir=str(self.run.path), config=params, mode=mode, settings=settings,
                              reinit="create_new")
         if continuing:
             self.wb.config.update(params, allow_val_change=True)
-        self.entry.update(run_id=run_id, project=self.entry.get("project", self.project),
+        self.entry.update(run_id=run_id, project=self.project,
                           mode="offline" if self.wb.offline else "online",
                           url="" if self.wb.offline else (self.wb.url or ""),
                           dir=str((self.run.path / "wandb").resolve()))
