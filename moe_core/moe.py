@@ -167,11 +167,7 @@ class RoutingStats:
     probs: torch.Tensor  # (N, E) the router's probabilities, detached
     expert_idx: torch.Tensor  # (N, k) the experts chosen
     dropped: torch.Tensor  # () assignments that found their expert full
-
-    @property
-    def tokens_per_expert(self) -> torch.Tensor:
-        """(E,) assignments routed to each expert, before capacity."""
-        return count_per_expert(self.expert_idx, self.probs.shape[-1])
+    tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert, before capacity
 
     @property
     def entropy(self) -> torch.Tensor:
@@ -184,7 +180,8 @@ class RoutingStats:
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
-                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer auxiliary loss: E * sum_e f_e * P_e.
 
     f_e is the fraction of token->expert assignments that went to expert e, P_e the mean router
@@ -192,8 +189,9 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_exper
     With data parallelism `sum_over_ranks` makes f_e the global batch's: the loss is not linear in the
     batch, but with f_e global (it carries no gradient) each rank's loss is linear in its own P_e, so
     the mean of the ranks' gradients is exactly one process's gradient on the whole batch.
+    `counts`: the assignments per expert, where the caller has counted them already.
     """
-    counts = count_per_expert(expert_idx, num_experts).to(probs.dtype)
+    counts = (count_per_expert(expert_idx, num_experts) if counts is None else counts).to(probs.dtype)
     if sum_over_ranks is not None:
         counts = sum_over_ranks(counts)
     f = counts / counts.sum()
@@ -251,19 +249,21 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, expert_idx = self.router(x)
-        out, dropped = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]))
         if not self.training:  # losses and routing stats are for training; sampling skips their cost
-            return out.reshape(shape)
+            return self.dispatch(x, weights, expert_idx, None)[0].reshape(shape)
 
+        counts = count_per_expert(expert_idx.flatten(), self.num_experts)  # once, for all three uses
+        out, dropped = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]), counts)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts, self.sum_over_ranks)
+        self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts, self.sum_over_ranks, counts)
         self.z_loss = router_z_loss(logits)
-        self.stats = RoutingStats(probs.detach(), expert_idx, dropped)
+        self.stats = RoutingStats(probs.detach(), expert_idx, dropped, counts)
         return out.reshape(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sort assignments by expert and run every expert on its contiguous slice in one go.
+        (`counts`: the assignments per expert, if counted already.)
 
         Returns the combined output (N, C) and the number of assignments dropped by capacity.
         """
@@ -282,7 +282,7 @@ class MoE(nn.Module):
         flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
         # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
         order = torch.argsort(flat_expert, stable=True)
-        counts = count_per_expert(flat_expert, self.num_experts)
+        counts = count_per_expert(flat_expert, self.num_experts) if counts is None else counts
         token, expert = order // self.top_k, flat_expert[order]
         gate = weights.flatten().index_select(0, order).unsqueeze(-1)
 
@@ -313,7 +313,7 @@ class ReferenceMoE(MoE):
             for e, tensor in enumerate(state.pop(f"{prefix}experts.{new}", ())):
                 state[f"{prefix}experts.{e}.{old}"] = tensor
 
-    def dispatch(self, x, weights, expert_idx, capacity):
+    def dispatch(self, x, weights, expert_idx, capacity, counts=None):  # counts: not needed here
         out = torch.zeros_like(x)
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
         for e, expert in enumerate(self.experts):
