@@ -55,6 +55,11 @@ class LostRank(Exception):
         self.timed_out = timed_out  # the other rank did not answer (rather than: its connection closed)
 
 
+class PeerFailed(UserError):
+    """Another rank could not start, and said why (`report_setup_failure`): this one stops too, saying so
+    where it is the first process of its machine, but does not report it again as its own."""
+
+
 class RankFailed(Exception):
     """Training failed on this rank (out of memory, say), maybe on this rank alone and in the middle of
     a collective the others wait in: no further collective can be trusted, so the rank leaves at once
@@ -122,10 +127,10 @@ class Ranks:
         else rank 0's (its front end: the dashboard, a viewer, the control channel)."""
         if not self.parallel:
             return command
-        # A stop signalled to a follower is offered one turn late. A signal sent to the whole job
-        # (Ctrl-C in its terminal, or passed on by the launcher) reaches every rank at once, but each
-        # acts on it when it next runs Python code: waiting a turn lets rank 0's stop, which names no
-        # rank, be the one that is reported.
+        # A stop signalled to a follower is offered one turn late. A signal to the whole job (Ctrl-C or
+        # SIGTERM, which the launcher passes on to every rank; `pkill`) reaches every rank at about the
+        # same time, but each acts on it when it next runs Python code: waiting a turn lets rank 0's
+        # stop, which names no rank, be the one that is reported.
         if self._held:
             command = self._held.pop()
         elif command is not None and command[0] == "stop" and not self.leader:
@@ -211,11 +216,16 @@ def _collective(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except RuntimeError as err:  # gloo and NCCL raise DistBackendError, a RuntimeError, on a lost peer
-        # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise LostRank(f"lost contact with another process of this run ({reason.split('. ')[0][:160]}); "
+        raise LostRank(f"lost contact with another process of this run ({_first_line(err)}); "
                        "torchrun's report names it; resume from the last checkpoint",
                        timed_out="timed out" in str(err).lower() or "timeout" in str(err).lower()) from None
+
+
+def _first_line(err: Exception) -> str:
+    """"[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
+    -> "Connection closed by peer [127.0.0.1]:53407"."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
+    return reason.split(". ")[0][:160]
 
 
 # -- joining and leaving ------------------------------------------------------------------------
@@ -266,12 +276,18 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
     if device == "mps":
         raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
                         "--device cpu, or one process on mps")
-    # Compare devices through the launcher's key-value store, before a backend is chosen for them.
-    store = _store(ranks, COLLECTIVE_TIMEOUT)
-    store.set(f"device/{ranks.rank}", device)
-    check_same_devices(_joined(store, ranks.world, "device"))
-    if device == "cuda":
+    if device == "cuda":  # before joining, so that a failure here reaches the others (`_joined`)
         check_cuda_count(ranks.local_rank + 1, torch.cuda.device_count())
+    # Compare devices through the launcher's key-value store, before a backend is chosen for them.
+    try:
+        store = _store(ranks, COLLECTIVE_TIMEOUT)
+        store.set(f"device/{ranks.rank}", device)
+        devices = _joined(store, ranks.world, "device")
+    except RuntimeError as err:  # the store went with the machine that hosted it (its process failed)
+        raise LostRank(f"lost contact with the other machines' processes ({_first_line(err)}); their "
+                       "output says why") from None
+    check_same_devices(devices)
+    if device == "cuda":
         torch.cuda.set_device(ranks.local_rank)
         device = f"cuda:{ranks.local_rank}"
     # On CUDA, NCCL for the GPU tensors and gloo for the few CPU ones (route counts, the exit code).
@@ -285,18 +301,21 @@ def _store(ranks: Ranks, timeout: timedelta):
     import torch.distributed as dist
 
     store, _, _ = next(dist.rendezvous("env://", ranks.rank, ranks.world, timeout=timeout))
-    return dist.PrefixStore("moe-tui", store)
+    # Per attempt: torchrun --max-restarts keeps its store, and an earlier attempt's keys must not count.
+    return dist.PrefixStore(f"moe-tui/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+FAILED = "failed"  # "RANK\nwhy": the first rank that could not start (`report_setup_failure`)
 
 
 def _joined(store, world: int, key: str) -> list[str]:
-    """Every rank's value of `key`, once all have set it. A rank that could not start sets
-    `failed/RANK` instead (`report_setup_failure`): then every rank stops, naming it, instead of
-    waiting `COLLECTIVE_TIMEOUT` for it."""
+    """Every rank's value of `key`, once all have set it. A rank that could not start sets `FAILED`
+    instead: then every rank stops, naming it, instead of waiting `COLLECTIVE_TIMEOUT` for it."""
     deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
     while not store.check([f"{key}/{r}" for r in range(world)]):
-        for r in range(world):
-            if store.check([f"failed/{r}"]):
-                raise UserError(f"process {r} of {world} could not start: {store.get(f'failed/{r}').decode()}")
+        if store.check([FAILED]):
+            rank, _, why = store.get(FAILED).decode().partition("\n")
+            raise PeerFailed(f"process {rank} of {world} could not start: {why}")
         if time.monotonic() > deadline:
             missing = [r for r in range(world) if not store.check([f"{key}/{r}"])]
             raise LostRank(f"process(es) {', '.join(map(str, missing))} of {world} did not start within "
@@ -310,8 +329,8 @@ def report_setup_failure(message: str) -> None:
     ranks = from_environment()
     if not ranks.parallel:
         return
-    try:
-        _store(ranks, timedelta(seconds=10)).set(f"failed/{ranks.rank}", message)
+    try:  # the first to fail is the one named: later ones may only be failing on its account
+        _store(ranks, timedelta(seconds=10)).compare_set(FAILED, "", f"{ranks.rank}\n{message}")
     except Exception:  # no store to reach: torchrun still sees this rank fail, and stops the others
         pass
 

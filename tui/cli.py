@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from moe_core.distributed import report_setup_failure
+from moe_core.distributed import PeerFailed, report_setup_failure
 from moe_core.errors import UserError
 from tui.bench_command import bench
 from tui.export_command import export
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun the first process on each machine speaks for that machine's: theirs is the same error.
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
-        if os.environ.get("RANK", "0") != "0":  # on this rank alone, maybe (a file missing on this machine)
+        if not isinstance(err, PeerFailed):  # maybe on this rank alone (a file missing on its machine)
             report_setup_failure(str(err))
         return 2
     except typer.Exit as err:

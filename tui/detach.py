@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
+from moe_core.live.lease import read_status
 from moe_core.runs import Run
 from tui.exits import redirect_output
 
@@ -43,6 +45,18 @@ def start_detached(argv: list[str]) -> int:
     sys.stdout.write(said)
     sys.stderr.write("".join(errors))
     return 0 if BACKGROUND in said else child.wait()
+
+
+def output_to_log_once_live(run: Run) -> None:
+    """With several processes (`--nproc N --detach`), for the detached launcher and the ranks other than
+    0: they hold the parent's pipes too, so once rank 0 trains (and has moved its own output), they move
+    theirs to train.log, and the parent's read ends. Until then a mistake still reaches the terminal."""
+    def when_live() -> None:
+        while read_status(run).state != "live":
+            time.sleep(0.1)
+        redirect_output(run.path / "train.log")
+
+    threading.Thread(target=when_live, name="output-to-log", daemon=True).start()
 
 
 def move_output_to_log(run: Run, watch_hint: str, stop_hint: str) -> None:

@@ -25,7 +25,7 @@ from moe_core.live.host import LiveTraining
 from moe_core.live.lease import RunLease, already_live_message, is_live, read_status
 from moe_core.runs import Run, default_runs_dir
 from moe_core.track import Tracking
-from tui.detach import is_detached_child, move_output_to_log, start_detached
+from tui.detach import is_detached_child, move_output_to_log, output_to_log_once_live, start_detached
 from tui.launch import LAUNCHED, launch
 from tui.exits import HANGUP, move_output_after_hangup, print_next_step, signal_exit_code, stop_signals_handled
 from tui.options import (DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
@@ -96,9 +96,6 @@ def train(
                             "terminal goes; use --on-hangup stop (the default with --nproc), or start the run "
                             "in tmux or under nohup")
         on_hangup = "stop"  # each process saves, and all exit 129
-    if launching and detach:
-        raise UserError("--detach does not start several processes yet; run `moe-tui train ... --nproc N` "
-                        "under nohup or in tmux instead")
     if detach and not is_detached_child():  # this process starts the trainer and returns; the child has both
         raise typer.Exit(start_detached(invocation_args()))
     flags = {k: v for k, v in locals().items() if v is not None and k in Config.__dataclass_fields__}
@@ -161,6 +158,8 @@ def train(
         _check_launch(nproc, config, device)
         args = [a for a in invocation_args()]
         args = _without_nproc(args) + ([] if resume or run_name else ["--run-name", run.name])
+        if detach:  # the detached child: it and the ranks write to train.log once rank 0 trains
+            output_to_log_once_live(run)
         raise typer.Exit(launch(nproc, args, resume_command(run.name, runs_dir)))
 
     try:
@@ -240,6 +239,8 @@ def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device)
                           ranks=ranks, device=device)
     except LostRank:  # rank 0 failed to set up (a corrupt checkpoint, say) and says why itself
         distributed.leave(1)
+    if is_detached_child():
+        output_to_log_once_live(Run(runs_dir / name))
     received: list[int] = []
 
     def on_signal(signum, frame):
