@@ -269,7 +269,9 @@ from moe_core.runs import Run
 from moe_core.track import Tracking
 run, published = Run(Path(sys.argv[1])), []
 run.path.mkdir()
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all at the same instant
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():  # all three start at the same instant
+    time.sleep(0.001)
 tracking = Tracking(Config(), run, names=["mlflow"], publish=published.append)
 tracking.replay([StepMetrics(10, 2.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1)])
 tracking.close(timeout=None)
@@ -281,9 +283,11 @@ def test_trainings_started_together_share_a_new_mlflow_store(tmp_path, monkeypat
     # Without the lock beside runs/mlflow.db, 5 of 6 such starts failed here ("table ... already exists").
     need("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    at = time.time() + 8  # past every process's imports
-    starts = [subprocess.Popen([sys.executable, "-c", TRACK_AT, str(tmp_path / name), str(at)], text=True,
+    go = tmp_path / "go"
+    starts = [subprocess.Popen([sys.executable, "-c", TRACK_AT, str(tmp_path / name), str(go)], text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for name in ("a", "b", "c")]
+    assert [p.stdout.readline().strip() for p in starts] == ["ready"] * 3  # imports done
+    go.touch()
     assert [p.communicate(timeout=120)[0].strip() for p in starts] == ["[]", "[]", "[]"]
     for name in ("a", "b", "c"):
         assert mlflow_history(Run(tmp_path / name), "train/loss") == [(10, 2.0)]
@@ -306,6 +310,18 @@ def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
             assert (f"already in {to} up to its last step ({last}); nothing to send" in out) == again, out
     assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
     assert len(list((trained / "wandb").glob("offline-run-*"))) == 1  # no empty run made by the second export
+    # What a kill -9 while tracking leaves: the MLflow run RUNNING, its entry not closed. Export ends it.
+    from mlflow import MlflowClient
+
+    e = entry(run, "mlflow")
+    MlflowClient(e["tracking_uri"]).update_run(e["run_id"], status="RUNNING")
+    state = json.loads((trained / "trackers.json").read_text())
+    state["mlflow"]["closed"] = False
+    (trained / "trackers.json").write_text(json.dumps(state))
+    code, out, err = cli(capsys, "export", "tiny", "--to", "mlflow")
+    assert code == 0 and "exported run 'tiny' to mlflow" in out, err
+    assert MlflowClient(e["tracking_uri"]).get_run(e["run_id"]).info.status == "FINISHED"
+    assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))  # nothing twice
     code, out, err = cli(capsys, "runs", "show", "tiny")
     assert "tracked in mlflow: run " in out and "tracked in tensorboard: " in out
 

@@ -40,9 +40,11 @@ def export(
         config = dataclasses.replace(config, track_project=track_project)
         validate(config)
     events = recorded_events(r)
-    held = TrackerState.read(r).get(to, {}).get("last_step")
-    if held is not None and not any(getattr(e, "step", -1) > held for e in events if isinstance(e, SENT)):
-        # Nothing to add: not even a tracked run opened only to be ended (W&B would leave an empty one).
+    entry = TrackerState.read(r).get(to, {})
+    held = entry.get("last_step", -1)
+    if entry.get("closed") and not any(getattr(e, "step", -1) > held for e in events if isinstance(e, SENT)):
+        # Nothing to add, and its status is final: no tracked run reopened just to be ended again (W&B
+        # would leave an empty one). One a crash left open is reopened, and ended as the run ended.
         print(f"run '{r.name}' is already in {to} up to its last step ({held}); nothing to send")
         return
     warnings: list[str] = []

@@ -265,6 +265,9 @@ class TrackerSink:
                 pass
         elif self.opened:
             self._guarded(lambda: self.tracker.close(self.outcome))
+            if not self.failed:  # its status is final there: `moe-tui export` need not reopen it
+                self.entry["closed"] = True
+                self._guarded(self.state.save)
 
     def _guarded(self, action: Callable[[], Any]) -> None:
         try:
@@ -311,6 +314,7 @@ class TrackerSink:
             self.skip_through = self.entry.get("last_step", -1)
         self.tracker.open(run_params(self.config, started), start_step, continuing)
         self.opened = True
+        self.entry["closed"] = False  # until `close`: a crash leaves it open (RUNNING in MLflow, say)
         self.entry.setdefault("last_step", start_step if self.tracker.rewinds else self.skip_through)
         if self.tracker.rewinds:
             self.entry["last_step"] = start_step
