@@ -16,7 +16,11 @@ are all of them, and where they happen:
 - each step: each MoE layer sums its expert counts (forward), then the gradients (after backward);
 - each turn of the trainer's loop: the commands (`agree`), so that all act on the same one between the
   same two steps;
-- each log line and evaluation: the statistics, summed (`sum`, `mean`);
+- each log line and evaluation: the statistics, summed (`sum`, `mean`); after an evaluation, whether it
+  is the best so far (rank 0's word: it alone knows whether the last `best` reached the disk);
+- with expert parallelism (moe_core/expert_parallel.py) also: in each MoE layer, forward and backward,
+  the rows' exchange with the experts' ranks; each step, the gradient norm; each checkpoint or sample,
+  every expert gathered;
 - each step checkpoint: every rank's random streams, for rank 0 to save (`gather`);
 - a stop: whether rank 0 has steps to save (`from_leader`);
 - the end: the exit code (`same_exit_code`).
@@ -107,15 +111,20 @@ class Ranks:
         """Mean over ranks, in place (gloo has no AVG: a sum, then a division)."""
         return self.sum(tensor).div_(self.world) if self.parallel else tensor
 
-    def average_gradients(self, model: torch.nn.Module) -> None:
+    def average_gradients(self, model: torch.nn.Module, local: set[int] = frozenset()) -> None:
         """Every rank's gradients replaced by their mean over ranks: one all-reduce of one flat buffer.
 
         Each rank's loss is a mean over its slice, the slices are equal, so the mean of the slice
         gradients is the gradient of the global batch's mean loss: what one process computes.
+        `local`: ids of parameters this rank alone holds (its experts, with expert parallelism), whose
+        gradient already sums every rank's part: divided by the number of ranks, not all-reduced.
         """
         if not self.parallel:
             return
-        params = [p for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            if id(p) in local and p.grad is not None:
+                p.grad.div_(self.world)
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in local]
         # A parameter no token reached has no gradient here but may have one on another rank: zeros.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.mean(torch.cat([g.reshape(-1) for g in grads]))

@@ -220,6 +220,8 @@ class MoE(nn.Module):
         self.stats: RoutingStats | None = None
         # Set by data parallelism (moe_core/distributed.py): sums a tensor over all processes.
         self.sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Set by expert parallelism (moe_core/expert_parallel.py): this rank holds some experts only.
+        self.expert_parallel = None
 
     @staticmethod
     def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
@@ -267,6 +269,8 @@ class MoE(nn.Module):
 
         Returns the combined output (N, C) and the number of assignments dropped by capacity.
         """
+        if self.expert_parallel is not None:  # the experts are spread over the ranks: send the rows there
+            return self.expert_parallel.dispatch(self, x, weights, expert_idx, capacity, counts)
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
         if x.shape[0] == 1 and capacity is None and x.device.type == "cpu":
             # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
@@ -279,24 +283,31 @@ class MoE(nn.Module):
             # and the GPU reads every expert's weights in one pass either way.
             gates = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
             return self.experts.every(x, gates.scatter_(1, expert_idx, weights)).to(x.dtype), dropped
-        flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
-        # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
-        order = torch.argsort(flat_expert, stable=True)
-        counts = count_per_expert(flat_expert, self.num_experts) if counts is None else counts
-        token, expert = order // self.top_k, flat_expert[order]
-        gate = weights.flatten().index_select(0, order).unsqueeze(-1)
-
-        if capacity is not None:
-            # Position of each sorted assignment inside its expert's group; keep the first `capacity`.
-            starts = torch.cumsum(counts, 0) - counts
-            keep = torch.arange(order.numel(), device=x.device) - starts[expert] < capacity
-            dropped = (~keep).sum()
-            token, expert, gate = token[keep], expert[keep], gate[keep]
-            counts = counts.clamp(max=capacity)
-
+        token, expert, gate, counts, dropped = sort_by_expert(weights, expert_idx, self.num_experts, capacity, counts)
         out = torch.zeros_like(x)
         rows = self.experts(x.index_select(0, token), expert, counts)
         return out.index_add_(0, token, rows * gate), dropped
+
+
+def sort_by_expert(weights: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int | None,
+                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The token->expert assignments (N, k) in expert order, after capacity: each one's token, expert
+    and gate (M, 1); the assignments each expert keeps (E,), and how many were dropped ()."""
+    flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
+    # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
+    order = torch.argsort(flat_expert, stable=True)
+    counts = count_per_expert(flat_expert, num_experts) if counts is None else counts
+    token, expert = order // expert_idx.shape[-1], flat_expert[order]
+    gate = weights.flatten().index_select(0, order).unsqueeze(-1)
+    dropped = torch.zeros((), device=weights.device, dtype=torch.long)
+    if capacity is not None:
+        # Position of each sorted assignment inside its expert's group; keep the first `capacity`.
+        starts = torch.cumsum(counts, 0) - counts
+        keep = torch.arange(order.numel(), device=weights.device) - starts[expert] < capacity
+        dropped = (~keep).sum()
+        token, expert, gate = token[keep], expert[keep], gate[keep]
+        counts = counts.clamp(max=capacity)
+    return token, expert, gate, counts, dropped
 
 
 class ReferenceMoE(MoE):

@@ -27,6 +27,7 @@ from .distributed import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from .errors import UserError
 from .events import (LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, Notice, RunStarted,
                      Sample, StateChanged, StepMetrics, to_record)
+from .expert_parallel import ExpertParallel
 from .model import MoETransformer
 from .routes import RouteCounter
 from .runs import Run
@@ -40,8 +41,9 @@ __all__ = ["NonFiniteLoss", "Trainer"]
 class Trainer:
     def __init__(self, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor,
                  on_event: EventSink | None = None, resume: bool = False, ranks: Ranks = SINGLE,
-                 device: str | None = None):
-        """`ranks` and `device` (`cuda:LOCAL_RANK`) come from `distributed.start` with several processes."""
+                 device: str | None = None, expert_parallel: bool = False):
+        """`ranks` and `device` (`cuda:LOCAL_RANK`) come from `distributed.start` with several processes;
+        `expert_parallel`: each of them holds a share of the experts (moe_core/expert_parallel.py)."""
         self.config, self.run_dir, self.vocab, self.ranks = config, run, vocab, ranks
         self.on_event = on_event or (lambda event: None)
         self.control = Control()
@@ -80,6 +82,9 @@ class Trainer:
         if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
             trainer_state.resume(self)
         ranks.copy_from_leader(self)
+        # Every rank now holds the whole model; with expert parallelism each keeps its share of the experts.
+        self.expert_parallel = ExpertParallel(ranks, config, self.model, self.optimizer) if expert_parallel else None
+        self.own_experts = self.expert_parallel.own_parameters(self.model) if expert_parallel else set()
         self.best_written = self.best_val  # the validation loss of the `best` on disk
         self.window = StepWindow(ranks)  # the steps since the last log line
 
@@ -125,8 +130,10 @@ class Trainer:
         loss = out.loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.ranks.average_gradients(self.model)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+        self.ranks.average_gradients(self.model, local=self.own_experts)
+        limit = c.grad_clip if c.grad_clip > 0 else math.inf
+        norm = (self.expert_parallel.clip_grad_norm(self.model, limit) if self.expert_parallel
+                else torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
         self.optimizer.step()
         self.step_num += 1
         self.window.add(out.loss, out.aux_loss, out.z_loss, norm)
@@ -154,20 +161,21 @@ class Trainer:
         return (EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3)),
                 ExpertChars(self.step_num, "".join(self.vocab.chars), self.ranks.sum(routes.counts).tolist()))
 
-    def sample(self, request: SampleRequest) -> str:
+    def sample(self, request: SampleRequest, model: torch.nn.Module | None = None) -> str:
         """Text that starts with the prompt (seeded by the step unless the request names a seed)."""
-        return complete(self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
+        return complete(model or self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
 
     def save(self, best: bool = False) -> Path:
         """Write a checkpoint now: rank 0 writes it, every rank notes that its step is saved. (The loop's
         own saves are written by `self.writer`, off this thread.)"""
-        folder = self.snapshot(best).write() if self.ranks.leader else self.run_dir.checkpoints
+        saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
+        folder = self.snapshot(best, saved=saved).write() if self.ranks.leader else self.run_dir.checkpoints
         if not best:
             self.last_saved_step = self.step_num
         return folder
 
-    def snapshot(self, best: bool = False, rank_rng: list | None = None) -> Snapshot:
-        return trainer_state.snapshot(self, best, rank_rng)
+    def snapshot(self, best: bool = False, rank_rng: list | None = None, saved=None) -> Snapshot:
+        return trainer_state.snapshot(self, best, rank_rng, saved)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -197,6 +205,8 @@ class Trainer:
         c = self.config
         serve_after_finish = self.ranks.from_leader(serve_after_finish)  # every rank loops as long as rank 0
         device = f"{self.device.split(':')[0]} x {self.ranks.world}" if self.ranks.parallel else self.device
+        if self.expert_parallel:
+            device += f", {self.expert_parallel.per_rank} experts each"
         self.emit(RunStarted(self.run_dir.name, c.dataset, device, self.params_total, self.params_active,
                              self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
                              self.resumed))
@@ -296,17 +306,15 @@ class Trainer:
                 result, routes = self.evaluate()
                 self.emit(result)
                 self.emit(routes)
-                if result.val_loss < self.best_val:
+                if self.ranks.from_leader(result.val_loss < self.best_val):  # rank 0 knows of failed writes
                     self.best_val = result.val_loss
                     self._save_or_warn(best=True)
+            elif kind == "sample" and self.expert_parallel:  # every rank sends rank 0 its experts
+                with self.expert_parallel.whole_model(self.model) as model:
+                    if model is not None:
+                        self._sample(arg, model)
             elif kind == "sample" and self.ranks.leader:
-                self.set_state("sampling")
-                request = arg if isinstance(arg, SampleRequest) else SampleRequest(
-                    prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
-                text = self.sample(request)
-                self.run_dir.append_sample(self.step_num, text)
-                self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest),
-                                 request.temperature))
+                self._sample(arg, self.model)
             elif kind == "save":
                 self._save_or_warn(best=False)
         except UserError as err:
@@ -324,6 +332,14 @@ class Trainer:
             if previous not in ("paused", "finished", "error"):
                 self.elapsed += time.perf_counter() - t0
 
+    def _sample(self, arg: object, model: torch.nn.Module) -> None:
+        self.set_state("sampling")
+        request = arg if isinstance(arg, SampleRequest) else SampleRequest(
+            prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
+        text = self.sample(request, model)
+        self.run_dir.append_sample(self.step_num, text)
+        self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature))
+
     def _default_prompt(self) -> str:
         return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]
 
@@ -333,8 +349,9 @@ class Trainer:
         # Every rank's own random streams, for a resume on as many processes (not for `best`, which is
         # never resumed from, and which rank 0 alone may decide to write again: no collective there).
         rank_rng = self.ranks.gather(rng_state(self.device)) if self.ranks.parallel and not best else None
+        saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
         if self.ranks.leader:
-            self.writer.submit(self.snapshot(best, rank_rng))
+            self.writer.submit(self.snapshot(best, rank_rng, saved))
         elif not best:
             self.last_saved_step = self.step_num  # rank 0 writes it
 

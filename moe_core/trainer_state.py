@@ -54,7 +54,19 @@ def load_training_state(trainer: Trainer, weights: dict[str, torch.Tensor], stat
     trainer.elapsed = float(state["elapsed"])
 
 
-def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None) -> Snapshot:
+def to_save(trainer: Trainer, best: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and training state a checkpoint holds (`best`: without the optimizer's moments).
+    With expert parallelism every expert, gathered from every rank: a collective that all ranks call."""
+    weights, state = trainer.model.state_dict(), training_state(trainer)
+    if best:
+        del state["optimizer"]
+    if trainer.expert_parallel is not None:
+        weights, state = trainer.expert_parallel.whole_state(trainer.model, trainer.optimizer, state)
+    return weights, state
+
+
+def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None,
+             saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
     """A step checkpoint's contents (weights and training state), or `best`'s (the weights, for
     sampling: it leaves out the optimizer's state, two thirds of the size), copied to host memory.
     `rank_rng`: with several processes, every rank's random streams, so that a resume on as many
@@ -66,14 +78,11 @@ def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None)
                 "config": {k: getattr(c, k) for k in sorted(RESUMABLE_KEYS)},
                 "val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
                 "created": time.time()}
-    state = training_state(trainer)
-    if best:
-        del state["optimizer"]
+    weights, state = saved or to_save(trainer, best)
     if rank_rng is not None:
-        state["rank_rng"] = rank_rng
+        state = {**state, "rank_rng": rank_rng}
     folder = trainer.run_dir.checkpoints / ("best" if best else f"step-{trainer.step_num:08d}")
-    return Snapshot.take(folder, trainer.model.state_dict(), state, manifest, trainer.step_num, best,
-                         c.keep_checkpoints)
+    return Snapshot.take(folder, weights, state, manifest, trainer.step_num, best, c.keep_checkpoints)
 
 
 def resume(trainer: Trainer) -> None:

@@ -26,7 +26,9 @@ from typing import Callable, Iterator
 
 import pytest
 
+from moe_core import distributed
 from moe_core.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, file_digest
+from moe_core.errors import UserError
 from tui.cli import main
 
 from .conftest import REPO, TINY_FLAGS, shared_data_dir, tree
@@ -231,6 +233,11 @@ CASES = {
     "export to an unknown tracker": Case(TRACK, ["export", "tiny", "--to", "neptune"]),
     "export an unknown run": Case(TRACK, ["export", "ghost", "--to", "tensorboard"]),
     "export a run that is training": Case(TRACK, ["export", "tiny", "--to", "tensorboard"], other_trainer("live")),
+    "expert parallelism on one process": Case(CLI, ["train", "simpsons", "--expert-parallel", *SHORT]),
+    "experts that do not split over the processes": Case(CLI, ["train", "simpsons", "--num-experts", "4", "--nproc", "3",
+                                                               "--batch-size", "30", "--expert-parallel", *SHORT]),
+    "expert parallelism with the textbook experts": Case(CLI, ["train", "simpsons", "--moe-impl", "reference", "--nproc",
+                                                               "2", "--expert-parallel", *SHORT]),
     "export with an empty tracker project": Case(TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]),
 }
 
@@ -383,6 +390,9 @@ OFFENDING = {
     "export an unknown run": ["'ghost'"],
     "export a run that is training": ["'tiny'"],
     "export with an empty tracker project": ["--track-project"],
+    "expert parallelism on one process": ["--expert-parallel", "--nproc N"],
+    "experts that do not split over the processes": ["--num-experts 4", "3 processes"],
+    "expert parallelism with the textbook experts": ["--moe-impl reference", "--moe-impl fast"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.
@@ -416,7 +426,33 @@ def test_bad_input_is_one_clear_line_exit_2_and_changes_nothing(name, trained_on
 def test_the_table_has_one_row_per_case():
     rows = [line for line in DOC.read_text(encoding="utf-8").splitlines() if line.startswith("| ") and
             line[2:3].isdigit()]
-    assert len(rows) == len(CASES) >= 25
+    assert len(rows) == len(CASES) + len(ELSEWHERE) and len(CASES) >= 25
+
+
+# Cases this machine cannot run end to end (they need GPUs, or a second kind of device): their rows
+# hold what the check that refuses them says (tests/test_distributed.py runs those checks).
+ELSEWHERE = {
+    "more processes than CUDA GPUs": (
+        "several processes", "moe-tui train simpsons --device cuda --nproc 4  # on a machine with 2 GPUs",
+        lambda: distributed.check_cuda_count(4, 2)),
+    "processes on different devices": (
+        "several processes", "torchrun ... -m tui train simpsons --device cuda  # machine 0; machine 1: --device cpu",
+        lambda: distributed.check_same_devices(["cuda", "cpu"])),
+}
+
+
+def elsewhere_row(number: int, name: str) -> str:
+    area, command, check = ELSEWHERE[name]
+    with pytest.raises(UserError) as refused:
+        check()
+    return "| " + " | ".join([str(number), area, name, f"`{command}`", f"error: {refused.value}"]) + " |"
+
+
+def test_the_cases_this_machine_cannot_run_show_what_their_checks_say():
+    documented = DOC.read_text(encoding="utf-8").splitlines()
+    for number, name in enumerate(ELSEWHERE, len(CASES) + 1):
+        assert elsewhere_row(number, name) in documented, \
+            "docs/bad-input.md does not show this message: regenerate it with `python -m tests.test_bad_input`"
 
 
 HEADER = """# Bad input
@@ -425,6 +461,16 @@ Every mistake below gets one line on stderr that names the problem and the fix, 
 traceback, and no change to anything on disk. Each row is a test (`tests/test_bad_input.py`) that
 runs the command and checks that this is exactly what it prints; `<tmp>` is the folder the command
 runs in, where a finished run `tiny` exists. Regenerate the table with `python -m tests.test_bad_input`.
+
+| # | area | case | command | what moe-tui says |
+|---|---|---|---|---|
+"""
+
+
+ELSEWHERE_HEADER = """
+Two more cases need hardware the test machine lacks (several GPUs, or a second kind of device). Their
+rows show what the check that refuses them says (`moe_core/distributed.py`; `tests/test_distributed.py`
+runs the checks); on such a machine the command prints it as one line and exits 2 like the rest.
 
 | # | area | case | command | what moe-tui says |
 |---|---|---|---|---|
@@ -447,8 +493,9 @@ def write_doc() -> None:
             if code != 2:
                 print(f"warning: case '{name}' exited {code}: {err.strip()}", file=sys.stderr)
             rows.append(row(number, name, err, tmp))
+    elsewhere = [elsewhere_row(number, name) for number, name in enumerate(ELSEWHERE, len(CASES) + 1)]
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    DOC.write_text(HEADER + "\n".join(rows) + "\n" + ELSEWHERE_HEADER + "\n".join(elsewhere) + "\n", encoding="utf-8")
     print(f"wrote {DOC} ({len(rows)} rows)")
 
 

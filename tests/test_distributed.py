@@ -146,6 +146,47 @@ def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-3
 
 
+def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_saves(straight, tmp_path):
+    # Same routing, capacity and losses as data parallelism; only where the experts live differs, so the
+    # same tolerances hold (see the top of this file).
+    done = train([*DP_FLAGS, "--run-name", "ep", "--nproc", "2", "--expert-parallel"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "device cpu x 2, 2 experts each" in done.stdout and done.stdout.count("sample @ step 40") == 1
+    run = tmp_path / "ep"
+    for step in (20, 40):
+        assert evals(straight)[step] == pytest.approx(evals(run)[step], abs=1e-4), step
+    a, b = weights(straight, 40), weights(run, 40)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}  # every expert, gathered
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    moments = [load_checkpoint(r / "checkpoints" / "step-00000040")[1]["optimizer"]["state"] for r in (straight, run)]
+    assert max((moments[0][i][m] - moments[1][i][m]).abs().max().item()
+               for i in moments[0] for m in ("exp_avg", "exp_avg_sq")) < 1e-3
+
+
+def test_with_capacity_expert_parallel_drops_what_data_parallel_drops(tmp_path):
+    # Capacity caps each expert per rank's slice in both, before any row leaves its rank.
+    capped = [*DP_FLAGS, "--capacity-factor", "1.0", "--max-iters", "20", "--nproc", "2"]
+    assert train([*capped, "--run-name", "dp"], tmp_path).returncode == 0
+    assert train([*capped, "--run-name", "ep", "--expert-parallel"], tmp_path).returncode == 0
+    dropped = [[layer["dropped_fraction"] for r in records(tmp_path / name, "RouterStats") for layer in r["layers"]]
+               for name in ("dp", "ep")]
+    assert dropped[0] == pytest.approx(dropped[1], abs=1e-6) and max(dropped[0]) > 0  # something was dropped
+    assert evals(tmp_path / "dp")[20] == pytest.approx(evals(tmp_path / "ep")[20], abs=1e-4)
+
+
+@pytest.mark.parametrize("first,then", [(["--nproc", "2", "--expert-parallel"], []),
+                                        ([], ["--nproc", "2", "--expert-parallel"])],
+                         ids=["experts-split-then-1", "1-then-experts-split"])
+def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpoints(first, then, straight,
+                                                                                     tmp_path):
+    assert train([*DP_FLAGS, "--run-name", "moved", "--max-iters", "20", *first], tmp_path).returncode == 0
+    done = train(["--resume", "moved", "--max-iters", "40", *then], tmp_path)
+    assert done.returncode == 0 and "resuming at step 20" in done.stdout, done.stderr
+    assert evals(straight)[40] == pytest.approx(evals(tmp_path / "moved")[40], abs=1e-3)
+    a, b = weights(straight, 40), weights(tmp_path / "moved", 40)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-3
+
+
 def rank_pids(launcher: int) -> dict[int, int]:
     """{rank: pid} of the processes torchrun started under `launcher`."""
     found = {}

@@ -51,7 +51,7 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
         rank, failure = killed[0]
         name = signal.Signals(-failure.exitcode).name
         print(f"error: process {rank} of {nproc} (pid {failure.pid}) was killed by {name}, and the others were "
-              f"stopped; resume from the last checkpoint with: {resume_hint} --nproc {nproc}", file=sys.stderr)
+              f"stopped; resume from the last checkpoint with: {resume_hint}", file=sys.stderr)
         return 1
     except SignalException as err:  # sent to this launcher: the ranks got it too, saved and exited
         return signal_exit_code(err.sigval)

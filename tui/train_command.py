@@ -17,6 +17,7 @@ from moe_core.config import Config, build_config, diff_for_resume, read_toml, re
 from moe_core.data import default_data_dir, load_corpus
 from moe_core.errors import UserError
 from moe_core.events import Notice
+from moe_core.expert_parallel import check_expert_parallel
 from moe_core.vocab import Vocab
 from moe_core import distributed
 from moe_core.bus import EventBus
@@ -78,6 +79,7 @@ def train(
     detach: Annotated[bool, opt("Train in the background, free of this terminal (output: RUN/train.log); watch with `moe-tui watch`", DATA, "--detach")] = False,
     on_hangup: Annotated[Optional[str], opt("keep | stop: what losing the terminal does \\[default: keep with the dashboard, stop with plain lines]", DATA)] = None,
     nproc: Annotated[Optional[int], opt("Processes to train on, data parallel (through torchrun; --batch-size is global) \\[default: 1]", TRAINING)] = None,
+    expert_parallel: Annotated[bool, opt("With several processes, give each its share of the experts instead of all of them", TRAINING, "--expert-parallel")] = False,
     track: Annotated[Optional[list[str]], opt("Also send the run to tensorboard | mlflow | wandb | trackio (repeatable; each needs its extra: pip install 'moe-tui[NAME]')", TRACKING)] = None,
     track_project: Annotated[Optional[str], opt("Project (experiment) name in the trackers \\[default: moe-tui]", TRACKING)] = None,
     data_dir: DataDir = None,
@@ -154,20 +156,29 @@ def train(
         run = Run.prepare(runs_dir, name, overwrite) if ranks.leader else Run(runs_dir / name)
         vocab = Vocab.from_text(corpus.text)
 
+    if expert_parallel:
+        check_expert_parallel(config, nproc if launching else ranks.world)
     if launching:  # this process starts the ranks, each of which runs this command again
         _check_launch(nproc, config, device)
         args = [a for a in invocation_args()]
         args = _without_nproc(args) + ([] if resume or run_name else ["--run-name", run.name])
         if detach:  # the detached child: it and the ranks write to train.log once rank 0 trains
             output_to_log_once_live(run)
-        raise typer.Exit(launch(nproc, args, resume_command(run.name, runs_dir)))
+        hint = f"{resume_command(run.name, runs_dir)} --nproc {nproc}" + (" --expert-parallel" if expert_parallel else "")
+        raise typer.Exit(launch(nproc, args, hint))
+
+    def new_trainer(run: Run):
+        from moe_core.trainer import Trainer
+
+        return Trainer(config, run, vocab, _encode(vocab, corpus.text), resume=bool(resume), ranks=ranks,
+                       device=device, expert_parallel=expert_parallel)
 
     try:
         device = distributed.start(ranks, device, config.batch_size)  # with several ranks: join them
         if ranks.parallel and not ranks.leader:
-            code = _train_as_follower(ranks, runs_dir, config, vocab, corpus, bool(resume), device)
+            code = _train_as_follower(ranks, runs_dir, new_trainer)
         else:
-            code = _train_as_leader(ranks, run, config, vocab, corpus, bool(resume), device, resume and allowed,
+            code = _train_as_leader(ranks, run, config, new_trainer, bool(resume), resume and allowed,
                                     overwrite, detach, use_dashboard, torch_threads, runs_dir, on_hangup)
         code = ranks.same_exit_code(code)
     except (LostRank, RankFailed) as err:
@@ -180,11 +191,9 @@ def train(
     raise typer.Exit(code)
 
 
-def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, changed, overwrite, detach,
+def _train_as_leader(ranks, run, config, new_trainer, resuming, changed, overwrite, detach,
                      use_dashboard, torch_threads, runs_dir, on_hangup) -> int:
     """One process, or rank 0 of several: the run folder, its lease, the front end."""
-    from moe_core.trainer import Trainer
-
     try:
         lease = RunLease.acquire(run) if resuming else None  # before the trainer rewinds the run's files
     except UserError:
@@ -192,8 +201,7 @@ def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, change
         raise
     ranks.from_leader(run.name)
     try:
-        trainer = Trainer(config, run, vocab, _encode(vocab, corpus.text), resume=resuming, ranks=ranks,
-                          device=device)
+        trainer = new_trainer(run)
     except BaseException:
         if lease is not None:
             lease.release()
@@ -204,7 +212,7 @@ def _train_as_leader(ranks, run, config, vocab, corpus, resuming, device, change
     else:
         if overwrite and run.path.is_dir() and is_live(run):  # checked last: building the trainer takes a while
             raise UserError(already_live_message(run, read_status(run).pid))
-        run.initialise(config, vocab, replace=overwrite)
+        run.initialise(config, trainer.vocab, replace=overwrite)
         lease = RunLease.acquire(run)
     lease.activate()
     if detach:
@@ -226,17 +234,14 @@ def _notice_on_stderr(event) -> None:
         print(f"{event.level}: {event.message}", file=sys.stderr)
 
 
-def _train_as_follower(ranks, runs_dir, config, vocab, corpus, resuming, device) -> int:
+def _train_as_follower(ranks, runs_dir, new_trainer) -> int:
     """Ranks 1..N-1: train in step with rank 0, writing and printing nothing. A stop signal sent to
     this process stops all ranks (see Ranks.agree); SIGHUP is rank 0's to act on."""
-    from moe_core.trainer import Trainer
-
     name = ranks.from_leader(None)
     if name is None:  # rank 0 refused the run and says why: leave quietly
         distributed.leave(2)
     try:
-        trainer = Trainer(config, Run(runs_dir / name), vocab, _encode(vocab, corpus.text), resume=resuming,
-                          ranks=ranks, device=device)
+        trainer = new_trainer(Run(runs_dir / name))
     except LostRank:  # rank 0 failed to set up (a corrupt checkpoint, say) and says why itself
         distributed.leave(1)
     if is_detached_child():
@@ -309,7 +314,8 @@ def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: s
 
 def _resume_hint(trainer, runs_dir: Path) -> str:
     world = trainer.ranks.world
-    return resume_command(trainer.run_dir.name, runs_dir) + (f" --nproc {world}" if world > 1 else "")
+    return (resume_command(trainer.run_dir.name, runs_dir) + (f" --nproc {world}" if world > 1 else "")
+            + (" --expert-parallel" if trainer.expert_parallel else ""))
 
 
 def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
