@@ -30,7 +30,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, usual_file_mode())  # mkstemp makes 0600; give the file the usual permissions
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -39,6 +39,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def usual_file_mode() -> int:
+    """The permissions `open()` gives a new file here: 0666 less the umask (0644 for most users)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

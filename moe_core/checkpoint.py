@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, usual_file_mode
 from .errors import UserError
 
 MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
@@ -53,6 +53,7 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], train_st
     try:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+            os.chmod(tmp / MODEL_FILE, usual_file_mode())  # safetensors makes it 0600: others could not sample
             torch.save(train_state, tmp / STATE_FILE)
         except (SafetensorError, RuntimeError) as err:  # how both report a full disk: make it an OSError
             raise OSError(str(err).splitlines()[0]) from err
