@@ -17,9 +17,12 @@ its slice) where data parallelism would average; the replicated weights are aver
 Routing, capacity and the losses are those of data parallelism, so training follows the same curve.
 
 Checkpoints hold every expert, as a single process's do: saving gathers the experts (weights and
-optimizer moments) on rank 0, and a rank takes its share after loading a whole model. A run resumes on
-any number of processes, with or without expert parallelism. Sampling runs on rank 0 on a gathered
-copy of the whole model.
+optimizer moments) to rank 0's host memory, and a rank takes its share after loading a whole model. A
+run resumes on any number of processes, with or without expert parallelism. Sampling runs on rank 0,
+with every expert gathered to it for the moment.
+
+What this saves is the memory of training: each rank's experts' weights, gradients and Adam moments.
+Each rank still builds (or, resuming, receives) the whole model before keeping its share.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def check_expert_parallel(config: Config, world: int) -> None:
         raise UserError(f"--expert-parallel gives each of the {world} processes an equal share of the "
                         f"--num-experts {num_experts} experts; use a number of experts divisible by {world} "
                         f"(e.g. --num-experts {world * max(1, num_experts // world)}), or another --nproc")
+    if config.compile:
+        raise UserError("--expert-parallel exchanges rows of a size known only at run time, which torch.compile "
+                        "would recompile for; drop --compile, or train data parallel (without --expert-parallel)")
     if config.moe_impl != "fast":
         raise UserError(f"--expert-parallel sends rows to stacked experts; --moe-impl {config.moe_impl} has one "
                         "module per expert; use --moe-impl fast (the default)")
@@ -90,7 +96,7 @@ class ExpertParallel:
         for moe in _moe_layers(model):
             for p in moe.experts.parameters():
                 for key, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.shape[:1] == p.shape[:1] and value.dim():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:  # Adam's moments, not its step
                         optimizer.state[p][key] = value[own].clone()
                 p.data = p.data[own].clone()
             moe.expert_parallel = self
@@ -125,7 +131,7 @@ class ExpertParallel:
         back = torch.empty_like(regroup)
         back[regroup] = torch.arange(regroup.numel(), device=x.device)
         returned = _AllToAll.apply(out_rows.index_select(0, back), receive, send)
-        return torch.zeros_like(x).index_add_(0, token, returned * gate.to(returned.dtype)), dropped
+        return torch.zeros_like(x).index_add_(0, token, returned * gate), dropped  # in x's dtype, as on one process
 
     # -- gradients -----------------------------------------------------------------------------
 
@@ -147,29 +153,29 @@ class ExpertParallel:
 
     # -- the whole model, for checkpoints and samples (collectives: every rank calls them) ---------
 
-    def whole_experts(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every expert parameter of the model, gathered from all ranks, by its state-dict name."""
+    def whole_experts(self, model: nn.Module, to_host: bool = False) -> dict[str, torch.Tensor | None]:
+        """Every expert parameter of the model, gathered on rank 0 (on the host, `to_host`), by its
+        state-dict name; None on the other ranks."""
         names = {id(p): name for name, p in model.named_parameters()}
-        return {names[id(p)]: self._gather(p.detach()) for moe in _moe_layers(model) for p in moe.experts.parameters()}
+        return {names[id(p)]: self._gather(p.detach(), to_host) for moe in _moe_layers(model)
+                for p in moe.experts.parameters()}
 
     def whole_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The model's weights and `training_state` as one process would have them: every expert."""
-        weights = {**model.state_dict(), **self.whole_experts(model)}
-        if "optimizer" in state:
-            saved = state["optimizer"]  # its "state" is keyed by the parameters' order in the groups
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            own = self.own_parameters(model)
-            whole = {}
-            for index, p in enumerate(params):
-                moments = saved["state"].get(index)
-                if moments is not None and id(p) in own:
-                    moments = {k: self._gather(v) if isinstance(v, torch.Tensor) and v.dim() else v
-                               for k, v in moments.items()}
-                if moments is not None:
-                    whole[index] = moments
-            state = {**state, "optimizer": {**saved, "state": whole}}
-        return weights, state
+        """The model's weights and `training_state` as one process would have them, every expert and
+        its moments gathered on rank 0's host memory, one tensor at a time (the other ranks send theirs
+        and get their own state back, unchanged)."""
+        experts = self.whole_experts(model, to_host=True)
+        moments = {}  # optimizer-state index -> that expert parameter's moments, every rank's
+        for index in self._own_with_moments(model, optimizer, state):
+            moments[index] = {k: self._gather(v, to_host=True) if isinstance(v, torch.Tensor) and v.dim() else v
+                              for k, v in state["optimizer"]["state"][index].items()}
+        if not self.ranks.leader:
+            return model.state_dict(), state
+        if moments:
+            saved = state["optimizer"]
+            state = {**state, "optimizer": {**saved, "state": {**saved["state"], **moments}}}
+        return {**model.state_dict(), **experts}, state
 
     @contextmanager
     def whole_model(self, model: nn.Module) -> Iterator[nn.Module | None]:
@@ -193,10 +199,21 @@ class ExpertParallel:
             for moe in layers:
                 moe.expert_parallel = self
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.ranks.world)]
-        _collective(torch.distributed.all_gather, parts, tensor.contiguous())
-        return torch.cat(parts)
+    def _own_with_moments(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[int]:
+        """The optimizer-state indices of this rank's experts that have moments, in the order rank 0 gathers them."""
+        if "optimizer" not in state:
+            return []
+        own = self.own_parameters(model)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [i for i, p in enumerate(params) if id(p) in own and i in state["optimizer"]["state"]]
+
+    def _gather(self, tensor: torch.Tensor, to_host: bool = False) -> torch.Tensor | None:
+        """All ranks' shares of one tensor, joined along the experts, on rank 0; None on the others."""
+        parts = [torch.empty_like(tensor) for _ in range(self.ranks.world)] if self.ranks.leader else None
+        _collective(torch.distributed.gather, tensor.contiguous(), parts, 0)
+        if parts is None:
+            return None
+        return torch.cat([part.cpu() for part in parts] if to_host else parts)
 
 
 def _moe_layers(model: nn.Module) -> list[MoE]:

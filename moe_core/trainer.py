@@ -322,8 +322,9 @@ class Trainer:
         except NonFiniteLoss:
             raise  # a diverged run is a failure of training, not of this request
         except (RuntimeError, OSError, ValueError) as err:  # out of memory while sampling, disk full: the run goes on
-            if kind == "eval" and self.ranks.parallel and not isinstance(err, ValueError):
-                raise  # unless the other ranks may be inside evaluate()'s collectives: see RankFailed
+            in_collectives = kind == "eval" or (self.expert_parallel is not None and kind in ("save", "sample"))
+            if in_collectives and self.ranks.parallel and not isinstance(err, ValueError):
+                raise  # unless the other ranks may be inside its collectives (experts gathered): see RankFailed
             self.emit(Notice("warning", f"{kind} failed at step {self.step_num}: {str(err).splitlines()[0]}",
                              self.step_num))
         finally:

@@ -238,6 +238,8 @@ CASES = {
                                                                "--batch-size", "30", "--expert-parallel", *SHORT]),
     "expert parallelism with the textbook experts": Case(CLI, ["train", "simpsons", "--moe-impl", "reference", "--nproc",
                                                                "2", "--expert-parallel", *SHORT]),
+    "expert parallelism compiled": Case(CLI, ["train", "simpsons", "--compile", "--nproc", "2", "--expert-parallel",
+                                              *SHORT]),
     "export with an empty tracker project": Case(TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]),
 }
 
@@ -393,6 +395,7 @@ OFFENDING = {
     "expert parallelism on one process": ["--expert-parallel", "--nproc N"],
     "experts that do not split over the processes": ["--num-experts 4", "3 processes"],
     "expert parallelism with the textbook experts": ["--moe-impl reference", "--moe-impl fast"],
+    "expert parallelism compiled": ["--compile", "--expert-parallel"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.
