@@ -498,3 +498,51 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch():
     parts = [distributed.Ranks(r, 3).shard(rows) for r in range(3)]
     assert torch.equal(torch.cat(parts), rows)
     assert distributed.SINGLE.shard(rows) is rows
+
+
+def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results: str) -> None:
+    """One rank of `test_the_expert_parallel_dispatch_is_the_layer_on_one_process`."""
+    import torch.distributed as dist
+
+    from moe_core.config import Config
+    from moe_core.distributed import Ranks
+    from moe_core.expert_parallel import ExpertParallel
+    from moe_core.moe import MoE
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same layer on both ranks
+    # 6 channels: rows too narrow for the grouped matmul, so the experts run as per-expert F.linear,
+    # which autocast turns to bf16, as CUDA's grouped matmul always is.
+    layer = MoE(6, num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    whole = MoE(6, num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    whole.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(rank))  # each rank its own tokens
+    holder = torch.nn.Module()
+    holder.moe = layer
+    ExpertParallel(Ranks(rank, 2), Config(num_experts=4, top_k=2, n_embd=6, n_head=1), holder,
+                   torch.optim.AdamW(holder.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        split, alone = layer(x), whole(x)
+    split.sum().backward()
+    alone.sum().backward()
+    torch.save({"split": split.detach(), "alone": alone.detach(), "dtype": str(split.dtype),
+                "grad": layer.experts.w1.grad, "whole_grad": whole.experts.w1.grad}, f"{results}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
+def test_the_expert_parallel_dispatch_is_the_layer_on_one_process(capacity_factor, tmp_path):
+    # Each rank's output equals the whole layer's on its tokens, in the input's dtype under bf16
+    # autocast; each rank's expert gradients are its share of the two ranks' summed gradients (the
+    # trainer divides them by 2, as it averages the replicated ones).
+    torch.multiprocessing.spawn(_dispatch_on_two_ranks, nprocs=2,
+                                args=(f"file://{tmp_path / 'init'}", capacity_factor, str(tmp_path / "r")))
+    ranks = [torch.load(tmp_path / f"r-{rank}.pt") for rank in (0, 1)]
+    for r in ranks:
+        assert r["dtype"] == "torch.float32"
+        assert torch.allclose(r["split"], r["alone"], atol=2e-2)  # bf16 rounding, different row groupings
+    summed = ranks[0]["whole_grad"] + ranks[1]["whole_grad"]  # (4 experts, ...): both ranks' tokens
+    for rank, r in enumerate(ranks):
+        assert r["grad"].shape[0] == 2  # its own two experts only
+        assert torch.allclose(r["grad"], summed[2 * rank:2 * rank + 2], atol=5e-2, rtol=2e-2)
