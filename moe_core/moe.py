@@ -179,9 +179,8 @@ class RoutingStats:
         return self.expert_idx.numel()
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
-                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        counts: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor,
+                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch Transformer auxiliary loss: E * sum_e f_e * P_e.
 
     f_e is the fraction of token->expert assignments that went to expert e, P_e the mean router
@@ -189,14 +188,15 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_exper
     With data parallelism `sum_over_ranks` makes f_e the global batch's: the loss is not linear in the
     batch, but with f_e global (it carries no gradient) each rank's loss is linear in its own P_e, so
     the mean of the ranks' gradients is exactly one process's gradient on the whole batch.
-    `counts`: the assignments per expert, where the caller has counted them already.
+    probs: (N, E) the router's probabilities; counts: (E,) the assignments each expert got
+    (`count_per_expert`).
     """
-    counts = (count_per_expert(expert_idx, num_experts) if counts is None else counts).to(probs.dtype)
+    counts = counts.to(probs.dtype)
     if sum_over_ranks is not None:
         counts = sum_over_ranks(counts)
     f = counts / counts.sum()
     p = probs.mean(dim=0)
-    return num_experts * torch.sum(f * p)
+    return len(counts) * torch.sum(f * p)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -257,7 +257,7 @@ class MoE(nn.Module):
         counts = count_per_expert(expert_idx.flatten(), self.num_experts)  # once, for all three uses
         out, dropped = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]), counts)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        self.aux_loss = load_balancing_loss(probs, expert_idx, self.num_experts, self.sum_over_ranks, counts)
+        self.aux_loss = load_balancing_loss(probs, counts, self.sum_over_ranks)
         self.z_loss = router_z_loss(logits)
         self.stats = RoutingStats(probs.detach(), expert_idx, dropped, counts)
         return out.reshape(shape)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_core.moe import MoE, ReferenceMoE, StackedExperts, load_balancing_loss, router_z_loss
+from moe_core.moe import MoE, ReferenceMoE, StackedExperts, count_per_expert, load_balancing_loss, router_z_loss
 
 B, T, C = 4, 16, 32
 
@@ -235,9 +235,9 @@ def test_load_balancing_uniform_is_one(E):
     N = 4 * E
     probs = torch.full((N, E), 1.0 / E)
     idx = torch.arange(N).remainder(E).unsqueeze(-1)  # every expert gets N/E tokens
-    assert load_balancing_loss(probs, idx, E).item() == 1.0
+    assert load_balancing_loss(probs, count_per_expert(idx, E)).item() == 1.0
     idx2 = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=-1)  # top-2, uniform
-    assert load_balancing_loss(probs, idx2, E).item() == 1.0
+    assert load_balancing_loss(probs, count_per_expert(idx2, E)).item() == 1.0
 
 
 @pytest.mark.parametrize("E", [2, 4, 8])
@@ -246,21 +246,21 @@ def test_load_balancing_collapsed_is_E(E):
     probs = torch.zeros(N, E)
     probs[:, 0] = 1.0
     idx = torch.zeros(N, 1, dtype=torch.long)
-    assert load_balancing_loss(probs, idx, E).item() == float(E)
+    assert load_balancing_loss(probs, count_per_expert(idx, E)).item() == float(E)
 
 
 def test_load_balancing_hand_example():
     probs = torch.tensor([[0.75, 0.25], [0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])
     idx = torch.tensor([[0], [1], [0], [0]])
     # f = [3/4, 1/4], P = [2.5/4, 1.5/4] -> 2 * (0.75 * 0.625 + 0.25 * 0.375) = 1.125
-    assert load_balancing_loss(probs, idx, 2).item() == pytest.approx(1.125, abs=1e-7)
+    assert load_balancing_loss(probs, count_per_expert(idx, 2)).item() == pytest.approx(1.125, abs=1e-7)
 
 
 def test_load_balancing_gradient_flows_through_probs_only():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
     probs = F.softmax(logits, -1)
     idx = logits.argmax(-1, keepdim=True)
-    load_balancing_loss(probs, idx, 2).backward()
+    load_balancing_loss(probs, count_per_expert(idx, 2)).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
