@@ -164,8 +164,7 @@ def train(
         args = _without_nproc(args) + ([] if resume or run_name else ["--run-name", run.name])
         if detach:  # the detached child: it and the ranks write to train.log once rank 0 trains
             output_to_log_once_live(run)
-        hint = f"{resume_command(run.name, runs_dir)} --nproc {nproc}" + (" --expert-parallel" if expert_parallel else "")
-        raise typer.Exit(launch(nproc, args, hint))
+        raise typer.Exit(launch(nproc, args, _resume_hint(run.name, runs_dir, nproc, expert_parallel)))
 
     def new_trainer(run: Run):
         from moe_core.trainer import Trainer
@@ -308,14 +307,18 @@ def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: s
     from tui.session import run_dashboard
 
     name = live.trainer.run_dir.name
-    return run_dashboard(live.trainer, _resume_hint(live.trainer, runs_dir), sample_command(name, runs_dir), torch_threads,
+    return run_dashboard(live.trainer, _trainer_resume_hint(live.trainer, runs_dir), sample_command(name, runs_dir), torch_threads,
                          bus=live.bus, on_hangup=on_hangup, finalise=finalise)
 
 
-def _resume_hint(trainer, runs_dir: Path) -> str:
-    world = trainer.ranks.world
-    return (resume_command(trainer.run_dir.name, runs_dir) + (f" --nproc {world}" if world > 1 else "")
-            + (" --expert-parallel" if trainer.expert_parallel else ""))
+def _resume_hint(name: str, runs_dir: Path, nproc: int, expert_parallel: bool) -> str:
+    """The command that resumes a run on as many processes, laid out as before."""
+    return (resume_command(name, runs_dir) + (f" --nproc {nproc}" if nproc > 1 else "")
+            + (" --expert-parallel" if expert_parallel else ""))
+
+
+def _trainer_resume_hint(trainer, runs_dir: Path) -> str:
+    return _resume_hint(trainer.run_dir.name, runs_dir, trainer.ranks.world, trainer.expert_parallel is not None)
 
 
 def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
@@ -342,7 +345,7 @@ def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
         finally:
             reporter.close()
     name = trainer.run_dir.name
-    print_next_step(trainer, _resume_hint(trainer, runs_dir), sample_command(name, runs_dir))
+    print_next_step(trainer, _trainer_resume_hint(trainer, runs_dir), sample_command(name, runs_dir))
     if outcome == "stopped":  # by a signal, or on request from a viewer or `moe-tui stop`
         return signal_exit_code(received[0]) if received else 0
     return 1 if outcome == "error" or trainer.unsaved else 0  # unsaved: finished, but the final save failed
