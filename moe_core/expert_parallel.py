@@ -85,25 +85,26 @@ class ExpertParallel:
         self.ranks = ranks
         self.num_experts, self.per_rank = config.num_experts, config.num_experts // ranks.world
         self.first = ranks.rank * self.per_rank
-        self._keep_own(model, optimizer)
+        self.layers = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, StackedExperts)]
+        # The expert parameters, by state-dict name: after `_keep_own`, this rank's share of each.
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.experts = {names[id(p)]: p for moe in self.layers for p in moe.experts.parameters()}
+        self.expert_ids = {id(p) for p in self.experts.values()}  # local, not replicated
+        self._keep_own(optimizer)
 
     # -- setting up ----------------------------------------------------------------------------
 
-    def _keep_own(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _keep_own(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the other ranks' experts from the model and from its optimizer's moments (the same
         Parameter objects keep their place in the optimizer)."""
         own = slice(self.first, self.first + self.per_rank)
-        for moe in _moe_layers(model):
-            for p in moe.experts.parameters():
-                for key, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.shape == p.shape:  # Adam's moments, not its step
-                        optimizer.state[p][key] = value[own].clone()
-                p.data = p.data[own].clone()
+        for p in self.experts.values():
+            for key, value in optimizer.state.get(p, {}).items():
+                if _is_moment(value, p):
+                    optimizer.state[p][key] = value[own].clone()
+            p.data = p.data[own].clone()
+        for moe in self.layers:
             moe.expert_parallel = self
-
-    def own_parameters(self, model: nn.Module) -> set[int]:
-        """ids of this rank's expert parameters: local, not replicated."""
-        return {id(p) for moe in _moe_layers(model) for p in moe.experts.parameters()}
 
     # -- the MoE layer's dispatch --------------------------------------------------------------
 
@@ -135,11 +136,11 @@ class ExpertParallel:
 
     # -- gradients -----------------------------------------------------------------------------
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """`clip_grad_norm_` over the whole model, experts on every rank included: the replicated
-        gradients' squares once, every rank's experts' summed over ranks."""
-        own = self.own_parameters(model)
-        grads = [(id(p) in own, p.grad) for p in model.parameters() if p.grad is not None]
+    def average_and_clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """`Ranks.average_gradients`, then `clip_grad_norm_` over the whole model, experts on every rank
+        included: the replicated gradients' squares once, every rank's experts' summed over ranks."""
+        self.ranks.average_gradients(model, local=self.expert_ids)
+        grads = [(id(p) in self.expert_ids, p.grad) for p in model.parameters() if p.grad is not None]
         zero = torch.zeros((), device=grads[0][1].device)
 
         def squares(local: bool) -> torch.Tensor:
@@ -153,23 +154,24 @@ class ExpertParallel:
 
     # -- the whole model, for checkpoints and samples (collectives: every rank calls them) ---------
 
-    def whole_experts(self, model: nn.Module, to_host: bool = False) -> dict[str, torch.Tensor | None]:
+    def whole_experts(self, to_host: bool = False) -> dict[str, torch.Tensor | None]:
         """Every expert parameter of the model, gathered on rank 0 (on the host, `to_host`), by its
         state-dict name; None on the other ranks."""
-        names = {id(p): name for name, p in model.named_parameters()}
-        return {names[id(p)]: self._gather(p.detach(), to_host) for moe in _moe_layers(model)
-                for p in moe.experts.parameters()}
+        return {name: self._gather(p.detach(), to_host) for name, p in self.experts.items()}
 
     def whole_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model's weights and `training_state` as one process would have them, every expert and
         its moments gathered on rank 0's host memory, one tensor at a time (the other ranks send theirs
         and get their own state back, unchanged)."""
-        experts = self.whole_experts(model, to_host=True)
+        experts = self.whole_experts(to_host=True)
         moments = {}  # optimizer-state index -> that expert parameter's moments, every rank's
-        for index in self._own_with_moments(model, optimizer, state):
-            moments[index] = {k: self._gather(v, to_host=True) if isinstance(v, torch.Tensor) and v.dim() else v
-                              for k, v in state["optimizer"]["state"][index].items()}
+        if "optimizer" in state:
+            saved = state["optimizer"]["state"]  # keyed by the parameters' order in the groups
+            for index, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+                if id(p) in self.expert_ids and index in saved:
+                    moments[index] = {k: self._gather(v, to_host=True) if _is_moment(v, p) else v
+                                      for k, v in saved[index].items()}
         if not self.ranks.leader:
             return model.state_dict(), state
         if moments:
@@ -178,34 +180,25 @@ class ExpertParallel:
         return {**model.state_dict(), **experts}, state
 
     @contextmanager
-    def whole_model(self, model: nn.Module) -> Iterator[nn.Module | None]:
-        """On rank 0, the model with every expert for a while (to sample from); None on the others.
-        The gathered experts stand in for this rank's share, which comes back afterwards."""
-        experts = self.whole_experts(model)
+    def whole_model(self) -> Iterator[bool]:
+        """For a while, on rank 0, the model with every expert (to sample from): True there, False on
+        the others. The gathered experts stand in for this rank's share, which comes back afterwards."""
+        experts = self.whole_experts()
         if not self.ranks.leader:
-            yield None
+            yield False
             return
-        params, layers = dict(model.named_parameters()), _moe_layers(model)
-        own = {name: params[name].data for name in experts}
+        own = {name: p.data for name, p in self.experts.items()}
         try:
             for name, tensor in experts.items():
-                params[name].data = tensor
-            for moe in layers:
+                self.experts[name].data = tensor
+            for moe in self.layers:
                 moe.expert_parallel = None
-            yield model
+            yield True
         finally:
             for name, tensor in own.items():
-                params[name].data = tensor
-            for moe in layers:
+                self.experts[name].data = tensor
+            for moe in self.layers:
                 moe.expert_parallel = self
-
-    def _own_with_moments(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[int]:
-        """The optimizer-state indices of this rank's experts that have moments, in the order rank 0 gathers them."""
-        if "optimizer" not in state:
-            return []
-        own = self.own_parameters(model)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return [i for i, p in enumerate(params) if id(p) in own and i in state["optimizer"]["state"]]
 
     def _gather(self, tensor: torch.Tensor, to_host: bool = False) -> torch.Tensor | None:
         """All ranks' shares of one tensor, joined along the experts, on rank 0; None on the others."""
@@ -216,5 +209,6 @@ class ExpertParallel:
         return torch.cat([part.cpu() for part in parts] if to_host else parts)
 
 
-def _moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, StackedExperts)]
+def _is_moment(value: Any, p: nn.Parameter) -> bool:
+    """One of Adam's moments of `p` (shaped like it), not its step count."""
+    return isinstance(value, torch.Tensor) and value.shape == p.shape

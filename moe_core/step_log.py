@@ -31,9 +31,6 @@ class StepWindow:
     def add(self, loss: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, norm: torch.Tensor) -> None:
         self.rows.append((loss.detach(), aux.detach(), z.detach(), norm.detach()))
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def clear(self) -> None:
         self.rows, self.seconds = [], 0.0
 

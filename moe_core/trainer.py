@@ -35,8 +35,6 @@ from .sampling import SampleRequest, complete
 from .step_log import NonFiniteLoss, StepWindow, router_stats
 from .vocab import Vocab
 
-__all__ = ["NonFiniteLoss", "Trainer"]
-
 
 class Trainer:
     def __init__(self, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor,
@@ -84,7 +82,6 @@ class Trainer:
         ranks.copy_from_leader(self)
         # Every rank now holds the whole model; with expert parallelism each keeps its share of the experts.
         self.expert_parallel = ExpertParallel(ranks, config, self.model, self.optimizer) if expert_parallel else None
-        self.own_experts = self.expert_parallel.own_parameters(self.model) if expert_parallel else set()
         self.best_written = self.best_val  # the validation loss of the `best` on disk
         self.window = StepWindow(ranks)  # the steps since the last log line
 
@@ -130,10 +127,12 @@ class Trainer:
         loss = out.loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.ranks.average_gradients(self.model, local=self.own_experts)
         limit = c.grad_clip if c.grad_clip > 0 else math.inf
-        norm = (self.expert_parallel.clip_grad_norm(self.model, limit) if self.expert_parallel
-                else torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        if self.expert_parallel:
+            norm = self.expert_parallel.average_and_clip(self.model, limit)
+        else:
+            self.ranks.average_gradients(self.model)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
         self.optimizer.step()
         self.step_num += 1
         self.window.add(out.loss, out.aux_loss, out.z_loss, norm)
@@ -161,21 +160,21 @@ class Trainer:
         return (EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3)),
                 ExpertChars(self.step_num, "".join(self.vocab.chars), self.ranks.sum(routes.counts).tolist()))
 
-    def sample(self, request: SampleRequest, model: torch.nn.Module | None = None) -> str:
+    def sample(self, request: SampleRequest) -> str:
         """Text that starts with the prompt (seeded by the step unless the request names a seed)."""
-        return complete(model or self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
+        return complete(self.model, self.vocab, request, default_seed=self.config.seed + self.step_num)[0]
 
     def save(self, best: bool = False) -> Path:
         """Write a checkpoint now: rank 0 writes it, every rank notes that its step is saved. (The loop's
         own saves are written by `self.writer`, off this thread.)"""
         saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
-        folder = self.snapshot(best, saved=saved).write() if self.ranks.leader else self.run_dir.checkpoints
+        folder = self.snapshot(best, saved).write() if self.ranks.leader else self.run_dir.checkpoints
         if not best:
             self.last_saved_step = self.step_num
         return folder
 
-    def snapshot(self, best: bool = False, rank_rng: list | None = None, saved=None) -> Snapshot:
-        return trainer_state.snapshot(self, best, rank_rng, saved)
+    def snapshot(self, best: bool, saved: tuple, rank_rng: list | None = None) -> Snapshot:
+        return trainer_state.snapshot(self, best, saved, rank_rng)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -310,11 +309,11 @@ class Trainer:
                     self.best_val = result.val_loss
                     self._save_or_warn(best=True)
             elif kind == "sample" and self.expert_parallel:  # every rank sends rank 0 its experts
-                with self.expert_parallel.whole_model(self.model) as model:
-                    if model is not None:
-                        self._sample(arg, model)
+                with self.expert_parallel.whole_model() as here:
+                    if here:
+                        self._sample(arg)
             elif kind == "sample" and self.ranks.leader:
-                self._sample(arg, self.model)
+                self._sample(arg)
             elif kind == "save":
                 self._save_or_warn(best=False)
         except UserError as err:
@@ -333,11 +332,11 @@ class Trainer:
             if previous not in ("paused", "finished", "error"):
                 self.elapsed += time.perf_counter() - t0
 
-    def _sample(self, arg: object, model: torch.nn.Module) -> None:
+    def _sample(self, arg: object) -> None:
         self.set_state("sampling")
         request = arg if isinstance(arg, SampleRequest) else SampleRequest(
             prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
-        text = self.sample(request, model)
+        text = self.sample(request)
         self.run_dir.append_sample(self.step_num, text)
         self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature))
 
@@ -352,7 +351,7 @@ class Trainer:
         rank_rng = self.ranks.gather(rng_state(self.device)) if self.ranks.parallel and not best else None
         saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
         if self.ranks.leader:
-            self.writer.submit(self.snapshot(best, rank_rng, saved))
+            self.writer.submit(self.snapshot(best, saved, rank_rng))
         elif not best:
             self.last_saved_step = self.step_num  # rank 0 writes it
 

@@ -55,8 +55,9 @@ def load_training_state(trainer: Trainer, weights: dict[str, torch.Tensor], stat
 
 
 def to_save(trainer: Trainer, best: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and training state a checkpoint holds (`best`: without the optimizer's moments).
-    With expert parallelism every expert, gathered from every rank: a collective that all ranks call."""
+    """The weights and training state a checkpoint holds (`best`, kept for sampling only: without the
+    optimizer's moments, two thirds of the size). With expert parallelism every expert, gathered from
+    every rank: a collective that all ranks call."""
     weights, state = trainer.model.state_dict(), training_state(trainer)
     if best:
         del state["optimizer"]
@@ -65,12 +66,11 @@ def to_save(trainer: Trainer, best: bool) -> tuple[dict[str, torch.Tensor], dict
     return weights, state
 
 
-def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None,
-             saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Snapshot:
-    """A step checkpoint's contents (weights and training state), or `best`'s (the weights, for
-    sampling: it leaves out the optimizer's state, two thirds of the size), copied to host memory.
-    `rank_rng`: with several processes, every rank's random streams, so that a resume on as many
-    continues each rank's own."""
+def snapshot(trainer: Trainer, best: bool, saved: tuple[dict[str, torch.Tensor], dict[str, Any]],
+             rank_rng: list | None = None) -> Snapshot:
+    """A step checkpoint, or `best`, ready to write: `saved` (what `to_save` returns) copied to host
+    memory, with its manifest. `rank_rng`: with several processes, every rank's random streams, so
+    that a resume on as many continues each rank's own."""
     c = trainer.config
     shape = {k: getattr(c, k) for k in SHAPE_KEYS}
     manifest = {"step": trainer.step_num, "shape": shape,
@@ -78,7 +78,7 @@ def snapshot(trainer: Trainer, best: bool = False, rank_rng: list | None = None,
                 "config": {k: getattr(c, k) for k in sorted(RESUMABLE_KEYS)},
                 "val_loss": None if math.isinf(trainer.best_val) else trainer.best_val,
                 "created": time.time()}
-    weights, state = saved or to_save(trainer, best)
+    weights, state = saved  # `to_save`'s
     if rank_rng is not None:
         state = {**state, "rank_rng": rank_rng}
     folder = trainer.run_dir.checkpoints / ("best" if best else f"step-{trainer.step_num:08d}")

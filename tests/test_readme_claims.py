@@ -79,8 +79,8 @@ def fail_after_step_20(trainer, poison) -> tuple[list, dict[int, list[float]]]:
 
     take_snapshot = trainer.snapshot
 
-    def snapshot_then_poison(best=False, rank_rng=None, saved=None):  # the checkpoint's copy is taken; the file is written later
-        snapshot = take_snapshot(best, rank_rng, saved)
+    def snapshot_then_poison(best, saved, rank_rng=None):  # the checkpoint's copy is taken; the file is written later
+        snapshot = take_snapshot(best, saved, rank_rng)
         if trainer.step_num == 20 and not best:
             with torch.no_grad():
                 poison()

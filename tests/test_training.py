@@ -156,10 +156,10 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_
 
     take_snapshot = trainer.snapshot
 
-    def snapshot_then_diverge(best=False, rank_rng=None, saved=None):
+    def snapshot_then_diverge(best, saved, rank_rng=None):
         # The checkpoint is written on another thread while training goes on: a NaN that appears
         # right after the snapshot must not reach the file.
-        snapshot = take_snapshot(best, rank_rng, saved)
+        snapshot = take_snapshot(best, saved, rank_rng)
         if trainer.step_num == 20:
             with torch.no_grad():  # a real NaN in the weights, as a diverging run would produce
                 trainer.model.lm_head.weight[0, 0] = float("nan")
