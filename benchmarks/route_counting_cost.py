@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from moe_core.batches import evaluation_batches
+from moe_core.data.corpus.batches import evaluation_batches
 from moe_core.config import build_config
-from moe_core.data import default_data_dir, load_corpus
-from moe_core.routes import RouteCounter
-from moe_core.runs import Run
-from moe_core.trainer import Trainer
-from moe_core.vocab import Vocab
+from moe_core.data.corpus.corpus import default_data_dir, load_corpus
+from moe_core.model.transformer.routes import RouteCounter
+from moe_core.store.runs import Run
+from moe_core.train.trainer import Trainer
+from moe_core.data.corpus.vocab import Vocab
 
 
 def evaluation_seconds(trainer: Trainer, count: bool) -> float:

@@ -20,10 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_core.config import build_config
-from moe_core.data import default_data_dir, load_corpus
-from moe_core.runs import Run
-from moe_core.trainer import Trainer
-from moe_core.vocab import Vocab
+from moe_core.data.corpus.corpus import default_data_dir, load_corpus
+from moe_core.store.runs import Run
+from moe_core.train.trainer import Trainer
+from moe_core.data.corpus.vocab import Vocab
 
 
 class CountOps(TorchDispatchMode):

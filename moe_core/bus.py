@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from .events import Event, EventSink, Notice
+from moe_core.events import Event, EventSink, Notice
 
 
 class EventBus:

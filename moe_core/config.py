@@ -17,8 +17,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .atomic import atomic_write_text
-from .errors import UserError
+from moe_core.atomic import atomic_write_text
+from moe_core.errors import UserError
 
 ROUTERS = ("topk", "noisy_topk")
 INITS = ("kaiming", "xavier", "normal")
@@ -243,7 +243,7 @@ def validate(c: Config) -> None:
              f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
     need(bool(c.track_project.strip()), "--track-project must not be empty; name a project (e.g. moe-tui)")
     if c.track:
-        from .track import check_trackers  # imports each tracker's package: only when asked for
+        from moe_core.track import check_trackers  # imports each tracker's package: only when asked for
 
         check_trackers(c.track)
 

@@ -82,7 +82,7 @@ class RouterStats:
 @dataclass(frozen=True)
 class ExpertChars:
     """At each evaluation, on the fixed validation batches: how many of each character's routing
-    decisions went to each expert, per layer (see moe_core/routes.py)."""
+    decisions went to each expert, per layer (see moe_core/model/routes.py)."""
 
     step: int
     chars: str  # the vocabulary, in id order

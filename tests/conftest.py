@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core.data import CORPORA, load_corpus
+from moe_core.data.corpus import CORPORA, load_corpus
 from tui.cli import main
 
-from .no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+from tests.no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import stat
 import torch
 
 from moe_core.atomic import atomic_write_text
-from moe_core.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, save_checkpoint
+from moe_core.store.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, save_checkpoint
 
 
 def test_a_written_file_gets_the_umasks_permissions_and_the_umask_is_never_swapped(tmp_path, monkeypatch):

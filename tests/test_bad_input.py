@@ -26,12 +26,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from moe_core import distributed
-from moe_core.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, file_digest
+from moe_core.parallel import ranks as distributed
+from moe_core.store.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, file_digest
 from moe_core.errors import UserError
 from tui.cli import main
 
-from .conftest import REPO, TINY_FLAGS, shared_data_dir, tree
+from tests.conftest import REPO, TINY_FLAGS, shared_data_dir, tree
 
 DOC = REPO / "docs" / "bad-input.md"
 SHORT = ["--max-iters", "5", "--headless"]
@@ -472,7 +472,7 @@ runs in, where a finished run `tiny` exists. Regenerate the table with `python -
 
 ELSEWHERE_HEADER = """
 Two more cases need hardware the test machine lacks (several GPUs, or a second kind of device). Their
-rows show what the check that refuses them says (`moe_core/distributed.py`; `tests/test_distributed.py`
+rows show what the check that refuses them says (`moe_core/parallel/ranks.py`; `tests/test_distributed.py`
 runs the checks); on such a machine the command prints it as one line and exits 2 like the rest.
 
 | # | area | case | command | what moe-tui says |

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 SKIPPING = '''
 import pytest

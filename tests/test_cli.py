@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from .conftest import TINY_FLAGS, cli
+from tests.conftest import TINY_FLAGS, cli
 
 
 def test_headless_train_prints_progress_and_writes_the_run(trained, trained_once, capsys):
@@ -113,8 +113,8 @@ def test_csv_columns_train(env, tmp_path, capsys):
 def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(trained, capsys):
     # Rewrite the latest checkpoint as moe-tui saved it before the experts' weights were stacked:
     # one fc/proj pair per expert, the names the reference layer still uses.
-    from moe_core.checkpoint import load_checkpoint, save_checkpoint
-    from moe_core.moe import ReferenceMoE
+    from moe_core.store.checkpoint import load_checkpoint, save_checkpoint
+    from moe_core.model.moe import ReferenceMoE
 
     folder = trained / "checkpoints" / "step-00000030"
     weights, state, manifest = load_checkpoint(folder)

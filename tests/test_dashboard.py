@@ -19,21 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core import checkpoint as checkpoint_module
+from moe_core.store import checkpoint as checkpoint_module
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from moe_core.bus import EventBus
-from moe_core.trainer import Trainer
-from tui import overhead
-from tui.app import Dashboard
-from tui.sources import reserve_torch_threads, run_history
+from moe_core.train.trainer import Trainer
+from tui.dashboard import overhead
+from tui.dashboard.app import Dashboard
+from tui.dashboard.sources import reserve_torch_threads, run_history
 from tui.headless import HeadlessReporter
-from tui.overhead import dashboard_overhead
-from tui.widgets import SamplesPanel, StatusBar
-from tui.widgets.history import SeriesBuffer, bucket_means
+from tui.dashboard.overhead import dashboard_overhead
+from tui.dashboard.widgets import SamplesPanel, StatusBar
+from tui.dashboard.widgets.history import SeriesBuffer, bucket_means
 
-from .conftest import TINY
-from .test_training import make_trainer
+from tests.conftest import TINY
+from tests.test_training import make_trainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dashboard_events.jsonl"
 SIZE = (100, 30)
@@ -386,9 +386,9 @@ def record(path: Path = FIXTURE) -> None:
     """Re-record the snapshot stream: 300 steps of a TINY simpsons run with one requested sample."""
     import tempfile
 
-    from moe_core.sampling import SampleRequest
+    from moe_core.model.sampling import SampleRequest
 
-    from .conftest import shared_data_dir
+    from tests.conftest import shared_data_dir
 
     events = []
 

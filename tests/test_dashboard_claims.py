@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import threading
 
-from moe_core.sampling import SampleRequest
-from tui.app import Dashboard
-from tui.screens import HelpScreen, SampleDialog
-from tui.widgets import EventsLog, SamplesPanel
+from moe_core.model.sampling import SampleRequest
+from tui.dashboard.app import Dashboard
+from tui.dashboard.screens import HelpScreen, SampleDialog
+from tui.dashboard.widgets import EventsLog, SamplesPanel
 
-from .test_dashboard import QUIET, SIZE, drive, fast_keys, one_torch_thread, shown, status_text, wait_until  # noqa: F401
-from .test_training import make_trainer
+from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, one_torch_thread, shown, status_text, wait_until  # noqa: F401
+from tests.test_training import make_trainer
 
 
 class Held:

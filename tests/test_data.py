@@ -1,4 +1,4 @@
-"""Tests for moe_core.data: corpora, downloads (against a local HTTP server only), files, Vocab."""
+"""Tests for moe_core.data.corpus: corpora, downloads (against a local HTTP server only), files, Vocab."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_core import data
-from moe_core.data import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
+from moe_core.data.corpus import corpus as data
+from moe_core.data.corpus import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
 from moe_core.errors import UserError
-from moe_core.vocab import Vocab
+from moe_core.data.vocab import Vocab
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:

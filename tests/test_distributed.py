@@ -29,11 +29,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_core import distributed
-from moe_core.checkpoint import load_checkpoint
+from moe_core.parallel import ranks as distributed
+from moe_core.store.checkpoint import load_checkpoint
 from moe_core.errors import UserError
 
-from .conftest import REPO, TINY, as_flags, shared_data_dir
+from tests.conftest import REPO, TINY, as_flags, shared_data_dir
 
 DP = {**TINY, "warmup_iters": 400, "eval_interval": 20, "ckpt_interval": 20, "max_iters": 40}
 DP_FLAGS = as_flags(DP)
@@ -261,7 +261,8 @@ FAULTS = """
 import os, signal, time
 fault, rank = os.environ.get("MOE_TUI_FAULT"), os.environ.get("RANK")
 if fault and rank is not None:
-    from moe_core import checkpoint_writer, trainer
+    from moe_core.train import checkpoint_writer
+    from moe_core.train import trainer
     if fault == "eval-fails-on-rank-1" and rank == "1":
         evaluate = trainer.Trainer.evaluate
         def failing(self):
@@ -457,7 +458,7 @@ MOE_TUI = Path(sys.executable).with_name("moe-tui")
 
 @pytest.mark.skipif(TMUX is None or not MOE_TUI.is_file(), reason="needs tmux and the moe-tui console script")
 def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
-    from .test_tmux import Terminal
+    from tests.test_tmux import Terminal
 
     terminal = Terminal(tmp_path)
     env = {k: v for k, v in environment(tmp_path / "runs").items() if k not in ("NO_COLOR", "TMUX")}
@@ -505,9 +506,9 @@ def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results
     import torch.distributed as dist
 
     from moe_core.config import Config
-    from moe_core.distributed import Ranks
-    from moe_core.expert_parallel import ExpertParallel
-    from moe_core.moe import MoE
+    from moe_core.parallel.ranks import Ranks
+    from moe_core.parallel.experts import ExpertParallel
+    from moe_core.model.moe import MoE
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

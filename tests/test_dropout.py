@@ -1,4 +1,4 @@
-"""Tests for moe_core.dropout and the attention path that uses it while training."""
+"""Tests for moe_core.model.dropout and the attention path that uses it while training."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_core.config import Config
-from moe_core.dropout import Dropout
-from moe_core.model import CausalSelfAttention
+from moe_core.model.dropout import Dropout
+from moe_core.model.transformer import CausalSelfAttention
 
 
 def test_identity_in_eval_and_at_zero():

@@ -22,17 +22,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_core import checkpoint as checkpoint_module
-from moe_core import checkpoint_writer
-from moe_core import runs as runs_module
-from moe_core.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
+from moe_core.store import checkpoint as checkpoint_module
+from moe_core.train import checkpoint_writer
+from moe_core.store import runs as runs_module
+from moe_core.store.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.errors import UserError
 from moe_core.events import Notice
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 from tui.cli import main
 
-from .conftest import TINY, as_flags, start_moe_tui
-from .test_training import make_trainer
+from tests.conftest import TINY, as_flags, start_moe_tui
+from tests.test_training import make_trainer
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe_core.moe
+import moe_core.model.moe
 from moe_core.config import PRESETS, build_config
-from moe_core.model import MoETransformer
+from moe_core.model.transformer import MoETransformer
 
-from .test_training import make_trainer
+from tests.test_training import make_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,7 +43,7 @@ def training_step(model: MoETransformer) -> None:
 @pytest.fixture
 def grouped_experts(monkeypatch):
     """Experts as a Hopper GPU runs them: the grouped matmul in bf16."""
-    monkeypatch.setattr(moe_core.moe, "grouped_mm_dtype", lambda x, w: torch.bfloat16)
+    monkeypatch.setattr(moe_core.model.moe, "grouped_mm_dtype", lambda x, w: torch.bfloat16)
 
 
 def test_a_training_step_of_the_gpu_preset_reads_nothing_back(grouped_experts):
@@ -53,10 +53,10 @@ def test_a_training_step_of_the_gpu_preset_reads_nothing_back(grouped_experts):
 def test_reading_a_value_back_is_caught(monkeypatch):
     # Guard for the test above: the per-expert loop (older GPUs) reads the expert sizes, and is caught;
     # so is capacity, which drops assignments with a boolean mask.
-    monkeypatch.setattr(moe_core.moe, "grouped_mm_dtype", lambda x, w: None)
+    monkeypatch.setattr(moe_core.model.moe, "grouped_mm_dtype", lambda x, w: None)
     with pytest.raises(NotImplementedError, match="meta tensor"):
         training_step(meta_model())
-    monkeypatch.setattr(moe_core.moe, "grouped_mm_dtype", lambda x, w: torch.bfloat16)
+    monkeypatch.setattr(moe_core.model.moe, "grouped_mm_dtype", lambda x, w: torch.bfloat16)
     with pytest.raises(NotImplementedError):
         training_step(meta_model(capacity_factor=1.25))
 
@@ -91,7 +91,7 @@ def test_cuda_training_step_has_no_host_sync(tmp_path, shared_dir):
 @cuda
 def test_cuda_fast_layers_match_the_textbook_ones_in_bf16():
     # The grouped bf16 experts against the per-expert masks, as they train: under bf16 autocast.
-    from moe_core.moe import MoE, ReferenceMoE
+    from moe_core.model.moe import MoE, ReferenceMoE
 
     torch.manual_seed(0)
     fast = MoE(128, 8, 2).cuda()

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.vocab import Vocab
+from moe_core.data.vocab import Vocab
 from moe_core.live.client import live_client
 from moe_core.live.follow import RunFollower
 from moe_core.live.lease import is_live, process_gone, read_status, socket_path
 from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
-from moe_core.runs import Run
-from moe_core.sampling import SampleRequest
-from tui.app import Dashboard
+from moe_core.store.runs import Run
+from moe_core.model.sampling import SampleRequest
+from tui.dashboard.app import Dashboard
 
-from .conftest import TINY_FLAGS, as_flags, start_moe_tui
-from .test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
+from tests.conftest import TINY_FLAGS, as_flags, start_moe_tui
+from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
 
 QUIET_FLAGS = as_flags(QUIET)
 
@@ -287,7 +287,7 @@ def test_a_key_adds_a_run_to_the_chart(env, fast_keys):
         proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "10",
                               "--eval-interval", "5", "--headless"], env)
         assert proc.wait(timeout=300) == 0
-    from tui.session import viewer_app
+    from tui.dashboard.runner import viewer_app
 
     async def scenario():
         app = viewer_app([RunFollower(Run(env / "first"))], env)

@@ -1,4 +1,4 @@
-"""Tests for moe_core.model: shapes, parameter counts, fused vs reference attention, KV cache, sampling."""
+"""Tests for moe_core.model.transformer: shapes, parameter counts, fused vs reference attention, KV cache, sampling."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from moe_core.config import Config, build_config
-from moe_core.model import (CausalSelfAttention, KVCache, MoETransformer, ReferenceAttention, Rotary,
+from moe_core.model.transformer import (CausalSelfAttention, KVCache, MoETransformer, ReferenceAttention, Rotary,
                             reference_generate, sample_next)
-from moe_core.moe import MoE, ReferenceMoE
+from moe_core.model.moe import MoE, ReferenceMoE
 
 V = 65
 

@@ -1,4 +1,4 @@
-"""Tests for moe_core.moe: fast dispatch vs the textbook oracle, capacity, aux losses, router."""
+"""Tests for moe_core.model.moe: fast dispatch vs the textbook oracle, capacity, aux losses, router."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_core.moe import MoE, ReferenceMoE, StackedExperts, count_per_expert, load_balancing_loss, router_z_loss
+from moe_core.model.moe import MoE, ReferenceMoE, StackedExperts, count_per_expert, load_balancing_loss, router_z_loss
 
 B, T, C = 4, 16, 32
 

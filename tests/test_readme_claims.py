@@ -16,15 +16,15 @@ from datetime import datetime
 import pytest
 import torch
 
-from moe_core.checkpoint import MANIFEST_FILE, file_digest, load_checkpoint
+from moe_core.store.checkpoint import MANIFEST_FILE, file_digest, load_checkpoint
 from moe_core.config import RESUMABLE_KEYS
 from moe_core.events import CheckpointSaved, Notice
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 
-from .conftest import TINY, TINY_FLAGS, as_flags, cli, start_moe_tui, tree
-from .test_faults import records
-from .test_tmux import MOE_TUI, TMUX, Terminal, train_command
-from .test_training import make_trainer
+from tests.conftest import TINY, TINY_FLAGS, as_flags, cli, start_moe_tui, tree
+from tests.test_faults import records
+from tests.test_tmux import MOE_TUI, TMUX, Terminal, train_command
+from tests.test_training import make_trainer
 
 # -- Nothing lost ---------------------------------------------------------------------------------
 

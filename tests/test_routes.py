@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from moe_core.events import ExpertChars, from_record, to_record
-from moe_core.routes import mutual_information, routing_change, top_characters
-from tui.app import Dashboard
+from moe_core.model.routes import mutual_information, routing_change, top_characters
+from tui.dashboard.app import Dashboard
 
-from .conftest import TINY_FLAGS, cli, start_moe_tui
-from .test_training import make_trainer
+from tests.conftest import TINY_FLAGS, cli, start_moe_tui
+from tests.test_training import make_trainer
 
 VOWELS = set("aeiou")
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from moe_core.live.lease import is_live
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 
-from .conftest import TINY_FLAGS
+from tests.conftest import TINY_FLAGS
 
 TMUX = shutil.which("tmux")
 MOE_TUI = Path(sys.executable).with_name("moe-tui")

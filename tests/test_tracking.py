@@ -16,12 +16,12 @@ import torch
 
 from moe_core.bus import EventBus
 from moe_core.events import Notice, Sample, StepMetrics
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 from moe_core.track import Tracker, Tracking, trackers
 from moe_core.track.base import TEXTS_APART, TrackerSink, TrackerState
 
-from .conftest import cli
-from .test_training import make_trainer
+from tests.conftest import cli
+from tests.test_training import make_trainer
 
 # 40 small steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
 SHORT = dict(max_iters=40, eval_interval=10, log_interval=10, sample_interval=20, ckpt_interval=20, batch_size=8,
@@ -265,7 +265,7 @@ import sys, time
 from pathlib import Path
 from moe_core.config import Config
 from moe_core.events import Notice, StepMetrics
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 from moe_core.track import Tracking
 run, published = Run(Path(sys.argv[1])), []
 run.path.mkdir()

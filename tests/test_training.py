@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_core.moe
-from moe_core.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
+import moe_core.model.moe
+from moe_core.store.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
 from moe_core.config import build_config
-from moe_core.data import load_corpus
+from moe_core.data.corpus import load_corpus
 from moe_core.errors import UserError
 from moe_core.events import CheckpointSaved, EvalMetrics, Notice, Sample, StateChanged, StepMetrics
-from moe_core.runs import Run
-from moe_core.sampling import SampleRequest
-from moe_core.trainer import Trainer
-from moe_core.vocab import Vocab
+from moe_core.store.runs import Run
+from moe_core.model.sampling import SampleRequest
+from moe_core.train.trainer import Trainer
+from moe_core.data.vocab import Vocab
 
-from .conftest import TINY
+from tests.conftest import TINY
 
 
 def make_trainer(tmp_path: Path, shared_dir: Path, dataset: str = "simpsons", name: str = "run",
@@ -271,7 +271,7 @@ def test_training_the_way_cuda_does_bf16_autocast(tmp_path, shared_dir, monkeypa
     # weights, with a noisy router, capacity and dropout; experts through the grouped matmul in
     # bf16 (what Hopper GPUs run) or the per-expert loop (older GPUs). bf16 expert rows meet fp32
     # gates and outputs in the dispatch.
-    monkeypatch.setattr(moe_core.moe, "grouped_mm_dtype", lambda x, w: experts_dtype)
+    monkeypatch.setattr(moe_core.model.moe, "grouped_mm_dtype", lambda x, w: experts_dtype)
     events = []
     trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=150, eval_interval=50,
                            router="noisy_topk", capacity_factor=1.25, dropout=0.1, pos_encoding="rope",

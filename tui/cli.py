@@ -10,14 +10,14 @@ import sys
 
 import typer
 
-from moe_core.distributed import PeerFailed, report_setup_failure
+from moe_core.parallel.ranks import PeerFailed, report_setup_failure
 from moe_core.errors import UserError
-from tui.bench_command import bench
-from tui.export_command import export
-from tui.live_commands import stop, watch
-from tui.report import report
-from tui.run_commands import datasets, runs_app, sample
-from tui.train_command import train
+from tui.commands.bench import bench
+from tui.commands.export import export
+from tui.commands.live import stop, watch
+from tui.commands.report import report
+from tui.commands.runs import datasets, runs_app, sample
+from tui.commands.train import train
 
 INVOCATION: list[str] = []  # this invocation's arguments: `train --detach` starts itself again with them
 

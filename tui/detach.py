@@ -16,7 +16,7 @@ import threading
 import time
 
 from moe_core.live.lease import read_status
-from moe_core.runs import Run
+from moe_core.store.runs import Run
 from tui.exits import redirect_output
 
 CHILD_ENV = "MOE_TUI_DETACHED"

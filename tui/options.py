@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from moe_core.runs import default_runs_dir
+from moe_core.store.runs import default_runs_dir
 
 MODEL = "Model"
 TRAINING = "Training"

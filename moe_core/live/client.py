@@ -13,10 +13,10 @@ import socket
 import time
 from typing import Any
 
-from ..errors import UserError
-from ..runs import Run
-from .lease import is_live, socket_path
-from .protocol import MAX_LINE, PROTOCOL, VERSION, encode, peer_uid, socket_address
+from moe_core.errors import UserError
+from moe_core.store.runs import Run
+from moe_core.live.lease import is_live, socket_path
+from moe_core.live.protocol import MAX_LINE, PROTOCOL, VERSION, encode, peer_uid, socket_address
 
 HELLO_SECONDS = 5.0  # a live trainer answers at once; it may be busy compiling, so allow some time
 

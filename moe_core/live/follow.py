@@ -16,13 +16,13 @@ import os
 import queue
 import threading
 import time
-from ..errors import UserError
-from ..events import Event, Notice, ResourceUsage, Sample, StateChanged, from_record
-from ..runs import Run
-from ..sampling import SampleRequest
-from .client import ControlClient, TrainerGone, live_client
-from .lease import read_status
-from .protocol import sample_arguments
+from moe_core.errors import UserError
+from moe_core.events import Event, Notice, ResourceUsage, Sample, StateChanged, from_record
+from moe_core.store.runs import Run
+from moe_core.model.sampling import SampleRequest
+from moe_core.live.client import ControlClient, TrainerGone, live_client
+from moe_core.live.lease import read_status
+from moe_core.live.protocol import sample_arguments
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)
 HEARTBEAT_SECONDS = 5.0
@@ -189,7 +189,7 @@ class RunFollower:
         threading.Thread(target=self._sample_here, args=(request,), name="sample", daemon=True).start()
 
     def _sample_here(self, request: SampleRequest) -> None:
-        from ..sampling import complete, load_model
+        from moe_core.model.sampling import complete, load_model
 
         try:
             model, vocab, step = load_model(self.run, "latest", "cpu")

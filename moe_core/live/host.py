@@ -10,11 +10,11 @@ from __future__ import annotations
 import socket
 import threading
 
-from ..bus import EventBus
-from ..events import StateChanged
-from .lease import RunLease
-from .server import ControlServer
-from .usage import UsageMonitor
+from moe_core.bus import EventBus
+from moe_core.events import StateChanged
+from moe_core.live.lease import RunLease
+from moe_core.live.server import ControlServer
+from moe_core.live.usage import UsageMonitor
 
 
 class LiveTraining:

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from ..errors import UserError
-from ..runs import Run
+from moe_core.atomic import atomic_write_text
+from moe_core.errors import UserError
+from moe_core.store.runs import Run
 
 CONTROL_DIR, LOCK_FILE, SOCKET_FILE, PROCESS_FILE = "control", "lock", "socket", "process.json"
 ACQUIRE_SECONDS = 2.0  # a viewer's probe holds the lock for microseconds: retry that long before giving up

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
-from ..sampling import SampleRequest
-from ..vocab import Vocab
+from moe_core.errors import UserError
+from moe_core.model.sampling import SampleRequest
+from moe_core.data.vocab import Vocab
 
 PROTOCOL = 1
 

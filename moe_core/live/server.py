@@ -15,12 +15,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..control import Control
-from ..events import LIVE_ONLY, Event, StateChanged, to_record
-from ..runs import Run
-from ..vocab import Vocab
-from .lease import make_control_dir, socket_path
-from .protocol import MAX_LINE, PROTOCOL, VERSION, ProtocolError, encode, parse_command, peer_uid, socket_address
+from moe_core.train.control import Control
+from moe_core.events import LIVE_ONLY, Event, StateChanged, to_record
+from moe_core.store.runs import Run
+from moe_core.data.vocab import Vocab
+from moe_core.live.lease import make_control_dir, socket_path
+from moe_core.live.protocol import MAX_LINE, PROTOCOL, VERSION, ProtocolError, encode, parse_command, peer_uid, socket_address
 
 MAX_BACKLOG = 4 << 20  # bytes queued for one viewer that does not read; past this it is dropped
 ACTIONS = {"pause": Control.pause, "resume": Control.resume, "save": Control.save, "eval": Control.evaluate}

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable
 
-from ..events import EventSink, ResourceUsage
+from moe_core.events import EventSink, ResourceUsage
 
 INTERVAL_SECONDS = 1.0
 

@@ -17,11 +17,11 @@ import time
 from functools import cache
 from typing import Callable, Iterable
 
-from ..config import Config
-from ..errors import UserError
-from ..events import Event, Notice
-from ..runs import Run
-from .base import CLOSE_TIMEOUT, Tracker, TrackerSink, TrackerState, finish
+from moe_core.config import Config
+from moe_core.errors import UserError
+from moe_core.events import Event, Notice
+from moe_core.store.runs import Run
+from moe_core.track.base import CLOSE_TIMEOUT, Tracker, TrackerSink, TrackerState, finish
 
 SAY_WAITING_AFTER = 2.0  # seconds of waiting for the trackers at the end before saying so
 

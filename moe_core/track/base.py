@@ -16,11 +16,10 @@ from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import Any, Callable
 
-from ..atomic import atomic_write_text
-from ..config import Config
-from ..events import (LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged,
-                      StepMetrics, from_record)
-from ..runs import Run
+from moe_core.atomic import atomic_write_text
+from moe_core.config import Config
+from moe_core.events import LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, from_record
+from moe_core.store.runs import Run
 
 QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
 CLOSE_TIMEOUT = 60.0  # seconds the trackers may take, together, to send what is queued when training ends

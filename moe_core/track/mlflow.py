@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .base import Tracker
+from moe_core.track.base import Tracker
 
 def artifacts_beside(uri: str) -> str | None:
     """Artifacts (the samples) of a SQLite store go beside its database file, not into ./mlruns of

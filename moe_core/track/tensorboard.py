@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Tracker
+from moe_core.track.base import Tracker
 
 
 class TensorBoard(Tracker):

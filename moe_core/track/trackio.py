@@ -9,7 +9,7 @@ import contextlib
 import io
 from typing import Any
 
-from .base import Tracker
+from moe_core.track.base import Tracker
 
 
 class Trackio(Tracker):

@@ -10,7 +10,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlparse
 
-from .base import Tracker
+from moe_core.track.base import Tracker
 
 
 def logged_in() -> bool:

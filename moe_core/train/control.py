@@ -1,0 +1,44 @@
+"""The commands a front end sends the training loop: queued from any thread, acted on between steps."""
+
+from __future__ import annotations
+
+import queue
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_core.model.sampling import SampleRequest
+
+
+class Control:
+    """Commands from a front end, safe to call from any thread; the loop acts between steps."""
+
+    def __init__(self) -> None:
+        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def pause(self) -> None:
+        self._commands.put(("pause", None))
+
+    def resume(self) -> None:
+        self._commands.put(("resume", None))
+
+    def toggle_pause(self) -> None:
+        self._commands.put(("toggle", None))
+
+    def stop(self, reason: str = "") -> None:
+        """Finish the current step, save a checkpoint and return from `run()`."""
+        self._commands.put(("stop", reason))
+
+    def sample(self, request: SampleRequest) -> None:
+        self._commands.put(("sample", request))
+
+    def save(self) -> None:
+        self._commands.put(("save", None))
+
+    def evaluate(self) -> None:
+        self._commands.put(("eval", None))
+
+    def next(self, wait: float | None) -> tuple[str, object] | None:
+        try:
+            return self._commands.get(timeout=wait) if wait else self._commands.get_nowait()
+        except queue.Empty:
+            return None

@@ -1,0 +1,61 @@
+"""The text panels: generated samples (newest first) and the events log (evals, checkpoints, notices)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from tui.dashboard.widgets.state import DashboardState
+
+LOG_LEVEL_MARKS = {"info": "·", "eval": "≈", "checkpoint": "✓", "warning": "!", "error": "✗"}
+
+
+class TextPanel(VerticalScroll):
+    """A scrollable, wrapping text body rebuilt from the state when its part changes."""
+
+    COMPONENT_CLASSES = {"text-panel--heading", "text-panel--dim", "text-panel--warning", "text-panel--error"}
+
+    def __init__(self, state: DashboardState, title: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+        self.border_title = title
+        self.body = Static(classes="panel-body")
+
+    def compose(self) -> ComposeResult:
+        yield self.body
+
+    def refresh_from_state(self) -> None:
+        self.body.update(self.build())
+
+    def build(self) -> Text:
+        raise NotImplementedError
+
+    def style(self, part: str):
+        return self.get_component_rich_style(f"text-panel--{part}", partial=True)
+
+
+class SamplesPanel(TextPanel):
+    def build(self) -> Text:
+        if not self.state.samples:
+            return Text("samples appear every --sample-interval steps; press s for one now", style=self.style("dim"))
+        parts = []
+        for sample in self.state.samples:
+            origin = "yours" if sample.requested else "periodic"
+            heading = Text(f"step {sample.step} · {origin} · T={sample.temperature:g}", style=self.style("heading"))
+            body = Text(sample.text.strip("\n") or "(empty)")
+            parts.append(Text("\n").join([heading, body]))
+        return Text("\n\n").join(parts)
+
+
+class EventsLog(TextPanel):
+    def build(self) -> Text:
+        if not self.state.log:
+            return Text("no events yet", style=self.style("dim"))
+        lines = []
+        for line in self.state.log:
+            style = self.style(line.level) if line.level in ("warning", "error") else None
+            lines.append(Text.assemble((f"{line.step:>6} ", self.style("dim")),
+                                       (f"{LOG_LEVEL_MARKS.get(line.level, '·')} {line.text}", style)))
+        return Text("\n").join(lines)
