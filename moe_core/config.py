@@ -242,10 +242,8 @@ def validate(c: Config) -> None:
         need(getattr(c, key) in allowed,
              f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
     need(bool(c.track_project.strip()), "--track-project must not be empty; name a project (e.g. moe-tui)")
-    if c.track:
-        from moe_core.track import check_trackers  # imports each tracker's package: only when asked for
-
-        check_trackers(c.track)
+    # Whether the trackers in `track` are installed is checked where a run is trained (moe_core/session),
+    # not here: a run recorded elsewhere stays readable and exportable on a machine without them.
 
 
 def diff_for_resume(saved: Config, wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -140,7 +140,7 @@ def test_sample_dialog_puts_text_that_starts_with_the_prompt_in_the_samples_pane
             assert app.model.state == "running"  # sampling while training, and training went on
 
     drive(scenario)
-    assert "Moe:" in trainer.run_dir.samples_path.read_text()  # the trainer logged it to the run
+    assert "Moe:" in trainer.run_folder.samples_path.read_text()  # the trainer logged it to the run
 
 
 def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_keys):
@@ -153,7 +153,7 @@ def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_
             await pilot.press("c")
             await wait_until(pilot, lambda: any(line.level == "checkpoint" for line in app.model.log))
             saved = next(line for line in app.model.log if line.level == "checkpoint")
-            assert (trainer.run_dir.checkpoints / f"step-{saved.step:08d}" / "model.safetensors").is_file()
+            assert (trainer.run_folder.checkpoints / f"step-{saved.step:08d}" / "model.safetensors").is_file()
             await pilot.press("q")
             assert "moe-tui train --resume run" in str(app.screen.query_one("#confirm-message").content)
             await pilot.press("y")
@@ -162,7 +162,7 @@ def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_
 
     app = asyncio.run(scenario())
     assert app.return_code == 0 and trainer.state == "stopped"
-    last = trainer.run_dir.checkpoint("latest")
+    last = trainer.run_folder.checkpoint("latest")
     assert last.name == f"step-{trainer.step_num:08d}"  # the final step was saved on the way out
 
 
@@ -178,7 +178,7 @@ def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_ke
         return app
 
     assert asyncio.run(scenario()).return_code == 130
-    assert trainer.run_dir.checkpoint("latest").name == f"step-{trainer.step_num:08d}"
+    assert trainer.run_folder.checkpoint("latest").name == f"step-{trainer.step_num:08d}"
 
 
 def test_a_resumed_run_shows_its_whole_history(tmp_path, shared_dir, fast_keys):
@@ -186,7 +186,7 @@ def test_a_resumed_run_shows_its_whole_history(tmp_path, shared_dir, fast_keys):
     trainer = make_trainer(tmp_path, shared_dir, resume=True, **{**QUIET, "max_iters": 40})
 
     async def scenario():
-        app = Dashboard(trainer, replay=run_history(trainer.run_dir))
+        app = Dashboard(trainer, replay=run_history(trainer.run_folder))
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.model.step >= 40)
             steps, _ = app.model.train_loss.points()
@@ -234,7 +234,7 @@ def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_di
             await wait_until(pilot, lambda: app.return_code is not None)
 
     drive(scenario)
-    assert not any(trainer.run_dir.checkpoints.iterdir())  # nothing half-written left behind
+    assert not any(trainer.run_folder.checkpoints.iterdir())  # nothing half-written left behind
 
 
 def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_path, shared_dir, fast_keys):
@@ -266,7 +266,7 @@ def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     steady, run = overhead._steady_tokens_per_sec, Trainer.run
 
     def run_and_record(self, **kwargs):
-        consumer[self.run_dir.name] = self.on_event
+        consumer[self.run_folder.name] = self.on_event
         return run(self, **kwargs)
 
     def dashboard(*args, **kwargs):
@@ -285,7 +285,7 @@ def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     assert figure[watched_run] == watched
     assert isinstance(consumer[plain_run], HeadlessReporter)
     (app,) = dashboards
-    assert consumer[watched_run] is app.local.bus and app.trainer.run_dir.name == watched_run
+    assert consumer[watched_run] is app.local.bus and app.trainer.run_folder.name == watched_run
     assert app.model.run.run_name == watched_run and app.model.step > 0  # and it showed that run's steps
 
 
@@ -314,7 +314,7 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
             assert [line.step for line in app.model.log if line.level == "checkpoint"] == [20]
 
     drive(scenario)
-    assert trainer.run_dir.checkpoint("latest").name == "step-00000020"
+    assert trainer.run_folder.checkpoint("latest").name == "step-00000020"
 
 
 # -- layout snapshots from a recorded stream -----------------------------------------------------

@@ -52,7 +52,7 @@ def test_question_mark_shows_help_and_c_and_e_show_saving_and_evaluating(tmp_pat
             saved_at = trainer.step_num
             saving.release()
             await wait_until(pilot, lambda: f"saved step-{saved_at:08d}" in shown(app.query_one(EventsLog)))
-            assert (trainer.run_dir.checkpoints / f"step-{saved_at:08d}").is_dir()
+            assert (trainer.run_folder.checkpoints / f"step-{saved_at:08d}").is_dir()
             await wait_until(pilot, lambda: "RUNNING" in status_text(app))
 
             await pilot.press("e")

@@ -224,13 +224,13 @@ def test_a_best_checkpoint_that_could_not_be_written_is_not_counted_as_best(tmp_
     monkeypatch.setattr(checkpoint_writer, "save_checkpoint", no_room_for_best)
     trainer = make_trainer(tmp_path, shared_dir, max_iters=10, eval_interval=1000, ckpt_interval=1000)
     assert trainer.run() == "finished"  # its final evaluation was the best so far, but not written
-    _, state, _ = load_checkpoint(trainer.run_dir.checkpoints / "step-00000010")
+    _, state, _ = load_checkpoint(trainer.run_folder.checkpoints / "step-00000010")
     assert state["best_val"] == float("inf")  # so the next evaluation after a resume writes `best`
 
     monkeypatch.setattr(checkpoint_writer, "save_checkpoint", real_save)
     resumed = make_trainer(tmp_path, shared_dir, resume=True, max_iters=20, eval_interval=1000, ckpt_interval=1000)
     assert resumed.run() == "finished"
-    assert load_checkpoint(resumed.run_dir.checkpoints / "best")[2]["step"] == 20
+    assert load_checkpoint(resumed.run_folder.checkpoints / "best")[2]["step"] == 20
 
 
 def test_the_checkpoint_writer_lets_one_snapshot_wait_and_then_holds_training_back(tmp_path):
@@ -261,7 +261,7 @@ def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, s
     trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10,
                            sample_interval=10)
     trainer.run()
-    run = trainer.run_dir
+    run = trainer.run_folder
     root = run.checkpoints
     # The process died while logging step 40 (a torn last line) after logging steps past the
     # checkpoint, and while replacing `best` (only the set-aside copy is left) ...
@@ -296,7 +296,7 @@ def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, share
     trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10,
                            keep_checkpoints=3)
     trainer.run()
-    root = trainer.run_dir.checkpoints
+    root = trainer.run_folder.checkpoints
 
     def die_halfway(path, ignore_errors=False):  # the process is killed after deleting one file
         os.remove(sorted(Path(path).iterdir())[0])

@@ -96,7 +96,7 @@ def assert_stopped_at_step_21_keeping_step_20(trainer, events) -> None:
     assert errors and errors[0].startswith("loss or gradient norm became non-finite at step 21. Training "
                                            "stopped; the last good checkpoint (step 20) is kept"), errors
     assert [e.step for e in events if isinstance(e, CheckpointSaved) and not e.best] == [20]
-    assert trainer.run_dir.checkpoint("latest").name == "step-00000020"
+    assert trainer.run_folder.checkpoint("latest").name == "step-00000020"
 
 
 def test_an_inf_loss_stops_training(tmp_path, shared_dir):

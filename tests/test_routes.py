@@ -87,7 +87,7 @@ def test_a_planted_router_shows_its_characters_everywhere(env, shared_dir, tmp_p
 def test_each_evaluation_logs_the_routes_beside_its_losses(env, shared_dir):
     trainer = make_trainer(env, shared_dir, name="logged", max_iters=20, eval_interval=10, sample_tokens=0)
     trainer.run()
-    records = trainer.run_dir.read_metrics()
+    records = trainer.run_folder.read_metrics()
     evals = [r["step"] for r in records if r["event"] == "EvalMetrics"]
     routes = [r for r in records if r["event"] == "ExpertChars"]
     assert [r["step"] for r in routes] == evals == [10, 20]

@@ -52,7 +52,7 @@ def tracked_run(tmp_path: Path, shared_dir: Path, track: list[str], name: str = 
     bus, events = EventBus(), []
     bus.subscribe(events.append)
     trainer.on_event = bus
-    tracking = Tracking(trainer.config, trainer.run_dir, bus, backends=backends)
+    tracking = Tracking(trainer.config, trainer.run_folder, bus, backends=backends)
     assert trainer.run() == "finished"
     tracking.close()
     return trainer, events
@@ -117,7 +117,7 @@ def same(points, expected) -> bool:
 
 def test_tensorboard_val_loss_equals_metrics_jsonl_step_for_step(tmp_path, shared_dir):
     trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard"])
-    run = trainer.run_dir
+    run = trainer.run_folder
     val = logged(run, "EvalMetrics", "val_loss")
     assert [s for s, _ in val] == [10, 20, 30, 40]
     assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), val)
@@ -131,7 +131,7 @@ def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_json
     (tmp_path / "tracking").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow"])
-    run = trainer.run_dir
+    run = trainer.run_folder
     from mlflow import MlflowClient
 
     e = entry(run, "mlflow")
@@ -148,7 +148,7 @@ def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_json
 
 def test_wandb_offline_run_folder_holds_the_history(tmp_path, shared_dir):
     trainer, events = tracked_run(tmp_path, shared_dir, ["wandb"])
-    run = trainer.run_dir
+    run = trainer.run_folder
     assert entry(run, "wandb")["mode"] == "offline"
     rows = wandb_history(run)
     val = [(row["_step"], row["eval/val_loss"]) for row in rows if "eval/val_loss" in row]
@@ -159,7 +159,7 @@ def test_wandb_offline_run_folder_holds_the_history(tmp_path, shared_dir):
 
 def test_trackio_logs_read_back_through_its_api(tmp_path, shared_dir):
     trainer, events = tracked_run(tmp_path, shared_dir, ["trackio"])
-    run = trainer.run_dir
+    run = trainer.run_folder
     logs = trackio_logs(run)
     val = [(row["step"], row["eval/val_loss"]) for row in logs if "eval/val_loss" in row]
     assert same(val, logged(run, "EvalMetrics", "val_loss"))
@@ -175,10 +175,10 @@ def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
     # hold steps 21-40, which the resumed run trains again.
     import shutil
 
-    shutil.rmtree(trainer.run_dir.checkpoints / "step-00000040")
+    shutil.rmtree(trainer.run_folder.checkpoints / "step-00000040")
     trainer, events = tracked_run(tmp_path, shared_dir, every, resume=True, max_iters=60)
     assert trainer.resumed and not warnings(events)
-    run = trainer.run_dir
+    run = trainer.run_folder
     steps = [s for s, _ in logged(run, "StepMetrics", "loss")]
     assert steps == [10, 20, 30, 40, 50, 60]
     assert [s for s, _ in tensorboard_scalars(run.path / "tensorboard", "train/loss")] == steps
@@ -195,7 +195,7 @@ def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, s
     trainer, _ = tracked_run(tmp_path, shared_dir, [], max_iters=20)  # untracked to step 20
     trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard", "mlflow"], resume=True)
     assert trainer.resumed and not warnings(events)
-    run = trainer.run_dir
+    run = trainer.run_folder
     steps = [s for s, _ in logged(run, "StepMetrics", "loss")]
     assert steps == [10, 20, 30, 40]
     assert [s for s, _ in tensorboard_scalars(run.path / "tensorboard", "train/loss")] == steps
@@ -208,7 +208,7 @@ def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_
     started_in = trainer.config.track_project
     trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio", "tensorboard"], resume=True,
                                   track_project="elsewhere")
-    run = trainer.run_dir
+    run = trainer.run_folder
     moved = [w for w in warnings(events) if "elsewhere" in w]
     assert sorted(w.split()[1] for w in moved) == ["mlflow", "trackio"] and len(warnings(events)) == 2
     assert f"goes on with its tracked run in project '{started_in}'" in moved[0]

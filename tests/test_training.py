@@ -37,7 +37,7 @@ def make_trainer(tmp_path: Path, shared_dir: Path, dataset: str = "simpsons", na
         run = Run.open(tmp_path, name)
     else:
         run = Run.prepare(tmp_path, name, overwrite=False)
-    trainer = Trainer(config, run, vocab, ids, on_event=sink, resume=resume)
+    trainer = Trainer.start(config, run, vocab, ids, on_event=sink, resume=resume)
     if not resume:
         run.initialise(config, vocab)
     return trainer
@@ -62,7 +62,7 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path, shared_dir, dataset):
     assert evals[-1].val_loss < entropy - 0.6, (evals[-1], entropy)
     assert evals[-1].val_loss < evals[0].val_loss
     # metrics.jsonl: eval lines carry step, train and val loss, elapsed.
-    lines = [json.loads(line) for line in trainer.run_dir.metrics_path.read_text().splitlines()]
+    lines = [json.loads(line) for line in trainer.run_folder.metrics_path.read_text().splitlines()]
     eval_lines = [r for r in lines if r["event"] == "EvalMetrics"]
     assert {"step", "train_loss", "val_loss", "elapsed", "val_bpc"} <= set(eval_lines[-1])
     assert eval_lines[-1]["val_loss"] == pytest.approx(evals[-1].val_loss)
@@ -172,7 +172,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_
     assert errors and "non-finite at step 21" in errors[0].message and "step 20" in errors[0].message
     assert trainer.state == "error"
     assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [20]
-    folder = trainer.run_dir.checkpoint("latest")
+    folder = trainer.run_folder.checkpoint("latest")
     weights, state, _ = load_checkpoint(folder)
     assert state["step"] == 20 and all(torch.isfinite(w).all() for w in weights.values())
     # Resuming from the last good checkpoint, with a lower learning rate, trains on.
@@ -194,7 +194,7 @@ class Payload:
 def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path, shared_dir):
     trainer = make_trainer(tmp_path, shared_dir, max_iters=10, ckpt_interval=10)
     trainer.run()
-    folder = trainer.run_dir.checkpoint("latest")
+    folder = trainer.run_folder.checkpoint("latest")
     marker = tmp_path / "pwned"
     with open(folder / STATE_FILE, "wb") as f:
         pickle.dump({"step": Payload(marker)}, f)
@@ -213,12 +213,12 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path, shared_dir):
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, shared_dir):
     trainer = make_trainer(tmp_path, shared_dir, max_iters=20, ckpt_interval=10)
     trainer.run()
-    newest = trainer.run_dir.checkpoint("latest")
+    newest = trainer.run_folder.checkpoint("latest")
     assert newest.name == "step-00000020"
     data = bytearray((newest / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (newest / "model.safetensors").write_bytes(bytes(data))
-    assert trainer.run_dir.checkpoint("latest").name == "step-00000010"
+    assert trainer.run_folder.checkpoint("latest").name == "step-00000010"
     assert make_trainer(tmp_path, shared_dir, resume=True).step_num == 10
 
 
@@ -255,7 +255,7 @@ def test_after_a_failure_save_and_eval_are_refused(tmp_path, shared_dir):
 def test_pruning_keeps_a_set_aside_checkpoint_that_is_the_only_copy(tmp_path, shared_dir):
     trainer = make_trainer(tmp_path, shared_dir, max_iters=10, ckpt_interval=10)
     trainer.run()
-    root = trainer.run_dir.checkpoints
+    root = trainer.run_folder.checkpoints
     # A crash between "set the old best aside" and "rename the new one in" leaves only `.old-best-PID`.
     os.replace(root / "best", root / ".old-best-4242")
     trainer.save()

@@ -48,7 +48,7 @@ def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) ->
         elif trainer.step_num < trainer.config.max_iters:
             print(f"resume with: {resume_hint}", file=stream)
         else:
-            print(f"run {trainer.run_dir.name} finished at step {trainer.step_num}; "
+            print(f"run {trainer.run_folder.name} finished at step {trainer.step_num}; "
                   f"sample from it with: {sample_hint}", file=stream)
     except OSError:  # no terminal left to print to after a hangup
         pass

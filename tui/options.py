@@ -1,4 +1,4 @@
-"""Option types and hints shared by the `moe-tui` commands."""
+"""Option types and help panels shared by the `moe-tui` commands (the hints they print: moe_core/hints.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from moe_core.store.runs import default_runs_dir
 
 MODEL = "Model"
 TRAINING = "Training"
@@ -24,22 +23,3 @@ def opt(help: str, panel: str = MODEL, flag: str | None = None, **kw: Any) -> An
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
 
 
-
-def runs_dir_flag(runs_dir: Path) -> str:
-    return "" if Path(runs_dir) == default_runs_dir() else f" --runs-dir {runs_dir}"
-
-
-def resume_command(name: str, runs_dir: Path) -> str:
-    return f"moe-tui train --resume {name}{runs_dir_flag(runs_dir)}"
-
-
-def sample_command(name: str, runs_dir: Path) -> str:
-    return f"moe-tui sample {name}{runs_dir_flag(runs_dir)}"
-
-
-def watch_command(name: str, runs_dir: Path) -> str:
-    return f"moe-tui watch {name}{runs_dir_flag(runs_dir)}"
-
-
-def stop_command(name: str, runs_dir: Path) -> str:
-    return f"moe-tui stop {name}{runs_dir_flag(runs_dir)}"

@@ -34,7 +34,7 @@ class LiveTraining:
     def __enter__(self) -> "LiveTraining":
         if hasattr(socket, "AF_UNIX"):
             try:
-                self.server = ControlServer(self.trainer.run_dir, self.trainer.control, self.trainer.vocab,
+                self.server = ControlServer(self.trainer.run_folder, self.trainer.control, self.trainer.vocab,
                                             lambda: self.trainer.step_num).start()
                 self.bus.subscribe(self.server)
             except OSError as err:  # no viewers then, but training is never refused for it

@@ -1,15 +1,17 @@
 """The sparse Mixture-of-Experts feed-forward layer.
 
 Each token is sent by a learned router to `top_k` of `num_experts` small MLPs; the layer's output is
-the gate-weighted sum of those experts' outputs. Two dispatch strategies share one router, one set
-of experts and one set of auxiliary losses:
+the gate-weighted sum of those experts' outputs. The layer holds a router, its experts and a token
+dispatcher (moe_core/model/dispatch.py), which gets each token to its experts and combines what they
+return. Two layers share one router and one set of auxiliary losses:
 
-* `MoE` (fast): the experts' weights are stacked into one tensor per layer; sort the token->expert
-  assignments by expert and run all experts in one grouped matmul (each on its contiguous slice of
-  rows), then scatter the results back with `index_add_`.
-* `ReferenceMoE` (textbook, as in makeMoE): loop over experts, pick each one's tokens with a boolean
-  mask, one `nn.Linear` pair per expert. Slower, but the clearest way to read what MoE does; the
-  tests use it as the oracle. Its state dict converts to and from the stacked one on load.
+* `MoE` (fast): the experts' weights are stacked into one tensor per layer (`StackedExperts`);
+  `LocalDispatch` sorts the token->expert assignments by expert and runs all experts in one grouped
+  matmul (each on its contiguous slice of rows), then scatters the results back with `index_add_`.
+* `ReferenceMoE` (textbook, as in makeMoE): one `nn.Linear` pair per expert, and `MaskedDispatch`
+  loops over the experts, picking each one's tokens with a boolean mask. Slower, but the clearest way
+  to read what MoE does; the tests use it as the oracle. Its state dict converts to and from the
+  stacked one on load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_core.model.dispatch import Dispatcher, LocalDispatch, MaskedDispatch, count_per_expert
 from moe_core.model.dropout import Dropout
 
 
@@ -56,6 +59,10 @@ class StackedExperts(nn.Module):
         for w in (*self.w1, *self.w2):  # nn.Linear's default init, expert by expert
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
 
+    def __len__(self) -> int:
+        """How many experts it holds (as `len` of an `nn.ModuleList` of them)."""
+        return self.w1.shape[0]
+
     def forward(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, C) rows sorted by expert; expert: (M,) each row's expert; counts: (E,) rows each."""
         dtype = grouped_mm_dtype(x, self.w1)
@@ -76,7 +83,8 @@ class StackedExperts(nn.Module):
             y = F.grouped_mm(F.relu(h), w2.transpose(1, 2), offs=offs) + bias2
         else:  # one matmul per expert; unbind once, so the backward writes one weight gradient
             sizes = counts.tolist()  # the slice sizes must be read on the host: a sync on a GPU
-            parts = zip(x.split(sizes), self.w1.unbind(), self.b1.unbind(), self.w2.unbind(), self.b2.unbind())
+            params = self.w1.unbind(), self.b1.unbind(), self.w2.unbind(), self.b2.unbind()
+            parts = zip(x.split(sizes), *params, strict=True)
             y = torch.cat([F.linear(F.relu(F.linear(rows, w1, b1)), w2, b2) for rows, w1, b1, w2, b2 in parts])
         return self.dropout(y)
 
@@ -124,13 +132,6 @@ def _grouped_mm_runs(device: str, dtype: torch.dtype) -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-
-
-def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) how many assignments each expert got. Not `torch.bincount`: on CUDA that reads the
-    largest index back to the host, a sync that would stall every MoE layer."""
-    flat = expert_idx.flatten()
-    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 # Per-expert names in the reference's (and older checkpoints') state dict, and their stacked names.
@@ -205,7 +206,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Router + experts + vectorised dispatch. Input and output: (B, T, C)."""
+    """Router + experts + token dispatcher. Input and output: (B, T, C)."""
 
     def __init__(self, n_embd: int, num_experts: int, top_k: int, noisy: bool = False,
                  capacity_factor: float = 0.0, dropout: float = 0.0):
@@ -213,6 +214,9 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.router = Router(n_embd, num_experts, top_k, noisy)
         self.experts = self.build_experts(n_embd, num_experts, dropout)
+        # Runs the experts on the routed tokens; expert parallelism (moe_core/parallel/experts.py)
+        # swaps in one that sends the tokens to the processes holding their experts.
+        self.dispatcher: Dispatcher = self.build_dispatcher()
         self.register_load_state_dict_pre_hook(self.convert_expert_keys)
         # Filled by forward(): read by the trainer for losses and the dashboard's utilisation bars.
         self.aux_loss: torch.Tensor | None = None
@@ -220,12 +224,14 @@ class MoE(nn.Module):
         self.stats: RoutingStats | None = None
         # Set by data parallelism (moe_core/parallel/ranks.py): sums a tensor over all processes.
         self.sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
-        # Set by expert parallelism (moe_core/parallel/experts.py): this rank holds some experts only.
-        self.expert_parallel = None
 
     @staticmethod
     def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
         return StackedExperts(num_experts, n_embd, dropout)
+
+    @staticmethod
+    def build_dispatcher() -> Dispatcher:
+        return LocalDispatch()
 
     @staticmethod
     def convert_expert_keys(module: MoE, state: dict, prefix: str, *_) -> None:
@@ -252,66 +258,20 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, weights, expert_idx = self.router(x)
         if not self.training:  # losses and routing stats are for training; sampling skips their cost
-            return self.dispatch(x, weights, expert_idx, None)[0].reshape(shape)
+            return self.dispatcher(self.experts, x, weights, expert_idx, None)[0].reshape(shape)
 
         counts = count_per_expert(expert_idx.flatten(), self.num_experts)  # once, for all three uses
-        out, dropped = self.dispatch(x, weights, expert_idx, self.capacity(x.shape[0]), counts)
+        out, dropped = self.dispatcher(self.experts, x, weights, expert_idx, self.capacity(x.shape[0]), counts)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         self.aux_loss = load_balancing_loss(probs, counts, self.sum_over_ranks)
         self.z_loss = router_z_loss(logits)
         self.stats = RoutingStats(probs.detach(), expert_idx, dropped, counts)
         return out.reshape(shape)
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort assignments by expert and run every expert on its contiguous slice in one go.
-        (`counts`: the assignments per expert, if counted already.)
-
-        Returns the combined output (N, C) and the number of assignments dropped by capacity.
-        """
-        if self.expert_parallel is not None:  # the experts are spread over the ranks: send the rows there
-            return self.expert_parallel.dispatch(self, x, weights, expert_idx, capacity, counts)
-        dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        if x.shape[0] == 1 and capacity is None and x.device.type == "cpu":
-            # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
-            # (Not on a GPU: reading the expert ids on the host is a sync, and the sorted path has none.)
-            chosen = zip(expert_idx[0].tolist(), weights[0].unbind())
-            return sum(gate * self.experts.one(e, x) for e, gate in chosen), dropped
-        if x.shape[0] <= 64 and not self.training and x.device.type != "cpu":
-            # A few tokens on a GPU (one per sequence when sampling): run every expert on each and
-            # zero the unchosen with the gates. A third of the sorted path's kernels, nothing to sort,
-            # and the GPU reads every expert's weights in one pass either way.
-            gates = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
-            return self.experts.every(x, gates.scatter_(1, expert_idx, weights)).to(x.dtype), dropped
-        token, expert, gate, counts, dropped = sort_by_expert(weights, expert_idx, self.num_experts, capacity, counts)
-        out = torch.zeros_like(x)
-        rows = self.experts(x.index_select(0, token), expert, counts)
-        return out.index_add_(0, token, rows * gate), dropped
-
-
-def sort_by_expert(weights: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int | None,
-                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The token->expert assignments (N, k) in expert order, after capacity: each one's token, expert
-    and gate (M, 1); the assignments each expert keeps (E,), and how many were dropped ()."""
-    flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
-    # Stable sort keeps tokens in order within an expert, so capacity drops the latest tokens.
-    order = torch.argsort(flat_expert, stable=True)
-    counts = count_per_expert(flat_expert, num_experts) if counts is None else counts
-    token, expert = order // expert_idx.shape[-1], flat_expert[order]
-    gate = weights.flatten().index_select(0, order).unsqueeze(-1)
-    dropped = torch.zeros((), device=weights.device, dtype=torch.long)
-    if capacity is not None:
-        # Position of each sorted assignment inside its expert's group; keep the first `capacity`.
-        starts = torch.cumsum(counts, 0) - counts
-        keep = torch.arange(order.numel(), device=weights.device) - starts[expert] < capacity
-        dropped = (~keep).sum()
-        token, expert, gate = token[keep], expert[keep], gate[keep]
-        counts = counts.clamp(max=capacity)
-    return token, expert, gate, counts, dropped
-
 
 class ReferenceMoE(MoE):
-    """The seeds' dispatch: for each expert, a boolean mask over all tokens. Same weights, same maths."""
+    """The seeds' layer: one `Expert` module each, dispatched with a boolean mask per expert
+    (`MaskedDispatch`). Same weights, same maths."""
 
     @staticmethod
     def build_experts(n_embd: int, num_experts: int, dropout: float) -> nn.Module:
@@ -324,17 +284,6 @@ class ReferenceMoE(MoE):
             for e, tensor in enumerate(state.pop(f"{prefix}experts.{new}", ())):
                 state[f"{prefix}experts.{e}.{old}"] = tensor
 
-    def dispatch(self, x, weights, expert_idx, capacity, counts=None):  # counts: not needed here
-        out = torch.zeros_like(x)
-        dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        for e, expert in enumerate(self.experts):
-            chosen = expert_idx == e  # (N, k): where token n picked expert e
-            rows = chosen.any(dim=-1).nonzero().squeeze(-1)  # tokens routed to e, in order
-            if capacity is not None and rows.numel() > capacity:
-                dropped = dropped + rows.numel() - capacity
-                rows = rows[:capacity]
-            if rows.numel() == 0:
-                continue
-            gate = (weights * chosen).sum(dim=-1)[rows].unsqueeze(-1)
-            out.index_add_(0, rows, expert(x[rows]) * gate)
-        return out, dropped
+    @staticmethod
+    def build_dispatcher() -> Dispatcher:
+        return MaskedDispatch()

@@ -3,9 +3,10 @@
 Data parallelism (moe_core/parallel/ranks.py) gives every rank the whole model. Expert parallelism, the
 way large MoE models are trained, splits the experts instead: rank r keeps experts [r*E/N, (r+1)*E/N)
 of each layer, and the rest of the model (attention, embeddings, routers) stays replicated. Each rank
-still trains on its slice of the global batch. In every MoE layer:
+still trains on its slice of the global batch. Each MoE layer's token dispatcher
+(moe_core/model/dispatch.py) is swapped for `AllToAllDispatch`:
 
-1. each rank routes its own tokens and sorts the assignments by expert (as `MoE.dispatch` does);
+1. each rank routes its own tokens and sorts the assignments by expert (as `LocalDispatch` does);
 2. one all-to-all sends every row to the rank that holds its expert (and first, a small one, how many
    rows of each expert each rank will receive);
 3. each rank runs its experts on the rows it received from all ranks;
@@ -34,9 +35,10 @@ import torch
 import torch.nn as nn
 
 from moe_core.config import Config
-from moe_core.parallel.ranks import Ranks, _collective
 from moe_core.errors import UserError
-from moe_core.model.moe import MoE, StackedExperts, sort_by_expert
+from moe_core.model.dispatch import LocalDispatch, sort_by_expert
+from moe_core.model.moe import MoE, StackedExperts
+from moe_core.parallel.ranks import Ranks, _collective
 
 
 def check_expert_parallel(config: Config, world: int) -> None:
@@ -75,43 +77,17 @@ class _AllToAll(torch.autograd.Function):
         return back, None, None
 
 
-class ExpertParallel:
-    """This rank's share of the experts, and what training with shares needs: the dispatch, the
-    gradients, their norm, and the whole model back for checkpoints and samples."""
+class AllToAllDispatch:
+    """A MoE layer's dispatcher when each rank holds `num_experts / world` of its experts (the layer's
+    `experts`): every row goes to the rank of its expert and its output comes back (steps 1-4 above)."""
 
-    def __init__(self, ranks: Ranks, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer):
-        """From a whole model (and its optimizer) that every rank holds alike: this rank keeps its share."""
-        check_expert_parallel(config, ranks.world)
-        self.ranks = ranks
-        self.num_experts, self.per_rank = config.num_experts, config.num_experts // ranks.world
-        self.first = ranks.rank * self.per_rank
-        self.layers = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, StackedExperts)]
-        # The expert parameters, by state-dict name: after `_keep_own`, this rank's share of each.
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.experts = {names[id(p)]: p for moe in self.layers for p in moe.experts.parameters()}
-        self.expert_ids = {id(p) for p in self.experts.values()}  # local, not replicated
-        self._keep_own(optimizer)
+    def __init__(self, world: int, num_experts: int):
+        self.world, self.num_experts, self.per_rank = world, num_experts, num_experts // world
 
-    # -- setting up ----------------------------------------------------------------------------
-
-    def _keep_own(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the other ranks' experts from the model and from its optimizer's moments (the same
-        Parameter objects keep their place in the optimizer)."""
-        own = slice(self.first, self.first + self.per_rank)
-        for p in self.experts.values():
-            for key, value in optimizer.state.get(p, {}).items():
-                if _is_moment(value, p):
-                    optimizer.state[p][key] = value[own].clone()
-            p.data = p.data[own].clone()
-        for moe in self.layers:
-            moe.expert_parallel = self
-
-    # -- the MoE layer's dispatch --------------------------------------------------------------
-
-    def dispatch(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`MoE.dispatch` with the experts on their ranks: (N, C) combined output, assignments dropped."""
-        world, per_rank = self.ranks.world, self.per_rank
+    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
+                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`LocalDispatch` with the experts on their ranks: (N, C) combined output, assignments dropped."""
+        world, per_rank = self.world, self.per_rank
         # As on one process: sorted by expert, so each rank's rows are together; capacity applied here.
         token, _, gate, counts, dropped = sort_by_expert(weights, expert_idx, self.num_experts, capacity, counts)
 
@@ -127,12 +103,45 @@ class ExpertParallel:
         # grouped call, then put the outputs back in the order they came.
         local_expert = torch.arange(per_rank, device=x.device).repeat(world).repeat_interleave(received.flatten())
         regroup = torch.argsort(local_expert, stable=True)
-        out_rows = moe.experts(rows.index_select(0, regroup), local_expert.index_select(0, regroup),
-                               received.sum(0))
+        out_rows = experts(rows.index_select(0, regroup), local_expert.index_select(0, regroup), received.sum(0))
         back = torch.empty_like(regroup)
         back[regroup] = torch.arange(regroup.numel(), device=x.device)
         returned = _AllToAll.apply(out_rows.index_select(0, back), receive, send)
         return torch.zeros_like(x).index_add_(0, token, returned * gate), dropped  # in x's dtype, as on one process
+
+
+class ExpertParallel:
+    """This rank's share of the experts, and what training with shares needs: the all-to-all
+    dispatcher in every MoE layer, the gradients, their norm, and the whole model back for checkpoints
+    and samples."""
+
+    def __init__(self, ranks: Ranks, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """From a whole model (and its optimizer) that every rank holds alike: this rank keeps its share."""
+        check_expert_parallel(config, ranks.world)
+        self.ranks = ranks
+        self.num_experts, self.per_rank = config.num_experts, config.num_experts // ranks.world
+        self.first = ranks.rank * self.per_rank
+        self.layers = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, StackedExperts)]
+        # The expert parameters, by state-dict name: after `_keep_own`, this rank's share of each.
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.experts = {names[id(p)]: p for moe in self.layers for p in moe.experts.parameters()}
+        self.expert_ids = {id(p) for p in self.experts.values()}  # local, not replicated
+        self.dispatcher = AllToAllDispatch(ranks.world, self.num_experts)
+        self._keep_own(optimizer)
+
+    # -- setting up ----------------------------------------------------------------------------
+
+    def _keep_own(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the other ranks' experts from the model and from its optimizer's moments (the same
+        Parameter objects keep their place in the optimizer), and send each layer's rows to the ranks."""
+        own = slice(self.first, self.first + self.per_rank)
+        for p in self.experts.values():
+            for key, value in optimizer.state.get(p, {}).items():
+                if _is_moment(value, p):
+                    optimizer.state[p][key] = value[own].clone()
+            p.data = p.data[own].clone()
+        for moe in self.layers:
+            moe.dispatcher = self.dispatcher
 
     # -- gradients -----------------------------------------------------------------------------
 
@@ -182,7 +191,8 @@ class ExpertParallel:
     @contextmanager
     def whole_model(self) -> Iterator[bool]:
         """For a while, on rank 0, the model with every expert (to sample from): True there, False on
-        the others. The gathered experts stand in for this rank's share, which comes back afterwards."""
+        the others. The gathered experts stand in for this rank's share and run with the local
+        dispatcher; the share and the all-to-all dispatcher come back afterwards."""
         experts = self.whole_experts()
         if not self.ranks.leader:
             yield False
@@ -192,13 +202,13 @@ class ExpertParallel:
             for name, tensor in experts.items():
                 self.experts[name].data = tensor
             for moe in self.layers:
-                moe.expert_parallel = None
+                moe.dispatcher = LocalDispatch()
             yield True
         finally:
             for name, tensor in own.items():
                 self.experts[name].data = tensor
             for moe in self.layers:
-                moe.expert_parallel = self
+                moe.dispatcher = self.dispatcher
 
     def _gather(self, tensor: torch.Tensor, to_host: bool = False) -> torch.Tensor | None:
         """All ranks' shares of one tensor, joined along the experts, on rank 0; None on the others."""

@@ -12,7 +12,7 @@ on CUDA (each rank on GPU LOCAL_RANK of its machine).
 
 Every collective must be reached by every rank in the same order, or they wait on each other. These
 are all of them, and where they happen:
-- start: the device check (through the store), then rank 0's weights and state go to all (`copy_from_leader`);
+- start: the device check (through the store), then rank 0's weights and state go to all (`Trainer.start`);
 - each step: each MoE layer sums its expert counts (forward), then the gradients (after backward);
 - each turn of the trainer's loop: the commands (`agree`), so that all act on the same one between the
   same two steps;
@@ -166,28 +166,6 @@ class Ranks:
         _collective(torch.distributed.broadcast_object_list, box, 0)
         return box[0]
 
-    def copy_from_leader(self, trainer) -> None:
-        """Rank 0's weights and training state (fresh, or just resumed from a checkpoint) on every
-        rank: only rank 0 reads the run folder."""
-        if not self.parallel:
-            return
-        from moe_core.train.state import load_training_state, training_state
-
-        leaders = (trainer.model.state_dict(), training_state(trainer), trainer.last_saved_step,
-                   trainer.resumed_rank_rng)
-        weights, state, last_saved, rank_rng = self.from_leader(_on_cpu(leaders) if self.leader else None)
-        if not self.leader:
-            load_training_state(trainer, weights, state)
-            trainer.last_saved_step = last_saved
-            # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice
-            # of the batch would get the same masks. Rank 0 goes on with the run's; on a fresh start rank
-            # r seeds from it and r. Step checkpoints keep every rank's stream (`rank_rng_state`), so a
-            # resume on as many processes draws exactly what the uninterrupted run would have.
-            if rank_rng is not None and len(rank_rng) == self.world:
-                set_rng_state(rank_rng[self.rank], trainer.device)
-            else:
-                torch.manual_seed(int(torch.randint(2**62, (1,))) + self.rank)
-
     def same_exit_code(self, code: int) -> int:
         """The largest exit code of all ranks, so that all exit with the same one (a signal's 128 + n
         on one rank wins over 0 on the others)."""
@@ -210,14 +188,14 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: str) 
         torch.cuda.set_rng_state(cuda)
 
 
-def _on_cpu(value: Any) -> Any:
+def on_cpu(value: Any) -> Any:
     """`value` with its tensors copied to the CPU: pickled CUDA tensors would unpickle on rank 0's GPU."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
     if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
+        return {k: on_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
+        return type(value)(on_cpu(v) for v in value)
     return value
 
 

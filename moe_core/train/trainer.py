@@ -1,8 +1,12 @@
 """The training loop, driven by any front end through events out and a small control interface in.
 
-    trainer = Trainer(config, run, vocab, ids, on_event=print)
+    trainer = Trainer.start(config, run, vocab, ids, on_event=print, resume=False)
     trainer.control.pause()        # safe from any thread
     trainer.run()                  # returns "finished", "stopped" or "error"
+
+All that a checkpoint holds goes through `state_dict()` and `load_state_dict()` (the pattern of
+torch.distributed.checkpoint's Stateful): writing one, resuming, and rank 0 handing its state to the
+other ranks at start.
 
 With several processes (moe_core/parallel/ranks.py) every rank runs this same loop, in step: the
 commands are agreed between steps, the statistics summed; rank 0 alone emits events, writes the run
@@ -15,15 +19,16 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moe_core.train import state as trainer_state
+from moe_core.train import checkpointing
 from moe_core.data.batches import Batches, evaluation_batches, split_ids
 from moe_core.train.checkpoint_writer import CheckpointWriter, Snapshot
 from moe_core.config import Config, resolve_device
 from moe_core.train.control import Control
-from moe_core.parallel.ranks import SINGLE, LostRank, RankFailed, Ranks, rng_state
+from moe_core.parallel.ranks import SINGLE, LostRank, RankFailed, Ranks, on_cpu, rng_state, set_rng_state
 from moe_core.errors import UserError
 from moe_core.events import LIVE_ONLY, CheckpointSaved, EvalMetrics, Event, EventSink, ExpertChars, Notice, RunStarted, Sample, StateChanged, StepMetrics, to_record
 from moe_core.parallel.experts import ExpertParallel
@@ -37,11 +42,10 @@ from moe_core.data.vocab import Vocab
 
 class Trainer:
     def __init__(self, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor,
-                 on_event: EventSink | None = None, resume: bool = False, ranks: Ranks = SINGLE,
-                 device: str | None = None, expert_parallel: bool = False):
-        """`ranks` and `device` (`cuda:LOCAL_RANK`) come from `distributed.start` with several processes;
-        `expert_parallel`: each of them holds a share of the experts (moe_core/parallel/experts.py)."""
-        self.config, self.run_dir, self.vocab, self.ranks = config, run, vocab, ranks
+                 on_event: EventSink | None = None, ranks: Ranks = SINGLE, device: str | None = None):
+        """A fresh model and optimizer for `run`, touching no file. `ranks` and `device` (`cuda:LOCAL_RANK`)
+        come from `ranks.start` with several processes. `Trainer.start` also resumes and joins the ranks."""
+        self.config, self.run_folder, self.vocab, self.ranks = config, run, vocab, ranks
         self.on_event = on_event or (lambda event: None)
         self.control = Control()
         self.writer = CheckpointWriter()
@@ -72,17 +76,30 @@ class Trainer:
         self.best_val = math.inf
         self.elapsed = 0.0  # training wall time, pauses excluded
         self.last_saved_step = -1
-        self.resumed = resume
-        self.resumed_rank_rng: list | None = None  # every rank's random streams, from the checkpoint resumed
+        self.resumed = False
+        self.rank_rng: list | None = None  # every rank's random streams, from the checkpoint resumed
+        self.expert_parallel: ExpertParallel | None = None
         self._paused = self._done = False  # loop state of run()
         self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
-        if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
-            trainer_state.resume(self)
-        ranks.copy_from_leader(self)
-        # Every rank now holds the whole model; with expert parallelism each keeps its share of the experts.
-        self.expert_parallel = ExpertParallel(ranks, config, self.model, self.optimizer) if expert_parallel else None
         self.best_written = self.best_val  # the validation loss of the `best` on disk
         self.window = StepWindow(ranks)  # the steps since the last log line
+
+    @classmethod
+    def start(cls, config: Config, run: Run, vocab: Vocab, ids: torch.Tensor, *, resume: bool,
+              on_event: EventSink | None = None, ranks: Ranks = SINGLE, device: str | None = None,
+              expert_parallel: bool = False) -> Trainer:
+        """A trainer ready to `run()`: resumed from the run's newest checkpoint (`resume`; rank 0 reads it),
+        with rank 0's weights and state on every rank, and with `expert_parallel` each rank's share of the
+        experts (moe_core/parallel/experts.py)."""
+        trainer = cls(config, run, vocab, ids, on_event, ranks, device)
+        trainer.resumed = resume
+        if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
+            checkpointing.resume(trainer, run, config, trainer.note)
+        trainer._take_leaders_state()
+        if expert_parallel:  # every rank holds the whole model now: each keeps its share of the experts
+            trainer.expert_parallel = ExpertParallel(ranks, config, trainer.model, trainer.optimizer)
+        trainer.best_written = trainer.best_val
+        return trainer
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -95,6 +112,61 @@ class Trainer:
 
     def note(self, level: str, message: str) -> None:
         self._notices.append(Notice(level, message, self.step_num))
+
+    # -- what a checkpoint holds -----------------------------------------------------------------
+
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]:
+        """{"model": weights, "training": everything else training needs to go on exactly}, plain tensors
+        and values. `optimizer=False` leaves out Adam's moments (`best`, kept for sampling only: a third
+        of the size). With expert parallelism a collective that every rank calls: each expert and its
+        moments are gathered on rank 0."""
+        training = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "batches_rng": self.batches.generator.get_state(), "step": self.step_num,
+                    "best_val": self.best_val, "elapsed": self.elapsed}
+        if self.device.startswith("cuda"):
+            training["cuda_rng"] = torch.cuda.get_rng_state()
+        if not optimizer:
+            del training["optimizer"]
+        weights = self.model.state_dict()
+        if self.expert_parallel is not None:
+            weights, training = self.expert_parallel.whole_state(self.model, self.optimizer, training)
+        return {"model": weights, "training": training}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of `state_dict()` (of a whole model: before the experts are shared out)."""
+        training = state["training"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        for group in self.optimizer.param_groups:  # a resumed run may ask for a new --lr
+            group["initial_lr"] = self.config.lr
+        torch.set_rng_state(training["rng"])
+        if self.device.startswith("cuda") and "cuda_rng" in training:
+            torch.cuda.set_rng_state(training["cuda_rng"])
+        self.batches.generator.set_state(training["batches_rng"])
+        self.step_num = int(training["step"])
+        self.best_val = float(training["best_val"])
+        self.elapsed = float(training["elapsed"])
+        self.last_saved_step = self.step_num  # it came from a checkpoint
+        self.rank_rng = training.get("rank_rng")  # with several processes: every rank's own streams
+
+    def _take_leaders_state(self) -> None:
+        """Rank 0's weights and state (fresh, or just resumed) on every rank: only rank 0 reads the run folder."""
+        if not self.ranks.parallel:
+            return
+        leaders = (self.state_dict(), self.last_saved_step, self.rank_rng) if self.ranks.leader else None
+        state, last_saved, rank_rng = self.ranks.from_leader(on_cpu(leaders))
+        if self.ranks.leader:
+            return
+        self.load_state_dict(state)
+        self.last_saved_step = last_saved
+        # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice of
+        # the batch would get the same masks. Rank 0 goes on with the run's; on a fresh start rank r seeds
+        # from it and r. Step checkpoints keep every rank's stream, so a resume on as many processes draws
+        # exactly what the uninterrupted run would have.
+        if rank_rng is not None and len(rank_rng) == self.ranks.world:
+            set_rng_state(rank_rng[self.ranks.rank], self.device)
+        else:
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + self.ranks.rank)
 
     @property
     def unsaved(self) -> bool:
@@ -166,14 +238,14 @@ class Trainer:
     def save(self, best: bool = False) -> Path:
         """Write a checkpoint now: rank 0 writes it, every rank notes that its step is saved. (The loop's
         own saves are written by `self.writer`, off this thread.)"""
-        saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
-        folder = self.snapshot(best, saved).write() if self.ranks.leader else self.run_dir.checkpoints
+        state = self.state_dict(optimizer=not best)  # every rank takes part: its experts, with expert parallelism
+        folder = self.snapshot(best, state).write() if self.ranks.leader else self.run_folder.checkpoints
         if not best:
             self.last_saved_step = self.step_num
         return folder
 
-    def snapshot(self, best: bool, saved: tuple, rank_rng: list | None = None) -> Snapshot:
-        return trainer_state.snapshot(self, best, saved, rank_rng)
+    def snapshot(self, best: bool, state: dict[str, Any], rank_rng: list | None = None) -> Snapshot:
+        return checkpointing.snapshot(self.run_folder, self.config, state, best, rank_rng)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -181,12 +253,12 @@ class Trainer:
         if not self.ranks.leader:
             return
         if not isinstance(event, LIVE_ONLY):
-            already_failing = self.run_dir.log_failing
+            already_failing = self.run_folder.log_failing
             try:
-                self.run_dir.log(to_record(event))
+                self.run_folder.log(to_record(event))
             except OSError as err:  # disk full: losing log lines is no reason to stop training
                 if not already_failing:  # warn once, not at every event
-                    self.on_event(Notice("warning", f"cannot write {self.run_dir.metrics_path.name} ({err}); "
+                    self.on_event(Notice("warning", f"cannot write {self.run_folder.metrics_path.name} ({err}); "
                                                     "training goes on, metrics are not being logged", self.step_num))
         self.on_event(event)
 
@@ -205,7 +277,7 @@ class Trainer:
         device = f"{self.device.split(':')[0]} x {self.ranks.world}" if self.ranks.parallel else self.device
         if self.expert_parallel:
             device += f", {self.expert_parallel.per_rank} experts each"
-        self.emit(RunStarted(self.run_dir.name, c.dataset, device, self.params_total, self.params_active,
+        self.emit(RunStarted(self.run_folder.name, c.dataset, device, self.params_total, self.params_active,
                              self.step_num, c.max_iters, c.batch_size * c.block_size, len(self.vocab),
                              self.resumed))
         for notice in self._notices:
@@ -336,7 +408,7 @@ class Trainer:
         request = arg if isinstance(arg, SampleRequest) else SampleRequest(
             prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
         text = self.sample(request)
-        self.run_dir.append_sample(self.step_num, text)
+        self.run_folder.append_sample(self.step_num, text)
         self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature))
 
     def _default_prompt(self) -> str:
@@ -348,9 +420,9 @@ class Trainer:
         # Every rank's own random streams, for a resume on as many processes (not for `best`, which is
         # never resumed from, and which rank 0 alone may decide to write again: no collective there).
         rank_rng = self.ranks.gather(rng_state(self.device)) if self.ranks.parallel and not best else None
-        saved = trainer_state.to_save(self, best)  # every rank takes part: its experts, with expert parallelism
+        state = self.state_dict(optimizer=not best)  # every rank takes part: its experts, with expert parallelism
         if self.ranks.leader:
-            self.writer.submit(self.snapshot(best, saved, rank_rng))
+            self.writer.submit(self.snapshot(best, state, rank_rng))
         elif not best:
             self.last_saved_step = self.step_num  # rank 0 writes it
 

@@ -17,7 +17,8 @@ from moe_core.errors import UserError
 from moe_core.live.client import TrainerGone, live_client
 from moe_core.live.lease import PROCESS_FILE, is_live, process_gone, read_status
 from moe_core.store.runs import Run, default_runs_dir, list_run_names
-from tui.options import RunsDir, resume_command
+from moe_core.hints import resume_command
+from tui.options import RunsDir
 
 STOP_TIMEOUT_SECONDS = 600.0
 STARTING_SECONDS = 60.0  # a trainer holds the lock while it loads data and builds the model, then records itself  # a large model's checkpoint on a slow disk still gets this long

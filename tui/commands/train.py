@@ -29,8 +29,8 @@ from moe_core.track import Tracking
 from tui.detach import is_detached_child, move_output_to_log, output_to_log_once_live, start_detached
 from moe_core.parallel.launch import LAUNCHED, launch
 from tui.exits import HANGUP, move_output_after_hangup, print_next_step, signal_exit_code, stop_signals_handled
-from tui.options import (DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt, resume_command, sample_command,
-                         stop_command, watch_command)
+from moe_core.hints import resume_command, sample_command, stop_command, watch_command
+from tui.options import DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt
 
 
 def train(
@@ -169,8 +169,8 @@ def train(
     def new_trainer(run: Run):
         from moe_core.train.trainer import Trainer
 
-        return Trainer(config, run, vocab, _encode(vocab, corpus.text), resume=bool(resume), ranks=ranks,
-                       device=device, expert_parallel=expert_parallel)
+        return Trainer.start(config, run, vocab, _encode(vocab, corpus.text), resume=bool(resume), ranks=ranks,
+                             device=device, expert_parallel=expert_parallel)
 
     try:
         device = distributed.start(ranks, device, config.batch_size)  # with several ranks: join them
@@ -306,7 +306,7 @@ def _dashboard_available() -> bool:
 def _run_dashboard(live, runs_dir: Path, torch_threads: int | None, on_hangup: str, finalise) -> int:
     from tui.dashboard.runner import run_dashboard
 
-    name = live.trainer.run_dir.name
+    name = live.trainer.run_folder.name
     return run_dashboard(live.trainer, _trainer_resume_hint(live.trainer, runs_dir), sample_command(name, runs_dir), torch_threads,
                          bus=live.bus, on_hangup=on_hangup, finalise=finalise)
 
@@ -318,7 +318,7 @@ def _resume_hint(name: str, runs_dir: Path, nproc: int, expert_parallel: bool) -
 
 
 def _trainer_resume_hint(trainer, runs_dir: Path) -> str:
-    return _resume_hint(trainer.run_dir.name, runs_dir, trainer.ranks.world, trainer.expert_parallel is not None)
+    return _resume_hint(trainer.run_folder.name, runs_dir, trainer.ranks.world, trainer.expert_parallel is not None)
 
 
 def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
@@ -330,7 +330,7 @@ def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
 
     def on_signal(signum, frame):
         if signum == HANGUP and on_hangup == "keep":
-            move_output_after_hangup(trainer.run_dir)  # the terminal is gone; training goes on
+            move_output_after_hangup(trainer.run_folder)  # the terminal is gone; training goes on
             return
         if received and trainer.ranks.parallel:  # torchrun passing on the signal this process had already
             return
@@ -344,7 +344,7 @@ def _run_headless(trainer, bus, runs_dir: Path, on_hangup: str) -> int:
             outcome = trainer.run()
         finally:
             reporter.close()
-    name = trainer.run_dir.name
+    name = trainer.run_folder.name
     print_next_step(trainer, _trainer_resume_hint(trainer, runs_dir), sample_command(name, runs_dir))
     if outcome == "stopped":  # by a signal, or on request from a viewer or `moe-tui stop`
         return signal_exit_code(received[0]) if received else 0

@@ -33,9 +33,9 @@ def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_thread
                   on_hangup: str = "keep", finalise: Callable[[], None] = lambda: None) -> int:
     """Train under the dashboard until the user quits; returns the process exit code. `finalise`
     (release the run's lease) runs before any forced exit after a hangup."""
-    history = run_history(trainer.run_dir) if trainer.resumed else []
+    history = run_history(trainer.run_folder) if trainer.resumed else []
     app = Dashboard(trainer, replay=history, resume_hint=resume_hint, torch_threads=torch_threads, bus=bus)
-    sample_hint = sample_hint or f"moe-tui sample {trainer.run_dir.name}"
+    sample_hint = sample_hint or f"moe-tui sample {trainer.run_folder.name}"
     with stop_on_signals(app, on_hangup, resume_hint, sample_hint, finalise):
         try:
             app.run()
@@ -56,7 +56,7 @@ def viewer_app(followers, runs_dir) -> Dashboard:
     from moe_core.live.follow import RunFollower
     from moe_core.store.runs import Run
 
-    from tui.options import resume_command
+    from moe_core.hints import resume_command
 
     def add_run(name: str, check_only: bool = False):
         follower = RunFollower(Run.open(runs_dir, name), resume_command(name, runs_dir))

@@ -28,7 +28,7 @@ class LocalTrainer:
 
     def __init__(self, trainer, bus: EventBus | None = None, torch_threads: int | None = None):
         self.trainer, self.torch_threads = trainer, torch_threads
-        self.name, self.vocab, self.run = trainer.run_dir.name, trainer.vocab, trainer.run_dir
+        self.name, self.vocab, self.run = trainer.run_folder.name, trainer.vocab, trainer.run_folder
         self.bus = bus or (trainer.on_event if isinstance(trainer.on_event, EventBus) else EventBus())
         trainer.on_event = self.bus
         self._events: SimpleQueue[Event] = SimpleQueue()
