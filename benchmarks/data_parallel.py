@@ -82,8 +82,8 @@ def label(n: int, t: int, experts_split: bool) -> str:
 def held(n: int, t: int, experts_split: bool) -> int:
     """Parameters each process holds: the whole `cpu`-preset model, or its share of the experts."""
     from moe_core.config import build_config
-    from moe_core.data.corpus.corpus import default_data_dir, load_corpus
-    from moe_core.model.transformer.transformer import MoETransformer
+    from moe_core.data.corpus import default_data_dir, load_corpus
+    from moe_core.model.transformer import MoETransformer
 
     vocab = set(load_corpus("simpsons", default_data_dir()).text)
     with torch.device("meta"):  # shapes only

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from moe_core.data.corpus.batches import evaluation_batches
+from moe_core.data.batches import evaluation_batches, token_ids
 from moe_core.config import build_config
-from moe_core.data.corpus.corpus import default_data_dir, load_corpus
-from moe_core.model.transformer.routes import RouteCounter
+from moe_core.data.corpus import default_data_dir, load_corpus
+from moe_core.model.routes import RouteCounter
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.corpus.vocab import Vocab
+from moe_core.data.vocab import Vocab
 
 
 def evaluation_seconds(trainer: Trainer, count: bool) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     corpus = load_corpus("simpsons", default_data_dir())
     vocab = Vocab.from_text(corpus.text)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config, Run.prepare(Path(tmp), "cost", False), vocab, torch.tensor(vocab.encode(corpus.text)))
+        trainer = Trainer(config, Run.prepare(Path(tmp), "cost", False), vocab, token_ids(vocab, corpus.text))
         trainer.model.eval()
         evaluation_seconds(trainer, True)  # warm-up
         plain, counted = [], []

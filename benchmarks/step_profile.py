@@ -20,10 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_core.config import build_config
-from moe_core.data.corpus.corpus import default_data_dir, load_corpus
+from moe_core.data.batches import token_ids
+from moe_core.data.corpus import default_data_dir, load_corpus
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.corpus.vocab import Vocab
+from moe_core.data.vocab import Vocab
 
 
 class CountOps(TorchDispatchMode):
@@ -56,7 +57,7 @@ def main() -> None:
     config = build_config(args.preset, {}, overrides)
     corpus = load_corpus("shakespeare", default_data_dir())
     vocab = Vocab.from_text(corpus.text)
-    ids = torch.tensor(vocab.encode(corpus.text))
+    ids = token_ids(vocab, corpus.text)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run.prepare(Path(tmp), "profile", overwrite=False)
         run.initialise(config, vocab)

@@ -7,6 +7,7 @@ unchanged, and can be replayed to draw a dashboard without a model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -155,6 +156,15 @@ def to_record(event: Event) -> dict[str, Any]:
     if isinstance(event, EvalMetrics):
         record.update(train_bpc=event.train_bpc, val_bpc=event.val_bpc)
     return record
+
+
+def from_line(line: str | bytes) -> Event | None:
+    """The event a `metrics.jsonl` line records; None for a torn line, or one of a kind this version does
+    not know (written by a newer moe-tui)."""
+    try:
+        return from_record(json.loads(line))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def from_record(record: dict[str, Any]) -> Event:

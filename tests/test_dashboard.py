@@ -26,7 +26,7 @@ from moe_core.bus import EventBus
 from moe_core.train.trainer import Trainer
 from tui.dashboard import overhead
 from tui.dashboard.app import Dashboard
-from tui.dashboard.sources import reserve_torch_threads, run_history
+from tui.dashboard.sources import reserve_torch_threads
 from tui.headless import HeadlessReporter
 from tui.dashboard.overhead import dashboard_overhead
 from tui.dashboard.widgets import SamplesPanel, StatusBar
@@ -186,7 +186,7 @@ def test_a_resumed_run_shows_its_whole_history(tmp_path, shared_dir, fast_keys):
     trainer = make_trainer(tmp_path, shared_dir, resume=True, **{**QUIET, "max_iters": 40})
 
     async def scenario():
-        app = Dashboard(trainer, replay=run_history(trainer.run_folder))
+        app = Dashboard(trainer, replay=trainer.run_folder.events())
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.model.step >= 40)
             steps, _ = app.model.train_loss.points()

@@ -16,6 +16,7 @@ import torch
 import moe_core.model.moe
 from moe_core.store.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
 from moe_core.config import build_config
+from moe_core.data.batches import token_ids
 from moe_core.data.corpus import load_corpus
 from moe_core.errors import UserError
 from moe_core.events import CheckpointSaved, EvalMetrics, Notice, Sample, StateChanged, StepMetrics
@@ -32,7 +33,7 @@ def make_trainer(tmp_path: Path, shared_dir: Path, dataset: str = "simpsons", na
     config = build_config(None, {}, {**TINY, "dataset": dataset, **overrides})
     corpus = load_corpus(dataset, shared_dir)
     vocab = Vocab.from_text(corpus.text)
-    ids = torch.tensor(vocab.encode(corpus.text))
+    ids = token_ids(vocab, corpus.text)
     if resume:
         run = Run.open(tmp_path, name)
     else:

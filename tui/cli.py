@@ -12,14 +12,13 @@ import typer
 
 from moe_core.parallel.ranks import PeerFailed, report_setup_failure
 from moe_core.errors import UserError
+from tui import invocation
 from tui.commands.bench import bench
 from tui.commands.export import export
 from tui.commands.live import stop, watch
 from tui.commands.report import report
 from tui.commands.runs import datasets, runs_app, sample
 from tui.commands.train import train
-
-INVOCATION: list[str] = []  # this invocation's arguments: `train --detach` starts itself again with them
 
 app = typer.Typer(help="Train and watch a sparse Mixture-of-Experts character language model.",
                   no_args_is_help=True, rich_markup_mode="rich", add_completion=False)
@@ -37,7 +36,7 @@ app.command()(export)
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
-    INVOCATION[:] = sys.argv[1:] if argv is None else argv
+    invocation.ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
         result = command.main(args=argv, prog_name="moe-tui", standalone_mode=False)
     except UserError as err:

@@ -1,36 +1,12 @@
-"""How a training session ends, the same for both front ends: the signals that stop it cleanly,
-the exit codes, and the one line that tells the user what to do next."""
+"""How a training session ends on the terminal, the same for both front ends: the one line that tells
+the user what to do next, and output that moves to a file when the terminal goes (the signals and
+exit codes: moe_core/signals.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
-
-HANGUP = getattr(signal, "SIGHUP", None)
-
-# Lost connection, `kill`, Ctrl-C: each saves a checkpoint and exits, never mid-step.
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGHUP", None), signal.SIGTERM, signal.SIGINT) if s is not None)
-
-
-def signal_exit_code(signum: int) -> int:
-    """The shell's convention: 128 + the signal number (SIGHUP 129, SIGINT 130, SIGTERM 143)."""
-    return 128 + int(signum)
-
-
-@contextmanager
-def stop_signals_handled(handler: Callable) -> Iterator[None]:
-    """Route STOP_SIGNALS to `handler` for the duration, then restore the previous handlers."""
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
 
 def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) -> None:
     """After the session: how to resume an unfinished or failed run, or how to use a finished one."""

@@ -1,4 +1,4 @@
-"""The plain reporter: one line per log interval and per evaluation, for nohup, CI and pipes.
+"""The plain front end: one line per log interval and per evaluation, for nohup, CI and pipes.
 
 On a terminal it adds a Rich progress bar under the lines; elsewhere it prints plain text only.
 """
@@ -11,6 +11,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from moe_core.signals import HANGUP, outcome_exit_code, signal_reason, stop_signals_handled
+from tui.exits import move_output_after_hangup, print_next_step
 from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample,
                              StateChanged, StepMetrics)
 
@@ -88,3 +90,33 @@ class HeadlessReporter:
 
     def close(self) -> None:
         self._stop_bar()
+
+
+def run_headless(running, on_hangup: str) -> int:
+    """Train with plain log lines until the run ends; the exit code. Ctrl-C, SIGTERM and (with
+    `on_hangup` "stop") SIGHUP save a checkpoint and stop; a second Ctrl-C means it."""
+    trainer = running.trainer
+    reporter = HeadlessReporter()
+    running.bus.subscribe(reporter)
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if signum == HANGUP and on_hangup == "keep":
+            move_output_after_hangup(trainer.run_folder)  # the terminal is gone; training goes on
+            return
+        if received and trainer.ranks.parallel:  # torchrun passing on the signal this process had already
+            return
+        if received:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        received.append(signum)
+        trainer.control.stop(signal_reason(signum))
+
+    with stop_signals_handled(on_signal):
+        try:
+            outcome = trainer.run()
+        finally:
+            reporter.close()
+    print_next_step(trainer, running.resume_hint, running.sample_hint)
+    running.tracking.close()  # while the reporter still prints its warnings
+    # A stop by a signal, or on request from a viewer or `moe-tui stop`; unsaved: the final save failed.
+    return outcome_exit_code(outcome, trainer.unsaved, received[0] if received else None)

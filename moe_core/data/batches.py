@@ -1,10 +1,18 @@
-"""Random training windows from a token stream, the train/validation split, and the fixed evaluation batches."""
+"""A text as a token stream, random training windows from it, the train/validation split, and the fixed
+evaluation batches."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from moe_core.data.vocab import Vocab
+
+
+def token_ids(vocab: Vocab, text: str) -> torch.Tensor:
+    """`text` as the stream of token ids the model trains on."""
+    return torch.tensor(vocab.encode(text), dtype=torch.long)
 
 
 class Batches:

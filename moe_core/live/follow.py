@@ -11,13 +11,13 @@ sampling loads the latest checkpoint here.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
 import time
 from moe_core.errors import UserError
-from moe_core.events import Event, Notice, ResourceUsage, Sample, StateChanged, from_record
+from moe_core.hints import resume_command
+from moe_core.events import Event, Notice, ResourceUsage, Sample, StateChanged, from_line, from_record
 from moe_core.store.runs import Run
 from moe_core.model.sampling import SampleRequest
 from moe_core.live.client import ControlClient, TrainerGone, live_client
@@ -33,7 +33,7 @@ class RunFollower:
     def __init__(self, run: Run, resume_hint: str = ""):
         self.run, self.name = run, run.name
         self.vocab = run.load_vocab()
-        self.resume_hint = resume_hint or f"moe-tui train --resume {run.name}"
+        self.resume_hint = resume_hint or resume_command(run.name, run.path.parent)
         self.client: ControlClient | None = None
         self.generation = 0  # goes up when metrics.jsonl was rewritten (a resume): start the picture afresh
         self.last_step = 0
@@ -100,13 +100,7 @@ class RunFollower:
             return []
         whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
         self._offset += len(whole)
-        events = []
-        for line in whole.splitlines():
-            try:
-                events.append(from_record(json.loads(line)))
-            except (KeyError, TypeError, ValueError):
-                continue  # torn or unknown lines: skipped, as `Run.read_metrics` does
-        return events
+        return [event for line in whole.splitlines() if (event := from_line(line)) is not None]
 
     def _read_channel(self) -> list[Event]:
         now = time.monotonic()

@@ -108,7 +108,7 @@ def routing_change(before: torch.Tensor, after: torch.Tensor) -> float:
 def routes_at_checkpoint(run, which: str, data_dir) -> "ExpertChars":
     """Which characters each expert takes in a saved model, counted on the validation batches the
     trainer evaluates on (so, for `best`, the same counts its evaluation logged)."""
-    from moe_core.data.batches import evaluation_batches, split_ids
+    from moe_core.data.batches import evaluation_batches, split_ids, token_ids
     from moe_core.data.corpus import load_corpus
     from moe_core.events import ExpertChars
     from moe_core.model.sampling import load_model
@@ -117,7 +117,7 @@ def routes_at_checkpoint(run, which: str, data_dir) -> "ExpertChars":
     model.eval()
     config = run.load_config()
     corpus = load_corpus(config.dataset, data_dir, columns=config.columns, encoding=config.encoding)
-    ids = torch.tensor(vocab.encode(corpus.text), dtype=torch.long)
+    ids = token_ids(vocab, corpus.text)
     _, val = split_ids(ids, config.val_fraction)
     batches = evaluation_batches(val, config, split=1)
     counter = RouteCounter(model, len(vocab))

@@ -38,7 +38,7 @@ from moe_core.config import Config
 from moe_core.errors import UserError
 from moe_core.model.dispatch import LocalDispatch, sort_by_expert
 from moe_core.model.moe import MoE, StackedExperts
-from moe_core.parallel.ranks import Ranks, _collective
+from moe_core.parallel.ranks import Ranks, collective
 
 
 def check_expert_parallel(config: Config, world: int) -> None:
@@ -67,13 +67,13 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int]) -> torch.Tensor:
         ctx.send, ctx.receive = send, receive
         out = x.new_empty((sum(receive), *x.shape[1:]))
-        _collective(torch.distributed.all_to_all_single, out, x.contiguous(), receive, send)
+        collective(torch.distributed.all_to_all_single, out, x.contiguous(), receive, send)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        _collective(torch.distributed.all_to_all_single, back, grad.contiguous(), ctx.send, ctx.receive)
+        collective(torch.distributed.all_to_all_single, back, grad.contiguous(), ctx.send, ctx.receive)
         return back, None, None
 
 
@@ -93,7 +93,7 @@ class AllToAllDispatch:
 
         # How many rows of each of its experts every rank receives from every other: (world, per_rank).
         received = torch.empty_like(counts)
-        _collective(torch.distributed.all_to_all_single, received, counts.contiguous())
+        collective(torch.distributed.all_to_all_single, received, counts.contiguous())
         received = received.view(world, per_rank)
         send = counts.view(world, per_rank).sum(1).tolist()  # split sizes are read on the host
         receive = received.sum(1).tolist()
@@ -213,7 +213,7 @@ class ExpertParallel:
     def _gather(self, tensor: torch.Tensor, to_host: bool = False) -> torch.Tensor | None:
         """All ranks' shares of one tensor, joined along the experts, on rank 0; None on the others."""
         parts = [torch.empty_like(tensor) for _ in range(self.ranks.world)] if self.ranks.leader else None
-        _collective(torch.distributed.gather, tensor.contiguous(), parts, 0)
+        collective(torch.distributed.gather, tensor.contiguous(), parts, 0)
         if parts is None:
             return None
         return torch.cat([part.cpu() for part in parts] if to_host else parts)

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from tui.exits import signal_exit_code
+from moe_core.signals import signal_exit_code
 
 LAUNCHED = "MOE_TUI_NPROC"  # set for the ranks that `--nproc` starts
 

@@ -104,7 +104,7 @@ class Ranks:
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (and returned)."""
         if self.parallel:
-            _collective(torch.distributed.all_reduce, tensor)
+            collective(torch.distributed.all_reduce, tensor)
         return tensor
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class Ranks:
             self._held.append(command)
             command = None
         commands: list[tuple[str, Any] | None] = [None] * self.world
-        _collective(torch.distributed.all_gather_object, commands, command)
+        collective(torch.distributed.all_gather_object, commands, command)
         stops = [c for c in commands if c is not None and c[0] == "stop"]
         return stops[0] if stops else commands[0]
 
@@ -155,7 +155,7 @@ class Ranks:
         if not self.parallel:
             return [value]
         values: list[Any] = [None] * self.world
-        _collective(torch.distributed.all_gather_object, values, value)
+        collective(torch.distributed.all_gather_object, values, value)
         return values
 
     def from_leader(self, value: Any) -> Any:
@@ -163,7 +163,7 @@ class Ranks:
         if not self.parallel:
             return value
         box = [value]
-        _collective(torch.distributed.broadcast_object_list, box, 0)
+        collective(torch.distributed.broadcast_object_list, box, 0)
         return box[0]
 
     def same_exit_code(self, code: int) -> int:
@@ -172,7 +172,7 @@ class Ranks:
         if not self.parallel:
             return code
         box = torch.tensor([code])
-        _collective(torch.distributed.all_reduce, box, op=torch.distributed.ReduceOp.MAX)
+        collective(torch.distributed.all_reduce, box, op=torch.distributed.ReduceOp.MAX)
         return int(box.item())
 
 
@@ -199,7 +199,7 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
-def _collective(function, *args, **kwargs):
+def collective(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except RuntimeError as err:  # gloo and NCCL raise DistBackendError, a RuntimeError, on a lost peer
@@ -244,6 +244,13 @@ def check_cuda_count(nproc: int, available: int) -> None:
                         "--device cpu")
 
 
+def check_backend(device: str, world: int) -> None:
+    """A device that torch.distributed can join `world` processes on."""
+    if device == "mps" and world > 1:
+        raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
+                        "--device cpu, or one process on mps")
+
+
 def check_same_devices(kinds: list[str]) -> None:
     """One kind of device on every rank: gloo and NCCL do not talk to each other."""
     if len(set(kinds)) > 1:
@@ -260,9 +267,7 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
     import torch.distributed as dist
 
     check_batch(batch_size, ranks.world)
-    if device == "mps":
-        raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
-                        "--device cpu, or one process on mps")
+    check_backend(device, ranks.world)
     if device == "cuda":  # before joining, so that a failure here reaches the others (`_joined`)
         check_cuda_count(ranks.local_rank + 1, torch.cuda.device_count())
     # Compare devices through the launcher's key-value store, before a backend is chosen for them.

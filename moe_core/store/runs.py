@@ -23,6 +23,7 @@ from moe_core.atomic import atomic_write_text
 from moe_core.store.checkpoint import newest_intact, read_manifest
 from moe_core.config import Config, read_toml, write_toml
 from moe_core.errors import UserError
+from moe_core.events import Event, from_line
 from moe_core.data.vocab import Vocab
 
 
@@ -122,6 +123,11 @@ class Run:
             self.log_failing = True
             raise
         self.log_failing = False
+
+    def events(self) -> list[Event]:
+        """The events logged so far, in order: what the charts, the report, an export and a resumed
+        run's trackers replay. Torn lines, and lines of kinds this version does not know, are skipped."""
+        return [event for line, _ in self._metric_lines() if (event := from_line(line)) is not None]
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every intact line; a torn last line (a crash mid-write) is skipped."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from moe_core.atomic import atomic_write_text
 from moe_core.config import Config
-from moe_core.events import LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics, from_record
+from moe_core.events import LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics
 from moe_core.store.runs import Run
 
 QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
@@ -331,13 +331,9 @@ class TrackerSink:
     def _backfill(self, held: int, through: int) -> None:
         """A resumed run whose tracked run lacks steps it logged before (tracking added on this resume, or
         a tracker that failed last time): send them from metrics.jsonl, steps after `held` to `through`."""
-        for record in self.tracker.run.read_metrics():
-            step = record.get("step")
+        for event in self.tracker.run.events():
+            step = getattr(event, "step", None)
             if not (isinstance(step, int) and held < step <= through):
-                continue
-            try:
-                event = from_record(record)
-            except (KeyError, TypeError):  # a line of a kind this version does not know
                 continue
             if not isinstance(event, (RunStarted, StateChanged)):
                 self._send(event, step)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from moe_core.config import RESUMABLE_KEYS, Config
 from moe_core.errors import UserError
@@ -21,14 +21,17 @@ from moe_core.store.checkpoint import load_checkpoint, restore_set_aside, step_c
 from moe_core.store.runs import Run
 from moe_core.train.checkpoint_writer import Snapshot
 
-if TYPE_CHECKING:  # annotations only: the trainer imports this module
-    from moe_core.train.trainer import Trainer
-
 # Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router", "dataset",
               "columns", "encoding", "val_fraction")
 
 Note = Callable[[str, str], None]  # (level, message): said when training starts
+
+
+class Stateful(Protocol):
+    """What `resume` loads a checkpoint into: a trainer."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def snapshot(run: Run, config: Config, state: dict[str, Any], best: bool, rank_rng: list | None = None) -> Snapshot:
@@ -49,7 +52,7 @@ def snapshot(run: Run, config: Config, state: dict[str, Any], best: bool, rank_r
     return Snapshot.take(folder, state["model"], training, manifest, step, best, config.keep_checkpoints)
 
 
-def resume(trainer: Trainer, run: Run, config: Config, note: Note) -> None:
+def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> None:
     """Load the run's newest intact checkpoint into `trainer`, after repairing what a crash can leave
     behind, and drop the metrics logged after it (they will be logged again)."""
     for name in restore_set_aside(run.checkpoints):

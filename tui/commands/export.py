@@ -20,7 +20,6 @@ from moe_core.track import Tracking, check_trackers, trackers, where_written
 from moe_core.track.base import SENT, TrackerState
 from tui.options import RunsDir
 from tui.commands.runs import run_state
-from tui.dashboard.sources import run_history
 
 
 def export(
@@ -67,7 +66,7 @@ def export(
 def recorded_events(run: Run) -> list[Event]:
     """The run's logged events, with its samples from samples.txt where metrics.jsonl has none
     (runs logged before samples were)."""
-    events = run_history(run)
+    events = run.events()
     if not any(isinstance(e, Sample) for e in events) and run.samples_path.exists():
         text = run.samples_path.read_text(encoding="utf-8", errors="replace")
         for m in re.finditer(r"(?m)^--- step (\d+) ---\n(.*?)(?=^--- step \d+ ---$|\Z)", text, re.S):

@@ -19,7 +19,6 @@ from moe_core.errors import UserError
 from moe_core.events import EvalMetrics, ExpertChars, RouterStats, Sample, StepMetrics
 from moe_core.store.runs import Run, default_runs_dir
 from tui.options import RunsDir
-from tui.dashboard.sources import run_history
 
 FORMATS = ("html", "png", "svg")
 PAGE_STYLE = """
@@ -39,7 +38,7 @@ class RunEvents:
 
     def __init__(self, run: Run):
         self.run, self.name = run, run.name
-        events = run_history(run)
+        events = run.events()
         self.steps = [e for e in events if isinstance(e, StepMetrics)]
         self.evals = [e for e in events if isinstance(e, EvalMetrics)]
         self.routing = [e for e in events if isinstance(e, RouterStats)]

@@ -29,7 +29,7 @@ from moe_core.events import Event
 from moe_core.model.sampling import SampleRequest
 
 from tui.dashboard.experts_screen import ExpertsScreen
-from tui.exits import signal_exit_code
+from moe_core.signals import signal_exit_code, signal_reason
 from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
 from tui.dashboard.sources import LocalTrainer
 from tui.dashboard.widgets import DashboardState, EventsLog, ExpertPanel, LossChart, SamplesPanel, StatusBar
@@ -79,7 +79,7 @@ class Dashboard(App[int]):
                  torch_threads: int | None = None, sources: list | None = None, bus=None,
                  add_run=None) -> None:
         super().__init__()
-        self.local = LocalTrainer(trainer, bus, torch_threads) if trainer is not None else None
+        self.local = LocalTrainer(trainer, bus, torch_threads, resume_hint) if trainer is not None else None
         self.sources = [self.local] if self.local else list(sources or [])
         self.models = [DashboardState() for _ in self.sources] or [DashboardState()]
         self._generations = [source.generation for source in self.sources]
@@ -151,8 +151,7 @@ class Dashboard(App[int]):
         if self.local is not None and not self.local.live and self.local.outcome is not None:
             self._trainer_returned()
         if self.signal_received is not None and not self.stopping:
-            name = signal.Signals(self.signal_received).name.replace("SIG", "").lower()
-            self.stop_and_exit(signal_exit_code(self.signal_received), f"{name} received")
+            self.stop_and_exit(signal_exit_code(self.signal_received), signal_reason(self.signal_received))
         self.refresh_panels()
 
     def _trainer_returned(self) -> None:
@@ -275,7 +274,7 @@ class Dashboard(App[int]):
     def action_stop_run(self) -> None:
         source = self.source
         message = (f"Stop training run {source.name}?\nIts trainer saves a checkpoint and exits; continue later "
-                   f"with\nmoe-tui train --resume {source.name}")
+                   f"with\n{source.resume_hint}")
         self.push_screen(ConfirmQuit(message, "Stop (y)"),
                          lambda yes: yes and self._send("stopping", lambda: source.command("stop")))
 

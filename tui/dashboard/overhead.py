@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moe_core.config import Config
+from moe_core.data.batches import token_ids
 from moe_core.data.corpus import default_data_dir, load_corpus
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
@@ -37,7 +38,7 @@ def dashboard_overhead(config: Config, steps: int = 60, rounds: int = ROUNDS) ->
     try:
         corpus = load_corpus(config.dataset, default_data_dir())
         vocab = Vocab.from_text(corpus.text)
-        ids = torch.tensor(vocab.encode(corpus.text))
+        ids = token_ids(vocab, corpus.text)
         # Only training steps: no periodic eval, sample or checkpoint, and a minimal final one.
         quiet = replace(config, max_iters=steps, log_interval=5, eval_interval=10**9, eval_iters=1,
                         sample_interval=10**9, sample_tokens=0, ckpt_interval=10**9)

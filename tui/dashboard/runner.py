@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from moe_core.events import Notice
 from tui.dashboard.app import Dashboard
-from tui.exits import HANGUP, print_next_step, redirect_output, signal_exit_code, stop_signals_handled
+from moe_core.signals import HANGUP, outcome_exit_code, signal_exit_code, signal_reason, stop_signals_handled
+from tui.exits import print_next_step, redirect_output
 from tui.headless import HeadlessReporter
-from tui.dashboard.sources import run_history
 
 HANGUP_GRACE_SECONDS = 3.0  # after the trainer has returned: time for the normal exit before a forced one
 HANGUP_SAVE_TIMEOUT = 600.0  # a large model's checkpoint on a slow disk still gets this long
@@ -33,7 +35,7 @@ def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_thread
                   on_hangup: str = "keep", finalise: Callable[[], None] = lambda: None) -> int:
     """Train under the dashboard until the user quits; returns the process exit code. `finalise`
     (release the run's lease) runs before any forced exit after a hangup."""
-    history = run_history(trainer.run_folder) if trainer.resumed else []
+    history = trainer.run_folder.events() if trainer.resumed else []
     app = Dashboard(trainer, replay=history, resume_hint=resume_hint, torch_threads=torch_threads, bus=bus)
     sample_hint = sample_hint or f"moe-tui sample {trainer.run_folder.name}"
     with stop_on_signals(app, on_hangup, resume_hint, sample_hint, finalise):
@@ -49,6 +51,20 @@ def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_thread
     code = app.exit_code if app.stopping else (app.return_code or 0)
     print_next_step(trainer, resume_hint, sample_hint)
     return code
+
+
+def train_with_dashboard(running, torch_threads: int | None, on_hangup: str) -> int:
+    """The dashboard as the training session's front end (moe_core/session/training.py)."""
+    code = run_dashboard(running.trainer, running.resume_hint, running.sample_hint, torch_threads, bus=running.bus,
+                         on_hangup=on_hangup, finalise=running.finalise)
+    running.bus.subscribe(_notice_on_stderr)  # the screen is gone: the trackers' last words go to the terminal
+    running.tracking.close()
+    return code
+
+
+def _notice_on_stderr(event) -> None:
+    if isinstance(event, Notice):
+        print(f"{event.level}: {event.message}", file=sys.stderr)
 
 
 def viewer_app(followers, runs_dir) -> Dashboard:
@@ -102,7 +118,7 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
             if signum == HANGUP:  # the shell passes the hangup on, then the kernel sends another
                 return
             app.signal_received = app.signal_received or signum
-            app.local.stop(f"{signal.Signals(signum).name.replace('SIG', '').lower()} received")
+            app.local.stop(signal_reason(signum))
             return
         if signum == HANGUP and on_hangup == "keep" and app.local is not None:
             app.hung_up = True
@@ -140,9 +156,8 @@ def _stop_when_done(local):
 
 def _code_after_hangup(app: Dashboard) -> int:
     trainer = app.local.trainer
-    if app.signal_received is not None:
-        return signal_exit_code(app.signal_received)
-    return 1 if trainer.state == "error" or trainer.unsaved else 0
+    outcome = "stopped" if app.signal_received is not None else "error" if trainer.state == "error" else "finished"
+    return outcome_exit_code(outcome, trainer.unsaved, app.signal_received)
 
 
 def _end_after_training(app: Dashboard, log, resume_hint: str, sample_hint: str, finalise) -> None:
