@@ -27,15 +27,44 @@ from pathlib import Path
 
 import torch
 
-QUIET = ["--eval-interval", "1000000", "--sample-interval", "1000000", "--ckpt-interval", "1000000",
-         "--log-interval", "10", "--preset", "cpu", "--device", "cpu"]
+QUIET = [
+    "--eval-interval",
+    "1000000",
+    "--sample-interval",
+    "1000000",
+    "--ckpt-interval",
+    "1000000",
+    "--log-interval",
+    "10",
+    "--preset",
+    "cpu",
+    "--device",
+    "cpu",
+]
 
 
 def tokens_per_second(nproc: int, threads: int, experts_split: bool, steps: int, runs: Path, name: str) -> float:
     env = {**os.environ, "MOE_TUI_RUNS": str(runs), "OMP_NUM_THREADS": str(threads)}
     extra = (["--nproc", str(nproc)] if nproc > 1 else []) + (["--expert-parallel"] if experts_split else [])
-    subprocess.run([sys.executable, "-m", "tui", "train", "simpsons", *QUIET, "--max-iters", str(steps),
-                    "--run-name", name, "--headless", *extra], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tui",
+            "train",
+            "simpsons",
+            *QUIET,
+            "--max-iters",
+            str(steps),
+            "--run-name",
+            name,
+            "--headless",
+            *extra,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     lines = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_sec"] for r in lines if r["event"] == "StepMetrics"][1:]
     return statistics.median(rates)
@@ -62,17 +91,30 @@ def main() -> None:
     load_after = os.getloadavg()
     median = {s: statistics.median(v) for s, v in figures.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "commit": commit,
-                      "steps": args.steps, "load_before": load_before, "load_after": load_after,
-                      "rounds": {label(*s): v for s, v in figures.items()},
-                      "median": {label(*s): v for s, v in median.items()},
-                      "parameters_per_process": {label(*s): held(*s) for s in settings}}))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {cores} cores",
+                "commit": commit,
+                "steps": args.steps,
+                "load_before": load_before,
+                "load_after": load_after,
+                "rounds": {label(*s): v for s, v in figures.items()},
+                "median": {label(*s): v for s, v in median.items()},
+                "parameters_per_process": {label(*s): held(*s) for s in settings},
+            }
+        )
+    )
     base = median[1, 1, False]
-    print("\n| processes x threads | parameters per process | tokens/s (median) | rounds | vs 1 x 1 |\n"
-          "|---|---|---|---|---|")
+    print(
+        "\n| processes x threads | parameters per process | tokens/s (median) | rounds | vs 1 x 1 |\n"
+        "|---|---|---|---|---|"
+    )
     for s in settings:
-        print(f"| {label(*s)} | {held(*s):,} | {median[s]:,.0f} | {', '.join(f'{v:,.0f}' for v in figures[s])} | "
-              f"{median[s] / base:.2f}x |")
+        print(
+            f"| {label(*s)} | {held(*s):,} | {median[s]:,.0f} | {', '.join(f'{v:,.0f}' for v in figures[s])} | "
+            f"{median[s] / base:.2f}x |"
+        )
 
 
 def label(n: int, t: int, experts_split: bool) -> str:

@@ -19,10 +19,38 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32", "--num-experts", "4",
-            "--top-k", "2", "--batch-size", "16", "--log-interval", "1", "--eval-interval", "500",
-            "--eval-iters", "5", "--sample-interval", "500", "--sample-tokens", "100", "--ckpt-interval",
-            "1000", "--max-iters", "10000000", "--device", "cpu"]
+SETTINGS = [
+    "--n-layer",
+    "2",
+    "--n-head",
+    "4",
+    "--n-embd",
+    "64",
+    "--block-size",
+    "32",
+    "--num-experts",
+    "4",
+    "--top-k",
+    "2",
+    "--batch-size",
+    "16",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "500",
+    "--eval-iters",
+    "5",
+    "--sample-interval",
+    "500",
+    "--sample-tokens",
+    "100",
+    "--ckpt-interval",
+    "1000",
+    "--max-iters",
+    "10000000",
+    "--device",
+    "cpu",
+]
 
 
 def rss_mib(pid: int) -> float:
@@ -52,8 +80,9 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float) -> dict:
         pid = proc.pid
     else:  # the real dashboard in a real terminal
         socket = str(runs / "tmux.sock")
-        subprocess.run(["tmux", "-S", socket, "new-session", "-d", "-x", "100", "-y", "30",
-                        " ".join(command)], env=env, check=True)
+        subprocess.run(
+            ["tmux", "-S", socket, "new-session", "-d", "-x", "100", "-y", "30", " ".join(command)], env=env, check=True
+        )
         pid = int(subprocess.check_output(["tmux", "-S", socket, "display", "-p", "#{pane_pid}"], text=True))
     run = runs / front_end
     while not (run / "metrics.jsonl").exists():
@@ -71,9 +100,14 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float) -> dict:
         subprocess.run(["tmux", "-S", socket, "kill-server"], check=False, stderr=subprocess.DEVNULL)
     after = [s for s in samples if s[0] >= warmup]
     (_, step0, rss0), (_, step1, rss1) = after[0], after[-1]
-    return {"front end": front_end, "steps": step1, "rss after warm-up (MiB)": round(rss0, 1),
-            "rss at end (MiB)": round(rss1, 1), "peak (MiB)": round(max(s[2] for s in samples), 1),
-            "growth per 10k steps (MiB)": round((rss1 - rss0) / max(1, step1 - step0) * 10_000, 2)}
+    return {
+        "front end": front_end,
+        "steps": step1,
+        "rss after warm-up (MiB)": round(rss0, 1),
+        "rss at end (MiB)": round(rss1, 1),
+        "peak (MiB)": round(max(s[2] for s in samples), 1),
+        "growth per 10k steps (MiB)": round((rss1 - rss0) / max(1, step1 - step0) * 10_000, 2),
+    }
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from moe_core.data.batches import evaluation_batches, token_ids
 from moe_core.config import build_config
+from moe_core.data.batches import evaluation_batches, token_ids
 from moe_core.data.corpus import default_data_dir, load_corpus
+from moe_core.data.vocab import Vocab
 from moe_core.model.routes import RouteCounter
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.vocab import Vocab
 
 
 def evaluation_seconds(trainer: Trainer, count: bool) -> float:
@@ -57,8 +57,10 @@ def main() -> None:
             plain.append(evaluation_seconds(trainer, False))
             counted.append(evaluation_seconds(trainer, True))
     p, q = statistics.median(plain), statistics.median(counted)
-    print(f"preset {args.preset}: validation pass of {config.eval_iters} batches: {p * 1000:.0f} ms plain, "
-          f"{q * 1000:.0f} ms counting ({q / p - 1:+.1%}); median of {args.repeats}, alternated")
+    print(
+        f"preset {args.preset}: validation pass of {config.eval_iters} batches: {p * 1000:.0f} ms plain, "
+        f"{q * 1000:.0f} ms counting ({q / p - 1:+.1%}); median of {args.repeats}, alternated"
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moe_core.config import build_config
 from moe_core.data.batches import token_ids
 from moe_core.data.corpus import default_data_dir, load_corpus
+from moe_core.data.vocab import Vocab
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.vocab import Vocab
 
 
 class CountOps(TorchDispatchMode):
@@ -87,17 +87,23 @@ def main() -> None:
                 trainer.step()
             sync(args.device)
         events = prof.key_averages()
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        launches = sum(
+            e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
         device_us = sum(e.self_device_time_total for e in events)
-        print(f"per step: {launches / n:.0f} kernel launches, device busy {device_us / n / 1e3:.2f} ms "
-              f"({device_us / n / 1e3 / (per_step * 1e3):.0%} of the wall time)")
+        print(
+            f"per step: {launches / n:.0f} kernel launches, device busy {device_us / n / 1e3:.2f} ms "
+            f"({device_us / n / 1e3 / (per_step * 1e3):.0%} of the wall time)"
+        )
         sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=18, max_name_column_width=48))
 
         t0 = time.perf_counter()
         trainer.save()
-        print(f"one step checkpoint: {time.perf_counter() - t0:.2f} s "
-              f"({trainer.params_total / 1e6:.1f}M parameters, with the optimizer's state)")
+        print(
+            f"one step checkpoint: {time.perf_counter() - t0:.2f} s "
+            f"({trainer.params_total / 1e6:.1f}M parameters, with the optimizer's state)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,30 @@ PROBE_STEPS = 60
 
 
 def train(name: str, extra: list[str], args, runs: Path, max_iters: int) -> list[dict]:
-    command = [sys.executable, "-m", "tui", "train", args.dataset, "--preset", args.preset, "--headless",
-               "--run-name", name, "--max-iters", str(max_iters), "--eval-interval", str(args.eval_interval),
-               "--eval-iters", str(args.eval_iters), "--sample-interval", "1000000", "--ckpt-interval", "1000000",
-               *extra]
-    subprocess.run(command, env={**os.environ, "MOE_TUI_RUNS": str(runs)}, check=True,
-                   stdout=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "tui",
+        "train",
+        args.dataset,
+        "--preset",
+        args.preset,
+        "--headless",
+        "--run-name",
+        name,
+        "--max-iters",
+        str(max_iters),
+        "--eval-interval",
+        str(args.eval_interval),
+        "--eval-iters",
+        str(args.eval_iters),
+        "--sample-interval",
+        "1000000",
+        "--ckpt-interval",
+        "1000000",
+        *extra,
+    ]
+    subprocess.run(command, env={**os.environ, "MOE_TUI_RUNS": str(runs)}, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     return records
 
@@ -82,10 +100,20 @@ def main() -> None:
             start = next(r for r in records if r["event"] == "RunStarted")
             reached = next((r["elapsed"] for r in evals if r["val_loss"] <= args.target), None)
             curves[name] = evals
-            print(json.dumps({"model": name, "params": start["params_total"], "active": start["params_active"],
-                              "steps": max_iters, "final_val": evals[-1]["val_loss"],
-                              "final_elapsed": evals[-1]["elapsed"], f"seconds_to_{args.target}": reached}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "params": start["params_total"],
+                        "active": start["params_active"],
+                        "steps": max_iters,
+                        "final_val": evals[-1]["val_loss"],
+                        "final_elapsed": evals[-1]["elapsed"],
+                        f"seconds_to_{args.target}": reached,
+                    }
+                ),
+                flush=True,
+            )
     print("\n| model | step | elapsed (s) | val loss (nats/char) |\n|---|---|---|---|")
     for name, evals in curves.items():
         for r in evals:

@@ -23,8 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-QUIET = ["--max-iters", "1000000", "--eval-interval", "1000000", "--sample-interval", "1000000",
-         "--ckpt-interval", "1000000", "--log-interval", "10"]
+QUIET = [
+    "--max-iters",
+    "1000000",
+    "--eval-interval",
+    "1000000",
+    "--sample-interval",
+    "1000000",
+    "--ckpt-interval",
+    "1000000",
+    "--log-interval",
+    "10",
+]
 
 
 def moe_tui(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -45,7 +55,7 @@ def follow(metrics: Path, until: float, offset: int) -> int:
         with open(metrics, "rb") as f:
             f.seek(offset)
             data = f.read()
-        whole = data[:data.rfind(b"\n") + 1]
+        whole = data[: data.rfind(b"\n") + 1]
         offset += len(whole)
         now = time.monotonic()
         for line in whole.splitlines():
@@ -66,8 +76,9 @@ def main() -> None:
         sys.exit("viewer_overhead needs tmux (apt-get install tmux)")
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MOE_TUI_RUNS": tmp, "PYTHONUNBUFFERED": "1"}
-        out = moe_tui("train", "simpsons", "--preset", args.preset, "--run-name", "bench", "--detach", *QUIET,
-                      env=env).stdout
+        out = moe_tui(
+            "train", "simpsons", "--preset", args.preset, "--run-name", "bench", "--detach", *QUIET, env=env
+        ).stdout
         pid = int(out.split("as process ")[1].split(";")[0])
         metrics = Path(tmp) / "bench" / "metrics.jsonl"
         windows: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 3: []}
@@ -78,8 +89,22 @@ def main() -> None:
                     # A tmux server per phase: starting one on a socket whose server is still going away fails.
                     tmux = ["tmux", "-L", f"viewer-overhead-{os.getpid()}-{round_}-{viewers}"]
                     for i in range(viewers):
-                        subprocess.run([*tmux, "new-session", "-d", "-s", f"v{i}", "-x", "100", "-y", "30",
-                                        f"{sys.executable} -m tui watch bench"], env=env, check=True)
+                        subprocess.run(
+                            [
+                                *tmux,
+                                "new-session",
+                                "-d",
+                                "-s",
+                                f"v{i}",
+                                "-x",
+                                "100",
+                                "-y",
+                                "30",
+                                f"{sys.executable} -m tui watch bench",
+                            ],
+                            env=env,
+                            check=True,
+                        )
                     start = time.monotonic()
                     offset = follow(metrics, start + args.seconds, offset)
                     windows[viewers].append((start, time.monotonic()))
@@ -92,9 +117,17 @@ def main() -> None:
         per_window[str(viewers)] = [round(m) for m in means]
         result[viewers] = statistics.median(means)
     base = result[0]
-    print(json.dumps({"preset": args.preset, "seconds": args.seconds, "rounds": args.rounds,
-                      "tokens_per_sec": {str(k): round(v, 1) for k, v in result.items()},
-                      "per_window": per_window}))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "tokens_per_sec": {str(k): round(v, 1) for k, v in result.items()},
+                "per_window": per_window,
+            }
+        )
+    )
     print("| viewers | trainer tokens/s | vs none |\n|---|---|---|")
     for viewers, rate in result.items():
         print(f"| {viewers} | {rate:,.0f} | {rate / base - 1:+.1%} |")

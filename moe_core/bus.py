@@ -38,8 +38,13 @@ class EventBus:
                 sink(event)
             except Exception as err:  # noqa: BLE001 - whatever a subscriber does wrong, training goes on
                 self.unsubscribe(sink)
-                self(Notice("warning", f"{_name(sink)} stopped receiving events after an error: {err!r}",
-                            getattr(event, "step", 0)))
+                self(
+                    Notice(
+                        "warning",
+                        f"{_name(sink)} stopped receiving events after an error: {err!r}",
+                        getattr(event, "step", 0),
+                    )
+                )
 
 
 def _name(sink: EventSink) -> str:

@@ -85,41 +85,129 @@ class Config:
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("n_layer", "n_head", "n_embd", "block_size", "pos_encoding", "num_experts", "top_k", "router",
-              "capacity_factor", "dropout", "init", "moe_impl"),
-    "train": ("batch_size", "lr", "min_lr_ratio", "lr_schedule", "warmup_iters", "max_iters",
-              "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "seed", "device", "compile"),
-    "schedule": ("eval_interval", "eval_iters", "log_interval", "sample_interval", "sample_tokens",
-                 "ckpt_interval", "keep_checkpoints"),
+    "model": (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "pos_encoding",
+        "num_experts",
+        "top_k",
+        "router",
+        "capacity_factor",
+        "dropout",
+        "init",
+        "moe_impl",
+    ),
+    "train": (
+        "batch_size",
+        "lr",
+        "min_lr_ratio",
+        "lr_schedule",
+        "warmup_iters",
+        "max_iters",
+        "weight_decay",
+        "grad_clip",
+        "aux_loss_coef",
+        "z_loss_coef",
+        "seed",
+        "device",
+        "compile",
+    ),
+    "schedule": (
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "sample_interval",
+        "sample_tokens",
+        "ckpt_interval",
+        "keep_checkpoints",
+    ),
     "data": ("dataset", "columns", "encoding", "val_fraction", "preset"),
     "tracking": ("track", "track_project"),
 }
 
 # Keys that may change when a run is resumed: they alter neither the model nor the data.
-RESUMABLE_KEYS = frozenset(SECTIONS["schedule"]) | frozenset(SECTIONS["tracking"]) | {
-    "max_iters", "lr", "min_lr_ratio", "device", "compile", "grad_clip", "preset"}
+RESUMABLE_KEYS = (
+    frozenset(SECTIONS["schedule"])
+    | frozenset(SECTIONS["tracking"])
+    | {"max_iters", "lr", "min_lr_ratio", "device", "compile", "grad_clip", "preset"}
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seeds' hyperparameters exactly (makeMoE / Mixture of Idiotic Experts): constant lr, no aux losses.
-    "seed": dict(n_layer=8, n_head=8, n_embd=128, block_size=32, num_experts=8, top_k=2,
-                 router="noisy_topk", capacity_factor=1.0, dropout=0.1, init="kaiming",
-                 batch_size=16, lr=1e-3, lr_schedule="constant", warmup_iters=0, max_iters=5000,
-                 weight_decay=0.01, grad_clip=0.0, aux_loss_coef=0.0, z_loss_coef=0.0,
-                 eval_interval=100, eval_iters=20, sample_interval=500, ckpt_interval=500),
+    "seed": dict(
+        n_layer=8,
+        n_head=8,
+        n_embd=128,
+        block_size=32,
+        num_experts=8,
+        top_k=2,
+        router="noisy_topk",
+        capacity_factor=1.0,
+        dropout=0.1,
+        init="kaiming",
+        batch_size=16,
+        lr=1e-3,
+        lr_schedule="constant",
+        warmup_iters=0,
+        max_iters=5000,
+        weight_decay=0.01,
+        grad_clip=0.0,
+        aux_loss_coef=0.0,
+        z_loss_coef=0.0,
+        eval_interval=100,
+        eval_iters=20,
+        sample_interval=500,
+        ckpt_interval=500,
+    ),
     # Default on CPU: tuned for the lowest validation loss in the time 2 cores have (docs/benchmarks.md):
     # narrow (cheap steps), many experts (parameters that cost no FLOPs), rotary positions, high lr.
-    "cpu": dict(n_layer=4, n_head=4, n_embd=64, block_size=64, pos_encoding="rope", num_experts=8, top_k=2,
-                router="topk", capacity_factor=0.0, dropout=0.0, batch_size=32, lr=6e-3,
-                lr_schedule="cosine", warmup_iters=30, max_iters=4000, eval_interval=250,
-                sample_interval=500, ckpt_interval=500),
+    "cpu": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=64,
+        block_size=64,
+        pos_encoding="rope",
+        num_experts=8,
+        top_k=2,
+        router="topk",
+        capacity_factor=0.0,
+        dropout=0.0,
+        batch_size=32,
+        lr=6e-3,
+        lr_schedule="cosine",
+        warmup_iters=30,
+        max_iters=4000,
+        eval_interval=250,
+        sample_interval=500,
+        ckpt_interval=500,
+    ),
     # Default on CUDA: tuned for the time to nanoGPT's Tiny Shakespeare quality (docs/benchmarks.md).
     # A small model's GPU step is bound by the host launching kernels, so: 4 layers rather than 6,
     # dropless top-k routing (no host sync), rotary positions (they learn from step one) and a short,
     # hot schedule; many experts give the parameters that cost no launches.
-    "gpu": dict(n_layer=4, n_head=6, n_embd=384, block_size=256, pos_encoding="rope", num_experts=8, top_k=2,
-                router="topk", capacity_factor=0.0, dropout=0.1, batch_size=64, lr=3e-3,
-                lr_schedule="cosine", warmup_iters=100, max_iters=1000, eval_interval=125,
-                eval_iters=10, sample_interval=500, ckpt_interval=1000),
+    "gpu": dict(
+        n_layer=4,
+        n_head=6,
+        n_embd=384,
+        block_size=256,
+        pos_encoding="rope",
+        num_experts=8,
+        top_k=2,
+        router="topk",
+        capacity_factor=0.0,
+        dropout=0.1,
+        batch_size=64,
+        lr=3e-3,
+        lr_schedule="cosine",
+        warmup_iters=100,
+        max_iters=1000,
+        eval_interval=125,
+        eval_iters=10,
+        sample_interval=500,
+        ckpt_interval=1000,
+    ),
 }
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
@@ -151,8 +239,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if isinstance(value, dict) and key not in SECTIONS:
-            raise UserError(f"config file {path}: unknown section [{key}]; use [{'], ['.join(SECTIONS)}] or "
-                            "keys without a section")
+            raise UserError(
+                f"config file {path}: unknown section [{key}]; use [{'], ['.join(SECTIONS)}] or keys without a section"
+            )
         items = value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]
         for k, v in items:
             if k not in FIELD_TYPES:
@@ -163,6 +252,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def write_toml(config: Config, path: Path) -> None:
     """Write the resolved config grouped into sections (a tiny writer: values are simple)."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -215,18 +305,37 @@ def validate(c: Config) -> None:
         if not ok:
             raise UserError(message)
 
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "batch_size",
-                 "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_interval",
-                 "ckpt_interval", "keep_checkpoints"):
+    for name in (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "num_experts",
+        "top_k",
+        "batch_size",
+        "max_iters",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "sample_interval",
+        "ckpt_interval",
+        "keep_checkpoints",
+    ):
         need(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(c, name)}")
     need(c.sample_tokens >= 0, f"--sample-tokens must be 0 or more, got {c.sample_tokens}")
-    need(c.n_embd % c.n_head == 0,
-         f"--n-embd {c.n_embd} is not divisible by --n-head {c.n_head}; pick sizes where it is (e.g. 128 and 8)")
-    need(c.pos_encoding != "rope" or c.head_dim % 2 == 0,
-         f"--pos-encoding rope rotates pairs of channels, so each head needs an even width, but --n-embd "
-         f"{c.n_embd} / --n-head {c.n_head} = {c.n_embd / c.n_head:g}; pick sizes where it is even")
-    need(c.top_k <= c.num_experts,
-         f"--top-k {c.top_k} is larger than --num-experts {c.num_experts}; use --top-k {c.num_experts} or fewer")
+    need(
+        c.n_embd % c.n_head == 0,
+        f"--n-embd {c.n_embd} is not divisible by --n-head {c.n_head}; pick sizes where it is (e.g. 128 and 8)",
+    )
+    need(
+        c.pos_encoding != "rope" or c.head_dim % 2 == 0,
+        f"--pos-encoding rope rotates pairs of channels, so each head needs an even width, but --n-embd "
+        f"{c.n_embd} / --n-head {c.n_head} = {c.n_embd / c.n_head:g}; pick sizes where it is even",
+    )
+    need(
+        c.top_k <= c.num_experts,
+        f"--top-k {c.top_k} is larger than --num-experts {c.num_experts}; use --top-k {c.num_experts} or fewer",
+    )
     need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be between 0 and 1, got {c.min_lr_ratio}")
@@ -237,10 +346,18 @@ def validate(c: Config) -> None:
     need(c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}")
     need(c.aux_loss_coef >= 0, f"--aux-loss-coef must be >= 0, got {c.aux_loss_coef}")
     need(c.z_loss_coef >= 0, f"--z-loss-coef must be >= 0, got {c.z_loss_coef}")
-    for key, allowed in (("router", ROUTERS), ("init", INITS), ("pos_encoding", POS_ENCODINGS),
-                         ("lr_schedule", SCHEDULES), ("device", DEVICES), ("moe_impl", MOE_IMPLS)):
-        need(getattr(c, key) in allowed,
-             f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}")
+    for key, allowed in (
+        ("router", ROUTERS),
+        ("init", INITS),
+        ("pos_encoding", POS_ENCODINGS),
+        ("lr_schedule", SCHEDULES),
+        ("device", DEVICES),
+        ("moe_impl", MOE_IMPLS),
+    ):
+        need(
+            getattr(c, key) in allowed,
+            f"unknown {key.replace('_', '-')} '{getattr(c, key)}'; use one of {', '.join(allowed)}",
+        )
     need(bool(c.track_project.strip()), "--track-project must not be empty; name a project (e.g. moe-tui)")
     # Whether the trackers in `track` are installed is checked where a run is trained (moe_core/session),
     # not here: a run recorded elsewhere stays readable and exportable on a machine without them.

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Union
 
 LN2 = math.log(2)
@@ -109,8 +110,11 @@ class CheckpointSaved:
 
 @dataclass(frozen=True)
 class StateChanged:
-    state: str  # one of STATES
+    state: State
     message: str = ""
+
+    def __post_init__(self) -> None:  # "running" and State.RUNNING alike; ValueError for an unknown state
+        object.__setattr__(self, "state", State(self.state))
 
 
 @dataclass(frozen=True)
@@ -137,11 +141,43 @@ class ResourceUsage:
     gpu_memory_bytes: int | None = None
 
 
-STATES = ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error",
-          "stopped", "gone")  # gone: a viewer's word for a trainer that died without one
+class State(str, Enum):
+    """Where a trainer is in its life, as `StateChanged` reports it. A str, so that records, replies and
+    comparisons read it as its value ("running")."""
 
-Event = Union[RunStarted, StepMetrics, EvalMetrics, RouterStats, ExpertChars, Sample, CheckpointSaved,
-              StateChanged, Notice, ResourceUsage]
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+    SAMPLING = "sampling"
+    FINISHED = "finished"
+    ERROR = "error"
+    STOPPED = "stopped"
+    GONE = "gone"  # a viewer's word for a trainer that died without saying so
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # a key of a dict keyed by the plain value finds it, and the other way round
+
+    @property
+    def ended(self) -> bool:
+        """Training is over: nothing will change until it is resumed."""
+        return self in (State.FINISHED, State.ERROR, State.STOPPED, State.GONE)
+
+
+Event = Union[
+    RunStarted,
+    StepMetrics,
+    EvalMetrics,
+    RouterStats,
+    ExpertChars,
+    Sample,
+    CheckpointSaved,
+    StateChanged,
+    Notice,
+    ResourceUsage,
+]
 EventSink = Callable[[Event], None]
 
 # Events about the process now, not about the run: never written to metrics.jsonl.
@@ -175,4 +211,3 @@ def from_record(record: dict[str, Any]) -> Event:
     if cls is RouterStats:
         values["layers"] = [LayerRouting(**layer) for layer in values["layers"]]
     return cls(**values)
-

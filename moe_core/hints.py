@@ -15,8 +15,11 @@ def runs_dir_flag(runs_dir: Path) -> str:
 
 def resume_command(name: str, runs_dir: Path, nproc: int = 1, expert_parallel: bool = False) -> str:
     """`moe-tui train --resume NAME`, on as many processes as the run had."""
-    return (f"moe-tui train --resume {name}{runs_dir_flag(runs_dir)}" + (f" --nproc {nproc}" if nproc > 1 else "")
-            + (" --expert-parallel" if expert_parallel else ""))
+    return (
+        f"moe-tui train --resume {name}{runs_dir_flag(runs_dir)}"
+        + (f" --nproc {nproc}" if nproc > 1 else "")
+        + (" --expert-parallel" if expert_parallel else "")
+    )
 
 
 def sample_command(name: str, runs_dir: Path) -> str:

@@ -10,6 +10,8 @@ import signal
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from moe_core.events import State
+
 HANGUP = getattr(signal, "SIGHUP", None)
 STOP_SIGNALS = tuple(s for s in (HANGUP, signal.SIGTERM, signal.SIGINT) if s is not None)
 
@@ -24,12 +26,12 @@ def signal_reason(signum: int) -> str:
     return f"{signal.Signals(signum).name.removeprefix('SIG').lower()} received"
 
 
-def outcome_exit_code(outcome: str, unsaved: bool, signum: int | None = None) -> int:
+def outcome_exit_code(outcome: State, unsaved: bool, signum: int | None = None) -> int:
     """The exit code of a training process: a stop by a signal is 128 + its number, a stop on request
     (a viewer, `moe-tui stop`, q) 0; a failure 1, and so is a finished run whose last save failed."""
-    if outcome == "stopped":
+    if outcome == State.STOPPED:
         return signal_exit_code(signum) if signum is not None else 0
-    return 1 if outcome == "error" or unsaved else 0
+    return 1 if outcome == State.ERROR or unsaved else 0
 
 
 @contextmanager

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from moe_core.data.corpus import CORPORA, load_corpus
-from tui.cli import main
-
 from tests.no_skips_in_ci import pytest_configure, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+from tui.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 # first imported, and W&B keeps settings and caches beside its runs' folders.
 _TRACKER_HOME = Path(tempfile.mkdtemp(prefix="moe-tui-trackers-"))
 atexit.register(shutil.rmtree, _TRACKER_HOME, True)
-for _var, _sub in (("TRACKIO_DIR", "trackio"), ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                   ("WANDB_DATA_DIR", "wandb-data")):
+for _var, _sub in (
+    ("TRACKIO_DIR", "trackio"),
+    ("WANDB_CONFIG_DIR", "wandb-config"),
+    ("WANDB_CACHE_DIR", "wandb-cache"),
+    ("WANDB_DATA_DIR", "wandb-data"),
+):
     os.environ[_var] = str(_TRACKER_HOME / _sub)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -51,9 +54,24 @@ def shared_dir() -> Path:
 
 
 # A model small enough to train a few hundred steps in seconds on 2 CPU cores, but a real sparse MoE.
-TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, num_experts=4, top_k=2, batch_size=32,
-            lr=3e-3, warmup_iters=20, eval_interval=50, eval_iters=5, log_interval=10, sample_interval=100,
-            sample_tokens=40, ckpt_interval=50, device="cpu")
+TINY = dict(
+    n_layer=2,
+    n_head=4,
+    n_embd=64,
+    block_size=32,
+    num_experts=4,
+    top_k=2,
+    batch_size=32,
+    lr=3e-3,
+    warmup_iters=20,
+    eval_interval=50,
+    eval_iters=5,
+    log_interval=10,
+    sample_interval=100,
+    sample_tokens=40,
+    ckpt_interval=50,
+    device="cpu",
+)
 
 
 def as_flags(settings: dict) -> list[str]:
@@ -65,13 +83,20 @@ TINY_FLAGS = as_flags(TINY)
 
 def start_moe_tui(args: list[str], runs: Path, stdout=subprocess.PIPE, **popen) -> subprocess.Popen:
     """`moe-tui ARGS` as a real process of its own, with the offline corpora and `runs` as its runs folder."""
-    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs),
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tui", *args], stdout=stdout, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO, **popen)
+    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tui", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        **popen,
+    )
 
 
 # -- the command line, in process ------------------------------------------------------------
+
 
 @pytest.fixture
 def env(tmp_path, shared_dir, monkeypatch):
@@ -92,8 +117,7 @@ def tree(path: Path) -> dict[str, tuple[int, float]]:
     """Every file under `path` with its size and mtime: to prove a failed command wrote nothing."""
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*"))}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +125,32 @@ def trained_once(tmp_path_factory) -> Path:
     """One finished tiny run (30 steps, checkpoints at 10, 20, 30), trained once per session. What the
     command printed is kept beside it, in tiny.stdout and tiny.stderr."""
     runs = tmp_path_factory.mktemp("trained")
-    with open(runs / "tiny.stdout", "w") as out, open(runs / "tiny.stderr", "w") as err, \
-            redirect_stdout(out), redirect_stderr(err):
-        code = main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
-                     "--eval-interval", "10", "--run-name", "tiny", "--headless",
-                     "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
+    with (
+        open(runs / "tiny.stdout", "w") as out,
+        open(runs / "tiny.stderr", "w") as err,
+        redirect_stdout(out),
+        redirect_stderr(err),
+    ):
+        code = main(
+            [
+                "train",
+                "simpsons",
+                *TINY_FLAGS,
+                "--max-iters",
+                "30",
+                "--ckpt-interval",
+                "10",
+                "--eval-interval",
+                "10",
+                "--run-name",
+                "tiny",
+                "--headless",
+                "--data-dir",
+                str(shared_data_dir()),
+                "--runs-dir",
+                str(runs),
+            ]
+        )
     assert code == 0, (runs / "tiny.stderr").read_text()
     return runs / "tiny"
 

@@ -28,15 +28,21 @@ def _reason(report) -> str:
 
 def _fail(report, what: str) -> None:
     report.outcome = "failed"
-    report.longrepr = (f"{what} skipped in CI, where only tests marked `gpu` may skip: {_reason(report)}\n"
-                       "(install what it needs, or run outside CI without CI=true)")
+    report.longrepr = (
+        f"{what} skipped in CI, where only tests marked `gpu` may skip: {_reason(report)}\n"
+        "(install what it needs, or run outside CI without CI=true)"
+    )
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    if (in_ci() and report.skipped and not hasattr(report, "wasxfail")  # an xfail is not a skip
-            and item.get_closest_marker("gpu") is None):
+    if (
+        in_ci()
+        and report.skipped
+        and not hasattr(report, "wasxfail")  # an xfail is not a skip
+        and item.get_closest_marker("gpu") is None
+    ):
         _fail(report, "this test was")
     return report
 

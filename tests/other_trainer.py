@@ -45,8 +45,15 @@ def main(run_dir: str, mode: str, seconds: float) -> None:
             conn, _ = listener.accept()
         except socket.timeout:
             continue
-        hello = {"type": "hello", "protocol": protocol, "run": os.path.basename(run_dir), "pid": os.getpid(),
-                 "state": "running", "step": 0, "version": version}
+        hello = {
+            "type": "hello",
+            "protocol": protocol,
+            "run": os.path.basename(run_dir),
+            "pid": os.getpid(),
+            "state": "running",
+            "step": 0,
+            "version": version,
+        }
         conn.sendall((json.dumps(hello) + "\n").encode())
         conn.close()
 

@@ -34,5 +34,8 @@ def test_every_file_of_a_checkpoint_gets_the_umasks_permissions(tmp_path):
         folder = save_checkpoint(tmp_path / "step-00000010", {"w": torch.ones(2)}, {"step": 10}, {"step": 10})
     finally:
         os.umask(previous)
-    assert {name: stat.S_IMODE((folder / name).stat().st_mode) for name in (MODEL_FILE, STATE_FILE, MANIFEST_FILE)} \
-        == {MODEL_FILE: 0o644, STATE_FILE: 0o644, MANIFEST_FILE: 0o644}
+    assert {name: stat.S_IMODE((folder / name).stat().st_mode) for name in (MODEL_FILE, STATE_FILE, MANIFEST_FILE)} == {
+        MODEL_FILE: 0o644,
+        STATE_FILE: 0o644,
+        MANIFEST_FILE: 0o644,
+    }

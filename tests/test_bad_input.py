@@ -26,12 +26,11 @@ from typing import Callable, Iterator
 
 import pytest
 
+from moe_core.errors import UserError
 from moe_core.parallel import ranks as distributed
 from moe_core.store.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, file_digest
-from moe_core.errors import UserError
-from tui.cli import main
-
 from tests.conftest import REPO, TINY_FLAGS, shared_data_dir, tree
+from tui.cli import main
 
 DOC = REPO / "docs" / "bad-input.md"
 SHORT = ["--max-iters", "5", "--headless"]
@@ -45,12 +44,18 @@ class Case:
     env: dict[str, str] | None = None  # set for the command, which then runs as a process of its own
 
     def command(self) -> str:
-        env = "".join(f"{key}={shlex.quote(value).replace('{tmp}', '<tmp>')} " for key, value in (self.env or {}).items())
-        return env + "moe-tui " + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>")
-                                           for a in self.args)
+        env = "".join(
+            f"{key}={shlex.quote(value).replace('{tmp}', '<tmp>')} " for key, value in (self.env or {}).items()
+        )
+        return (
+            env
+            + "moe-tui "
+            + " ".join(shlex.quote(a).replace("'{tmp}", "'<tmp>").replace("{tmp}", "<tmp>") for a in self.args)
+        )
 
 
 # -- what some cases do to the run first ------------------------------------------------------------
+
 
 def corrupt_best(run: Path, tmp: Path) -> None:
     model = run / "checkpoints" / "best" / MODEL_FILE
@@ -80,8 +85,10 @@ def plant_a_pickle(run: Path, tmp: Path) -> None:
     with open(folder / STATE_FILE, "wb") as f:
         pickle.dump({"step": Payload()}, f)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["files"][STATE_FILE] = {"size": (folder / STATE_FILE).stat().st_size,
-                                     "sha256": file_digest(folder / STATE_FILE)}
+    manifest["files"][STATE_FILE] = {
+        "size": (folder / STATE_FILE).stat().st_size,
+        "sha256": file_digest(folder / STATE_FILE),
+    }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -96,8 +103,12 @@ def other_trainer(mode: str) -> Callable[[Path, Path], None]:
     """A setup that makes the run 'tiny' live under a trainer this moe-tui cannot talk to."""
 
     def setup(run: Path, tmp: Path) -> None:
-        holder = subprocess.Popen([sys.executable, "-m", "tests.other_trainer", str(run), mode, "120"],
-                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "tests.other_trainer", str(run), mode, "120"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         OTHER_TRAINERS.append(holder)
         assert holder.stdout.readline().strip() == "ready"
 
@@ -122,29 +133,45 @@ def hide_mlflow(run: Path, tmp: Path) -> None:
     """A folder that, first on PYTHONPATH, makes `import mlflow` fail as it does where it is not installed."""
     (tmp / "no-mlflow" / "mlflow").mkdir(parents=True)
     (tmp / "no-mlflow" / "mlflow" / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n")
+        "raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n"
+    )
 
 
 def write_inputs(tmp: Path) -> None:
     """The bad files the corpus and config cases point at."""
-    files = {"empty.txt": "", "short.txt": "Homer: Doh!\n",
-             "latin1.txt": "Moe's caf\xe9 is closed.\n".encode("latin-1") * 100,
-             "lines.csv": "speaker,line\nHomer,Doh\n", "bad.toml": "n_layer = = 2\n",
-             "unknown.toml": "n_layers = 2\n", "wrongtype.toml": 'n_layer = "two"\n',
-             "negative.toml": "[train]\nlr = -1.0\n", "section.toml": "[modell]\nn_layer = 2\n",
-             "runs-file": "not a folder\n", "tracker.toml": '[tracking]\ntrack = ["neptune"]\n'}
+    files = {
+        "empty.txt": "",
+        "short.txt": "Homer: Doh!\n",
+        "latin1.txt": "Moe's caf\xe9 is closed.\n".encode("latin-1") * 100,
+        "lines.csv": "speaker,line\nHomer,Doh\n",
+        "bad.toml": "n_layer = = 2\n",
+        "unknown.toml": "n_layers = 2\n",
+        "wrongtype.toml": 'n_layer = "two"\n',
+        "negative.toml": "[train]\nlr = -1.0\n",
+        "section.toml": "[modell]\nn_layer = 2\n",
+        "runs-file": "not a folder\n",
+        "tracker.toml": '[tracking]\ntrack = ["neptune"]\n',
+    }
     for name, content in files.items():
         (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
     (tmp / "corpus-folder").mkdir(exist_ok=True)
 
 
-CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK = ("CLI arguments", "config files", "corpora", "run names",
-                                                       "checkpoints", "prompts", "watching and stopping",
-                                                       "experiment tracking")
+CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK = (
+    "CLI arguments",
+    "config files",
+    "corpora",
+    "run names",
+    "checkpoints",
+    "prompts",
+    "watching and stopping",
+    "experiment tracking",
+)
 CASES = {
     "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
-    "rope with an odd head width": Case(CLI, ["train", "simpsons", "--pos-encoding", "rope", "--n-embd", "36",
-                                             "--n-head", "4", *SHORT]),
+    "rope with an odd head width": Case(
+        CLI, ["train", "simpsons", "--pos-encoding", "rope", "--n-embd", "36", "--n-head", "4", *SHORT]
+    ),
     "unknown position encoding": Case(CLI, ["train", "simpsons", "--pos-encoding", "alibi", *SHORT]),
     "top_k above num_experts": Case(CLI, ["train", "simpsons", "--num-experts", "2", "--top-k", "3", *SHORT]),
     "zero layers": Case(CLI, ["train", "simpsons", "--n-layer", "0", *SHORT]),
@@ -165,10 +192,12 @@ CASES = {
     "resume with another dataset": Case(CLI, ["train", "shakespeare", "--resume", "tiny", *SHORT]),
     "bench with no steps": Case(CLI, ["bench", "--steps", "0"]),
     "no processes": Case(CLI, ["train", "simpsons", "--nproc", "0", *SHORT]),
-    "a batch that does not split over the processes": Case(CLI, ["train", "simpsons", "--batch-size", "30",
-                                                                 "--nproc", "4", *SHORT]),
-    "several processes outliving their terminal": Case(CLI, ["train", "simpsons", "--nproc", "2", "--on-hangup",
-                                                             "keep", *SHORT]),
+    "a batch that does not split over the processes": Case(
+        CLI, ["train", "simpsons", "--batch-size", "30", "--nproc", "4", *SHORT]
+    ),
+    "several processes outliving their terminal": Case(
+        CLI, ["train", "simpsons", "--nproc", "2", "--on-hangup", "keep", *SHORT]
+    ),
     "config file missing": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/none.toml", *SHORT]),
     "config file not TOML": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/bad.toml", *SHORT]),
     "config file unknown key": Case(CONFIG, ["train", "simpsons", "--config", "{tmp}/unknown.toml", *SHORT]),
@@ -191,8 +220,9 @@ CASES = {
     "resume unknown run": Case(RUN, ["train", "--resume", "ghost", *SHORT]),
     "sample unknown run": Case(RUN, ["sample", "ghost"]),
     "sample a corrupt best": Case(CKPT, ["sample", "tiny", "--checkpoint", "best"], corrupt_best),
-    "resume with every checkpoint corrupt": Case(CKPT, ["train", "--resume", "tiny", *SHORT],
-                                                 corrupt_every_step_checkpoint),
+    "resume with every checkpoint corrupt": Case(
+        CKPT, ["train", "--resume", "tiny", *SHORT], corrupt_every_step_checkpoint
+    ),
     "sample a run with no checkpoint": Case(CKPT, ["sample", "tiny"], delete_checkpoints),
     "a pickle in state.pt": Case(CKPT, ["sample", "tiny"], plant_a_pickle),
     "unknown checkpoint name": Case(CKPT, ["sample", "tiny", "--checkpoint", "oldest"]),
@@ -212,10 +242,10 @@ CASES = {
     "watch with no runs": Case(LIVE, ["watch", "--runs-dir", "{tmp}/corpus-folder"]),
     "watch without a terminal": Case(LIVE, ["watch", "tiny"]),
     "resume a run that is training": Case(LIVE, ["train", "--resume", "tiny", *SHORT], other_trainer("live")),
-    "overwrite a run that is training": Case(LIVE, ["train", "simpsons", "--run-name", "tiny", "--overwrite",
-                                                    *SHORT], other_trainer("live")),
-    "detach onto a run that is training": Case(LIVE, ["train", "--resume", "tiny", "--detach"],
-                                               other_trainer("live")),
+    "overwrite a run that is training": Case(
+        LIVE, ["train", "simpsons", "--run-name", "tiny", "--overwrite", *SHORT], other_trainer("live")
+    ),
+    "detach onto a run that is training": Case(LIVE, ["train", "--resume", "tiny", "--detach"], other_trainer("live")),
     "watch another user's run": Case(LIVE, ["watch", "tiny"], other_trainer("other-user")),
     "stop another user's run": Case(LIVE, ["stop", "tiny"], other_trainer("other-user")),
     "watch a trainer of another version": Case(LIVE, ["watch", "tiny"], other_trainer("other-protocol")),
@@ -224,23 +254,34 @@ CASES = {
     "report on an unknown run": Case(RUN, ["report", "ghost"]),
     "unknown tracker": Case(TRACK, ["train", "simpsons", "--track", "neptune", *SHORT]),
     # No bytecode written: the case must leave its folder as it found it.
-    "tracker package not installed": Case(TRACK, ["train", "simpsons", "--track", "mlflow", *SHORT], hide_mlflow,
-                                          env={"PYTHONPATH": "{tmp}/no-mlflow", "PYTHONDONTWRITEBYTECODE": "1"}),
+    "tracker package not installed": Case(
+        TRACK,
+        ["train", "simpsons", "--track", "mlflow", *SHORT],
+        hide_mlflow,
+        env={"PYTHONPATH": "{tmp}/no-mlflow", "PYTHONDONTWRITEBYTECODE": "1"},
+    ),
     "unknown tracker in a config file": Case(TRACK, ["train", "simpsons", "--config", "{tmp}/tracker.toml", *SHORT]),
-    "empty tracker project": Case(TRACK, ["train", "simpsons", "--track", "tensorboard", "--track-project", "",
-                                          *SHORT]),
+    "empty tracker project": Case(
+        TRACK, ["train", "simpsons", "--track", "tensorboard", "--track-project", "", *SHORT]
+    ),
     "resume with an unknown tracker": Case(TRACK, ["train", "--resume", "tiny", "--track", "neptune", *SHORT]),
     "export to an unknown tracker": Case(TRACK, ["export", "tiny", "--to", "neptune"]),
     "export an unknown run": Case(TRACK, ["export", "ghost", "--to", "tensorboard"]),
     "export a run that is training": Case(TRACK, ["export", "tiny", "--to", "tensorboard"], other_trainer("live")),
     "expert parallelism on one process": Case(CLI, ["train", "simpsons", "--expert-parallel", *SHORT]),
-    "experts that do not split over the processes": Case(CLI, ["train", "simpsons", "--num-experts", "4", "--nproc", "3",
-                                                               "--batch-size", "30", "--expert-parallel", *SHORT]),
-    "expert parallelism with the textbook experts": Case(CLI, ["train", "simpsons", "--moe-impl", "reference", "--nproc",
-                                                               "2", "--expert-parallel", *SHORT]),
-    "expert parallelism compiled": Case(CLI, ["train", "simpsons", "--compile", "--nproc", "2", "--expert-parallel",
-                                              *SHORT]),
-    "export with an empty tracker project": Case(TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]),
+    "experts that do not split over the processes": Case(
+        CLI,
+        ["train", "simpsons", "--num-experts", "4", "--nproc", "3", "--batch-size", "30", "--expert-parallel", *SHORT],
+    ),
+    "expert parallelism with the textbook experts": Case(
+        CLI, ["train", "simpsons", "--moe-impl", "reference", "--nproc", "2", "--expert-parallel", *SHORT]
+    ),
+    "expert parallelism compiled": Case(
+        CLI, ["train", "simpsons", "--compile", "--nproc", "2", "--expert-parallel", *SHORT]
+    ),
+    "export with an empty tracker project": Case(
+        TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]
+    ),
 }
 
 
@@ -271,8 +312,13 @@ def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
     if case.env:  # a process of its own: torch reads CUDA_VISIBLE_DEVICES once, when it first looks for a GPU
         with user_session(tmp):
             env = {key: value.replace("{tmp}", str(tmp)) for key, value in case.env.items()}
-            done = subprocess.run([sys.executable, "-m", "tui", *args], env={**os.environ, **env},
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-m", "tui", *args],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         return done.returncode, done.stdout, done.stderr, before
     out, err = io.StringIO(), io.StringIO()
     with user_session(tmp), redirect_stdout(out), redirect_stderr(err):
@@ -283,8 +329,12 @@ def run_case(name: str, tmp: Path, trained: Path) -> tuple[int, str, str, dict]:
 def row(number: int, name: str, stderr: str, tmp: Path) -> str:
     message = stderr.strip()
     # Paths as given and as resolved (CI reaches the corpora through a symlink).
-    for path, placeholder in ((tmp, "<tmp>"), (tmp.resolve(), "<tmp>"), (shared_data_dir(), "<data>"),
-                              (shared_data_dir().resolve(), "<data>")):
+    for path, placeholder in (
+        (tmp, "<tmp>"),
+        (tmp.resolve(), "<tmp>"),
+        (shared_data_dir(), "<data>"),
+        (shared_data_dir().resolve(), "<data>"),
+    ):
         message = message.replace(str(path), placeholder)
     message = re.sub(r"process \d+", "process <pid>", message)  # the other trainer's, new each time
     cells = [str(number), CASES[name].area, name, f"`{CASES[name].command()}`", message.replace("|", "\\|")]
@@ -297,8 +347,12 @@ def outside(tmp: Path) -> dict:
     would land (its entries, and its own runs/ and data/ whole)."""
     start = Path.cwd()
     assert start != tmp
-    return {"corpora": contents(shared_data_dir()), "entries": sorted(p.name for p in start.iterdir()),
-            "runs": contents(start / "runs"), "data": contents(start / "data")}
+    return {
+        "corpora": contents(shared_data_dir()),
+        "entries": sorted(p.name for p in start.iterdir()),
+        "runs": contents(start / "runs"),
+        "data": contents(start / "data"),
+    }
 
 
 def contents(path: Path) -> dict:
@@ -399,8 +453,10 @@ OFFENDING = {
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.
-FIX = re.compile(r"--[a-z][a-z-]+|`moe-tui [a-z]|moe-tui (train|sample|runs)|/\S|\w\.(json|toml|txt|csv|pt)\b"
-                 r"|one of |valid keys: |available columns: |`pip install ")
+FIX = re.compile(
+    r"--[a-z][a-z-]+|`moe-tui [a-z]|moe-tui (train|sample|runs)|/\S|\w\.(json|toml|txt|csv|pt)\b"
+    r"|one of |valid keys: |available columns: |`pip install "
+)
 
 
 def check_names_value_and_fix(name: str, message: str, tmp: Path) -> None:
@@ -422,13 +478,15 @@ def test_bad_input_is_one_clear_line_exit_2_and_changes_nothing(name, trained_on
     check_names_value_and_fix(name, err, tmp_path)
     assert not (tmp_path / "pwned").exists()
     documented = DOC.read_text(encoding="utf-8").splitlines()
-    assert row(list(CASES).index(name) + 1, name, err, tmp_path) in documented, \
+    assert row(list(CASES).index(name) + 1, name, err, tmp_path) in documented, (
         "docs/bad-input.md does not show this message: regenerate it with `python -m tests.test_bad_input`"
+    )
 
 
 def test_the_table_has_one_row_per_case():
-    rows = [line for line in DOC.read_text(encoding="utf-8").splitlines() if line.startswith("| ") and
-            line[2:3].isdigit()]
+    rows = [
+        line for line in DOC.read_text(encoding="utf-8").splitlines() if line.startswith("| ") and line[2:3].isdigit()
+    ]
     assert len(rows) == len(CASES) + len(ELSEWHERE) and len(CASES) >= 25
 
 
@@ -436,11 +494,15 @@ def test_the_table_has_one_row_per_case():
 # hold what the check that refuses them says (tests/test_distributed.py runs those checks).
 ELSEWHERE = {
     "more processes than CUDA GPUs": (
-        "several processes", "moe-tui train simpsons --device cuda --nproc 4  # on a machine with 2 GPUs",
-        lambda: distributed.check_cuda_count(4, 2)),
+        "several processes",
+        "moe-tui train simpsons --device cuda --nproc 4  # on a machine with 2 GPUs",
+        lambda: distributed.check_cuda_count(4, 2),
+    ),
     "processes on different devices": (
-        "several processes", "torchrun ... -m tui train simpsons --device cuda  # machine 0; machine 1: --device cpu",
-        lambda: distributed.check_same_devices(["cuda", "cpu"])),
+        "several processes",
+        "torchrun ... -m tui train simpsons --device cuda  # machine 0; machine 1: --device cpu",
+        lambda: distributed.check_same_devices(["cuda", "cpu"]),
+    ),
 }
 
 
@@ -454,8 +516,9 @@ def elsewhere_row(number: int, name: str) -> str:
 def test_the_cases_this_machine_cannot_run_show_what_their_checks_say():
     documented = DOC.read_text(encoding="utf-8").splitlines()
     for number, name in enumerate(ELSEWHERE, len(CASES) + 1):
-        assert elsewhere_row(number, name) in documented, \
+        assert elsewhere_row(number, name) in documented, (
             "docs/bad-input.md does not show this message: regenerate it with `python -m tests.test_bad_input`"
+        )
 
 
 HEADER = """# Bad input
@@ -485,9 +548,29 @@ def write_doc() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         runs = Path(scratch) / "trained"
         with redirect_stdout(io.StringIO()):
-            assert main(["train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "10",
-                         "--eval-interval", "10", "--run-name", "tiny", "--headless",
-                         "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)]) == 0
+            assert (
+                main(
+                    [
+                        "train",
+                        "simpsons",
+                        *TINY_FLAGS,
+                        "--max-iters",
+                        "30",
+                        "--ckpt-interval",
+                        "10",
+                        "--eval-interval",
+                        "10",
+                        "--run-name",
+                        "tiny",
+                        "--headless",
+                        "--data-dir",
+                        str(shared_data_dir()),
+                        "--runs-dir",
+                        str(runs),
+                    ]
+                )
+                == 0
+            )
         rows = []
         for number, name in enumerate(CASES, 1):
             tmp = Path(scratch) / f"case-{number}"

@@ -9,7 +9,7 @@ import sys
 
 from tests.conftest import REPO
 
-SKIPPING = '''
+SKIPPING = """
 import pytest
 
 def test_skip_in_the_body():
@@ -37,7 +37,7 @@ def test_expected_failure():
 
 def test_passes():
     pass
-'''
+"""
 
 
 def run_them(tmp_path, ci: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
@@ -45,9 +45,29 @@ def run_them(tmp_path, ci: str) -> tuple[subprocess.CompletedProcess, dict[str, 
     (tmp_path / "test_skipping.py").write_text(SKIPPING)
     (tmp_path / "test_whole_module.py").write_text('import pytest\npytest.importorskip("no_such_module")\n')
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.no_skips_in_ci", "-p", "no:cacheprovider",
-                             "-v", "-rA", "-o", "addopts=", "-o", "testpaths=", "--continue-on-collection-errors"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.no_skips_in_ci",
+            "-p",
+            "no:cacheprovider",
+            "-v",
+            "-rA",
+            "-o",
+            "addopts=",
+            "-o",
+            "testpaths=",
+            "--continue-on-collection-errors",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     tests = re.findall(r"^\S+::(\w+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL)", result.stdout, re.MULTILINE)
     modules = re.findall(r"^ERROR (\S+\.py)(?: - |$)", result.stdout, re.MULTILINE)
     return result, {**dict(tests), **{module: "ERROR" for module in modules}}
@@ -56,9 +76,14 @@ def run_them(tmp_path, ci: str) -> tuple[subprocess.CompletedProcess, dict[str, 
 def test_with_ci_true_a_skip_fails_unless_the_test_is_gpu_only(tmp_path):
     result, outcomes = run_them(tmp_path, "true")
     assert outcomes == {
-        "test_skip_in_the_body": "FAILED", "test_skipif_mark": "ERROR", "test_skip_in_a_fixture": "ERROR",
-        "test_gpu_only": "SKIPPED", "test_expected_failure": "XFAIL", "test_passes": "PASSED",
-        "test_whole_module.py": "ERROR"}, result.stdout
+        "test_skip_in_the_body": "FAILED",
+        "test_skipif_mark": "ERROR",
+        "test_skip_in_a_fixture": "ERROR",
+        "test_gpu_only": "SKIPPED",
+        "test_expected_failure": "XFAIL",
+        "test_passes": "PASSED",
+        "test_whole_module.py": "ERROR",
+    }, result.stdout
     assert result.returncode == 1
     assert "skipped in CI, where only tests marked `gpu` may skip: tmux is not installed" in result.stdout
 
@@ -66,7 +91,12 @@ def test_with_ci_true_a_skip_fails_unless_the_test_is_gpu_only(tmp_path):
 def test_outside_ci_skips_stay_skips_and_say_why(tmp_path):
     result, outcomes = run_them(tmp_path, "")
     assert outcomes == {
-        "test_skip_in_the_body": "SKIPPED", "test_skipif_mark": "SKIPPED", "test_skip_in_a_fixture": "SKIPPED",
-        "test_gpu_only": "SKIPPED", "test_expected_failure": "XFAIL", "test_passes": "PASSED"}, result.stdout
+        "test_skip_in_the_body": "SKIPPED",
+        "test_skipif_mark": "SKIPPED",
+        "test_skip_in_a_fixture": "SKIPPED",
+        "test_gpu_only": "SKIPPED",
+        "test_expected_failure": "XFAIL",
+        "test_passes": "PASSED",
+    }, result.stdout
     assert result.returncode == 0
     assert "SKIPPED (tmux is not installed)" in result.stdout

@@ -19,24 +19,52 @@ def test_headless_train_prints_progress_and_writes_the_run(trained, trained_once
     lines = out.splitlines()
     assert lines[0].startswith("training run 'tiny' on simpsons | device cpu |") and "30 steps of" in lines[0]
     assert [line.split("|")[0].split() for line in lines if line.startswith(("step ", "eval "))] == [
-        ["step", "10"], ["eval", "10"], ["step", "20"], ["eval", "20"], ["step", "30"], ["eval", "30"]]
+        ["step", "10"],
+        ["eval", "10"],
+        ["step", "20"],
+        ["eval", "20"],
+        ["step", "30"],
+        ["eval", "30"],
+    ]
     for step in (10, 20, 30):
         assert f"saved checkpoint at step {step} -> " in out
     assert lines[-1] == "finished"
-    assert err == "run tiny finished at step 30; sample from it with: moe-tui sample tiny --runs-dir " \
-                  f"{trained_once.parent}\n"
+    assert (
+        err == "run tiny finished at step 30; sample from it with: moe-tui sample tiny --runs-dir "
+        f"{trained_once.parent}\n"
+    )
     run = trained
-    assert {p.name for p in run.iterdir()} >= {"config.toml", "vocab.json", "metrics.jsonl", "samples.txt",
-                                               "checkpoints"}
+    assert {p.name for p in run.iterdir()} >= {
+        "config.toml",
+        "vocab.json",
+        "metrics.jsonl",
+        "samples.txt",
+        "checkpoints",
+    }
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best", "step-00000010", "step-00000020", "step-00000030"]
+        "best",
+        "step-00000010",
+        "step-00000020",
+        "step-00000030",
+    ]
     config = (run / "config.toml").read_text()
     assert "[model]" in config and "n_embd = 64" in config and 'dataset = "simpsons"' in config
 
 
 def test_headless_output_lines(env, capsys):
-    code, out, err = cli(capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "20", "--eval-interval", "10",
-                         "--run-name", "lines", "--headless")
+    code, out, err = cli(
+        capsys,
+        "train",
+        "simpsons",
+        *TINY_FLAGS,
+        "--max-iters",
+        "20",
+        "--eval-interval",
+        "10",
+        "--run-name",
+        "lines",
+        "--headless",
+    )
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("training run 'lines' on simpsons | device cpu |")
@@ -66,8 +94,21 @@ def test_sample_streams_text_that_starts_with_the_prompt(trained, capsys):
     assert out.startswith("Moe:") and len(out.rstrip("\n")) >= 50
     again = cli(capsys, "sample", "tiny", "--prompt", "Moe:", "--max-new-tokens", "50", "--seed", "3")[1]
     assert again == out  # seeded: reproducible
-    code, out, _ = cli(capsys, "sample", "tiny", "--prompt", "Moe:", "--num-samples", "3", "--max-new-tokens", "20",
-                       "--checkpoint", "best", "--temperature", "0")
+    code, out, _ = cli(
+        capsys,
+        "sample",
+        "tiny",
+        "--prompt",
+        "Moe:",
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "20",
+        "--checkpoint",
+        "best",
+        "--temperature",
+        "0",
+    )
     assert code == 0 and out.count("--- sample") == 3
 
 
@@ -79,8 +120,9 @@ def test_sample_skips_a_corrupt_newest_checkpoint_and_says_so(trained, capsys):
     assert err.startswith("warning: skipped: checkpoint ") and "step-00000030 is corrupt" in err
     warning, speed = err.rstrip().split("\n")
     assert warning.endswith("using step-00000020, the newest intact one")
-    assert re.fullmatch(r"sampled 1 x 20 characters in [\d.]+ s on cpu: [\d,]+ characters/s, the first after [\d.]+ ms",
-                        speed), speed
+    assert re.fullmatch(
+        r"sampled 1 x 20 characters in [\d.]+ s on cpu: [\d,]+ characters/s, the first after [\d.]+ ms", speed
+    ), speed
 
 
 def test_runs_and_datasets_listings(trained, capsys):
@@ -93,8 +135,9 @@ def test_runs_and_datasets_listings(trained, capsys):
 
 
 def test_overwrite_replaces_an_existing_run(trained, capsys):
-    code, _, err = cli(capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "10", "--run-name", "tiny",
-                       "--overwrite", "--headless")
+    code, _, err = cli(
+        capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "10", "--run-name", "tiny", "--overwrite", "--headless"
+    )
     assert code == 0, err
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["best", "step-00000010"]
 
@@ -104,8 +147,19 @@ def test_csv_columns_train(env, tmp_path, capsys):
     rows.insert(5, "Moe Szyslak,")  # an empty value: the row is skipped
     csv = tmp_path / "dialogue.csv"
     csv.write_text("\n".join(rows) + "\n")
-    code, out, err = cli(capsys, "train", str(csv), "--column", "raw_character_text", "--column", "spoken_words",
-                         *TINY_FLAGS, "--max-iters", "10", "--headless")
+    code, out, err = cli(
+        capsys,
+        "train",
+        str(csv),
+        "--column",
+        "raw_character_text",
+        "--column",
+        "spoken_words",
+        *TINY_FLAGS,
+        "--max-iters",
+        "10",
+        "--headless",
+    )
     assert code == 0, err
     assert "training run 'dialogue-" in out
 
@@ -113,8 +167,8 @@ def test_csv_columns_train(env, tmp_path, capsys):
 def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(trained, capsys):
     # Rewrite the latest checkpoint as moe-tui saved it before the experts' weights were stacked:
     # one fc/proj pair per expert, the names the reference layer still uses.
-    from moe_core.store.checkpoint import load_checkpoint, save_checkpoint
     from moe_core.model.moe import ReferenceMoE
+    from moe_core.store.checkpoint import load_checkpoint, save_checkpoint
 
     folder = trained / "checkpoints" / "step-00000030"
     weights, state, manifest = load_checkpoint(folder)
@@ -123,8 +177,7 @@ def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(tr
     assert "blocks.0.moe.experts.3.proj.bias" in weights and "blocks.0.moe.experts.w1" not in weights
     save_checkpoint(folder, weights, state, {k: v for k, v in manifest.items() if k != "files"})
 
-    code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Homer:", "--max-new-tokens", "40",
-                         "--temperature", "0")
+    code, out, err = cli(capsys, "sample", "tiny", "--prompt", "Homer:", "--max-new-tokens", "40", "--temperature", "0")
     assert code == 0, err
     assert out.startswith("Homer:") and len(out.strip()) > len("Homer:")
 
@@ -138,12 +191,26 @@ def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(tr
 
 def test_a_run_from_before_rotary_positions_samples_and_resumes(env, capsys):
     # Runs saved before --pos-encoding existed have no such key, and a learned position table.
-    code, _, err = cli(capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "10", "--eval-interval", "10",
-                       "--pos-encoding", "learned", "--run-name", "old", "--headless")
+    code, _, err = cli(
+        capsys,
+        "train",
+        "simpsons",
+        *TINY_FLAGS,
+        "--max-iters",
+        "10",
+        "--eval-interval",
+        "10",
+        "--pos-encoding",
+        "learned",
+        "--run-name",
+        "old",
+        "--headless",
+    )
     assert code == 0, err
     config = env / "old" / "config.toml"
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if not line.startswith("pos_encoding")))
+    config.write_text(
+        "".join(line for line in config.read_text().splitlines(keepends=True) if not line.startswith("pos_encoding"))
+    )
     code, out, err = cli(capsys, "sample", "old", "--prompt", "Homer:", "--max-new-tokens", "20")
     assert code == 0, err
     assert out.startswith("Homer:")
@@ -154,8 +221,9 @@ def test_a_run_from_before_rotary_positions_samples_and_resumes(env, capsys):
 
 
 def test_bench_json_reports_the_figures_and_the_machine(env, capsys):
-    code, out, err = cli(capsys, "bench", "--preset", "cpu", "--steps", "1", "--repeats", "1",
-                         "--dashboard-steps", "0", "--json")
+    code, out, err = cli(
+        capsys, "bench", "--preset", "cpu", "--steps", "1", "--repeats", "1", "--dashboard-steps", "0", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)  # stdout holds the JSON alone; progress goes to stderr
     assert "bench: training speed" in err and "bench: sampling speed" in err

@@ -19,27 +19,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core.store import checkpoint as checkpoint_module
+from moe_core.bus import EventBus
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
-from moe_core.bus import EventBus
+from moe_core.store import checkpoint as checkpoint_module
 from moe_core.train.trainer import Trainer
-from tui.dashboard import overhead
-from tui.dashboard.app import Dashboard
-from tui.dashboard.sources import reserve_torch_threads
-from tui.headless import HeadlessReporter
-from tui.dashboard.overhead import dashboard_overhead
-from tui.dashboard.widgets import SamplesPanel, StatusBar
-from tui.dashboard.widgets.history import SeriesBuffer, bucket_means
-
 from tests.conftest import TINY
 from tests.test_training import make_trainer
+from tui.dashboard import overhead
+from tui.dashboard.app import Dashboard
+from tui.dashboard.history import SeriesBuffer, bucket_means
+from tui.dashboard.overhead import dashboard_overhead
+from tui.dashboard.sources import reserve_torch_threads
+from tui.dashboard.widgets.panels import SamplesPanel
+from tui.dashboard.widgets.status import StatusBar
+from tui.headless import HeadlessReporter
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dashboard_events.jsonl"
 SIZE = (100, 30)
 # Nothing scheduled: each test asks for what it checks.
-QUIET = dict(max_iters=100_000, eval_interval=100_000, sample_interval=100_000, ckpt_interval=100_000,
-             log_interval=5)
+QUIET = dict(max_iters=100_000, eval_interval=100_000, sample_interval=100_000, ckpt_interval=100_000, log_interval=5)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,8 +98,8 @@ def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fa
     async def scenario():
         app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 10)
-            assert "RUNNING" in status_text(app) and f"step {app.model.step}/100000" in status_text(app)
+            await wait_until(pilot, lambda: app.view.step >= 10)
+            assert "RUNNING" in status_text(app) and f"step {app.view.step}/100000" in status_text(app)
             await pilot.press("space")
             # The key shows by itself, before the trainer can answer: its command has not reached it yet.
             await wait_until(pilot, lambda: "pausing…" in status_text(app))
@@ -113,7 +112,7 @@ def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fa
             await pilot.pause(0.6)
             assert trainer.step_num == paused_at
             await pilot.press("space")
-            await wait_until(pilot, lambda: app.model.step >= paused_at + 10)
+            await wait_until(pilot, lambda: app.view.step >= paused_at + 10)
             assert "RUNNING" in status_text(app)
 
     drive(scenario)
@@ -125,19 +124,19 @@ def test_sample_dialog_puts_text_that_starts_with_the_prompt_in_the_samples_pane
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 5)
+            await wait_until(pilot, lambda: app.view.step >= 5)
             await pilot.press("s")
             prompt = app.screen.query_one("#prompt")
             prompt.value = "Moe€"  # a character the model does not know: refused in the dialog
             await pilot.press("enter")
             assert "does not know" in str(app.screen.query_one("#sample-error").content)
             await pilot.press("end", "ctrl+u", *"Moe:", "tab", "end", "ctrl+u", "3", "0", "enter")
-            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
-            sample = next(s for s in app.model.samples if s.requested)
+            await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
+            sample = next(s for s in app.view.samples if s.requested)
             assert sample.text.startswith("Moe:") and len(sample.text) == 4 + 30
             await wait_until(pilot, lambda: sample.text.strip() in shown(app.query_one(SamplesPanel)))
             assert "yours" in shown(app.query_one(SamplesPanel))
-            assert app.model.state == "running"  # sampling while training, and training went on
+            assert app.view.state == "running"  # sampling while training, and training went on
 
     drive(scenario)
     assert "Moe:" in trainer.run_folder.samples_path.read_text()  # the trainer logged it to the run
@@ -149,10 +148,10 @@ def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_
     async def scenario():
         app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 5)
+            await wait_until(pilot, lambda: app.view.step >= 5)
             await pilot.press("c")
-            await wait_until(pilot, lambda: any(line.level == "checkpoint" for line in app.model.log))
-            saved = next(line for line in app.model.log if line.level == "checkpoint")
+            await wait_until(pilot, lambda: any(line.level == "checkpoint" for line in app.view.log))
+            saved = next(line for line in app.view.log if line.level == "checkpoint")
             assert (trainer.run_folder.checkpoints / f"step-{saved.step:08d}" / "model.safetensors").is_file()
             await pilot.press("q")
             assert "moe-tui train --resume run" in str(app.screen.query_one("#confirm-message").content)
@@ -172,7 +171,7 @@ def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_ke
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 3)
+            await wait_until(pilot, lambda: app.view.step >= 3)
             await pilot.press("ctrl+c")
             await wait_until(pilot, lambda: app.return_code is not None)
         return app
@@ -188,8 +187,8 @@ def test_a_resumed_run_shows_its_whole_history(tmp_path, shared_dir, fast_keys):
     async def scenario():
         app = Dashboard(trainer, replay=trainer.run_folder.events())
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 40)
-            steps, _ = app.model.train_loss.points()
+            await wait_until(pilot, lambda: app.view.step >= 40)
+            steps, _ = app.view.train_loss.points()
             assert steps[0] == 5 and steps[-1] == 40  # the first session's steps, then this one's
 
     drive(scenario)
@@ -201,12 +200,12 @@ def test_finished_run_stays_up_and_still_samples(tmp_path, shared_dir, fast_keys
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "finished")
+            await wait_until(pilot, lambda: app.view.state == "finished")
             assert "FINISHED" in status_text(app) and "step 20/20" in status_text(app)
             assert "ETA" not in status_text(app)
             await pilot.press("s", "tab", "end", "ctrl+u", "1", "0", "enter")
-            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
-            assert app.model.state == "finished" and trainer.step_num == 20
+            await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
+            assert app.view.state == "finished" and trainer.step_num == 20
 
     drive(scenario)
 
@@ -222,14 +221,14 @@ def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_di
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 3)
+            await wait_until(pilot, lambda: app.view.step >= 3)
             await pilot.press("c")
-            await wait_until(pilot, lambda: any(line.level == "warning" for line in app.model.log))
-            warning = next(line for line in app.model.log if line.level == "warning")
+            await wait_until(pilot, lambda: any(line.level == "warning" for line in app.view.log))
+            warning = next(line for line in app.view.log if line.level == "warning")
             assert "could not save a checkpoint" in warning.text and "No space left on device" in warning.text
             failed_at = warning.step
-            await wait_until(pilot, lambda: app.model.step >= failed_at + 10)  # training went on
-            assert app.model.state == "running"
+            await wait_until(pilot, lambda: app.view.step >= failed_at + 10)  # training went on
+            assert app.view.state == "running"
             await pilot.press("ctrl+c")
             await wait_until(pilot, lambda: app.return_code is not None)
 
@@ -251,7 +250,7 @@ def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_pa
     async def scenario():
         app = Dashboard(trainer, torch_threads=threads)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "finished")
+            await wait_until(pilot, lambda: app.view.state == "finished")
 
     drive(scenario)
     assert seen == [2]
@@ -286,7 +285,7 @@ def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     assert isinstance(consumer[plain_run], HeadlessReporter)
     (app,) = dashboards
     assert consumer[watched_run] is app.local.bus and app.trainer.run_folder.name == watched_run
-    assert app.model.run.run_name == watched_run and app.model.step > 0  # and it showed that run's steps
+    assert app.view.run.run_name == watched_run and app.view.step > 0  # and it showed that run's steps
 
 
 def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir, fast_keys):
@@ -302,7 +301,7 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
         bus.subscribe(poison)  # on the trainer thread, before the dashboard hears of the event
         app = Dashboard(trainer, bus=bus)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "error")
+            await wait_until(pilot, lambda: app.view.state == "error")
             banner = str(app.query_one("#error-banner").content)
             assert app.query_one("#error-banner").display
             assert "non-finite" in banner and "step 20" in banner
@@ -311,7 +310,7 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
             await pilot.press("c", "space")  # neither saves the broken weights nor restarts training
             await pilot.pause(0.5)
             assert trainer.step_num == stopped_at
-            assert [line.step for line in app.model.log if line.level == "checkpoint"] == [20]
+            assert [line.step for line in app.view.log if line.level == "checkpoint"] == [20]
 
     drive(scenario)
     assert trainer.run_folder.checkpoint("latest").name == "step-00000020"
@@ -323,8 +322,9 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
 # Snapshots are pictures of Textual's output: another Textual version may draw a border or the
 # Footer a little differently, which is not a regression of ours.
 SNAPSHOT_TEXTUAL = "8.2.8"
-same_textual = pytest.mark.skipif(version("textual") != SNAPSHOT_TEXTUAL,
-                                  reason=f"snapshots were drawn with Textual {SNAPSHOT_TEXTUAL}")
+same_textual = pytest.mark.skipif(
+    version("textual") != SNAPSHOT_TEXTUAL, reason=f"snapshots were drawn with Textual {SNAPSHOT_TEXTUAL}"
+)
 
 
 def recorded_events() -> list:
@@ -362,8 +362,12 @@ def test_layout_error(snap_compare):
     message = "loss or gradient norm became non-finite at step 301"
     events = recorded_events() + [
         StateChanged("error", message),
-        Notice("error", f"{message}. Training stopped; the last good checkpoint (step 300) is kept; "
-                        "resume with a lower --lr", 300)]
+        Notice(
+            "error",
+            f"{message}. Training stopped; the last good checkpoint (step 300) is kept; resume with a lower --lr",
+            300,
+        ),
+    ]
     assert snap_compare(Dashboard(replay=events), terminal_size=(80, 24))
 
 
@@ -387,7 +391,6 @@ def record(path: Path = FIXTURE) -> None:
     import tempfile
 
     from moe_core.model.sampling import SampleRequest
-
     from tests.conftest import shared_data_dir
 
     events = []
@@ -399,8 +402,16 @@ def record(path: Path = FIXTURE) -> None:
         if isinstance(event, StepMetrics) and event.step == 300:
             trainer.control.stop("recorded")
 
-    trainer = make_trainer(Path(tempfile.mkdtemp()), shared_data_dir(), name="simpsons-demo", sink=sink,
-                           max_iters=1000, sample_interval=100, sample_tokens=160, ckpt_interval=100)
+    trainer = make_trainer(
+        Path(tempfile.mkdtemp()),
+        shared_data_dir(),
+        name="simpsons-demo",
+        sink=sink,
+        max_iters=1000,
+        sample_interval=100,
+        sample_tokens=160,
+        ckpt_interval=100,
+    )
     trainer.run()
     records = []
     for event in events:

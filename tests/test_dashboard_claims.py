@@ -7,12 +7,11 @@ from __future__ import annotations
 import threading
 
 from moe_core.model.sampling import SampleRequest
-from tui.dashboard.app import Dashboard
-from tui.dashboard.screens import HelpScreen, SampleDialog
-from tui.dashboard.widgets import EventsLog, SamplesPanel
-
 from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, one_torch_thread, shown, status_text, wait_until  # noqa: F401
 from tests.test_training import make_trainer
+from tui.dashboard.app import Dashboard
+from tui.dashboard.screens import HelpScreen, SampleDialog
+from tui.dashboard.widgets.panels import EventsLog, SamplesPanel
 
 
 class Held:
@@ -39,7 +38,7 @@ def test_question_mark_shows_help_and_c_and_e_show_saving_and_evaluating(tmp_pat
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 5)
+            await wait_until(pilot, lambda: app.view.step >= 5)
             await pilot.press("question_mark")
             await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
             help_text = str(app.screen.query_one("#help-text").content)
@@ -59,8 +58,8 @@ def test_question_mark_shows_help_and_c_and_e_show_saving_and_evaluating(tmp_pat
             await wait_until(pilot, lambda: "EVALUATING" in status_text(app))
             evaluated_at = trainer.step_num
             evaluating.release()
-            await wait_until(pilot, lambda: "RUNNING" in status_text(app) and app.model.last_eval is not None)
-            assert app.model.last_eval.step == evaluated_at
+            await wait_until(pilot, lambda: "RUNNING" in status_text(app) and app.view.last_eval is not None)
+            assert app.view.last_eval.step == evaluated_at
             await wait_until(pilot, lambda: "eval train" in shown(app.query_one(EventsLog)))
 
     drive(scenario)
@@ -87,13 +86,13 @@ def test_sample_dialog_temperature_and_top_k_while_paused(tmp_path, shared_dir, 
     async def scenario():
         app = Dashboard(trainer)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.step >= 5)
+            await wait_until(pilot, lambda: app.view.step >= 5)
             await pilot.press("space")
             await wait_until(pilot, lambda: "PAUSED" in status_text(app))
             paused_at = trainer.step_num
 
             def answers() -> list:
-                return [s for s in app.model.samples if s.requested][::-1]  # oldest first
+                return [s for s in app.view.samples if s.requested][::-1]  # oldest first
 
             await sample_with(pilot, app, {"prompt": "Moe:", "length": "30", "temperature": "0", "top-k": ""})
             await wait_until(pilot, lambda: "SAMPLING" in status_text(app))
@@ -107,7 +106,7 @@ def test_sample_dialog_temperature_and_top_k_while_paused(tmp_path, shared_dir, 
             await wait_until(pilot, lambda: len(answers()) == 3)
             await wait_until(pilot, lambda: "T=2" in shown(app.query_one(SamplesPanel)))
 
-            assert trainer.step_num == paused_at and app.model.state == "paused"  # it never trained meanwhile
+            assert trainer.step_num == paused_at and app.view.state == "paused"  # it never trained meanwhile
             greedy = sample(SampleRequest("Moe:", 30, temperature=0.0))
             first, top_1, hot = answers()
             assert [s.temperature for s in answers()] == [0.0, 2.0, 2.0]

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.data.corpus import corpus as data
 from moe_core.data.corpus import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
-from moe_core.errors import UserError
+from moe_core.data.corpus import corpus as data
 from moe_core.data.vocab import Vocab
+from moe_core.errors import UserError
+
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,12 +254,12 @@ def test_local_path_expands_user(tmp_path, monkeypatch):
 
 
 CSV = (
-    'raw_character_text,spoken_words,episode\n'
-    'Homer Simpson,Hi Moe,1\n'
-    'Moe Szyslak,,1\n'  # empty value: skipped
-    '   ,Who said this?,2\n'  # whitespace-only value: skipped
+    "raw_character_text,spoken_words,episode\n"
+    "Homer Simpson,Hi Moe,1\n"
+    "Moe Szyslak,,1\n"  # empty value: skipped
+    "   ,Who said this?,2\n"  # whitespace-only value: skipped
     'Moe Szyslak,"Hey, Homer.\nWhat\'ll it be?",2\n'  # quoted comma and newline
-    'Barney Gumble\n'  # short row: skipped
+    "Barney Gumble\n"  # short row: skipped
 )
 
 
@@ -330,8 +331,7 @@ def test_missing_path(tmp_path, no_network):
     with pytest.raises(UserError) as err:
         load_corpus("shakespear", tmp_path)
     assert str(err.value) == (
-        "dataset 'shakespear' not found: use one of shakespeare, simpsons, "
-        "a path to a text file, or an http(s) URL"
+        "dataset 'shakespear' not found: use one of shakespeare, simpsons, a path to a text file, or an http(s) URL"
     )
 
 
@@ -377,7 +377,7 @@ def test_vocab_decode_rejects_out_of_range():
 
 
 def test_vocab_json_round_trip():
-    vocab = Vocab.from_text("Moe's \"Tavern\"\n\u00e9\u2019")
+    vocab = Vocab.from_text('Moe\'s "Tavern"\n\u00e9\u2019')
     again = Vocab.from_json(vocab.to_json())
     assert again == vocab and again.chars == vocab.chars
     assert list(json.loads(vocab.to_json())) == ["chars"]

@@ -29,29 +29,50 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe_core.errors import UserError
 from moe_core.parallel import ranks as distributed
 from moe_core.store.checkpoint import load_checkpoint
-from moe_core.errors import UserError
-
 from tests.conftest import REPO, TINY, as_flags, shared_data_dir
 
 DP = {**TINY, "warmup_iters": 400, "eval_interval": 20, "ckpt_interval": 20, "max_iters": 40}
 DP_FLAGS = as_flags(DP)
-QUIET = ["--max-iters", "100000", "--eval-interval", "100000", "--sample-interval", "100000",
-         "--ckpt-interval", "100000", "--log-interval", "5"]
+QUIET = [
+    "--max-iters",
+    "100000",
+    "--eval-interval",
+    "100000",
+    "--sample-interval",
+    "100000",
+    "--ckpt-interval",
+    "100000",
+    "--log-interval",
+    "5",
+]
 
 
 def environment(runs: Path) -> dict:
     # One torch thread per rank: two ranks of two threads on two cores run ~50x slower (libgomp spins).
-    return {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs),
-            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "MOE_TUI_DATA": str(shared_data_dir()),
+        "MOE_TUI_RUNS": str(runs),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
-def start(args: list[str], runs: Path, module: str = "tui", launcher: list[str] = (),
-          env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *launcher, *(["-m"] if launcher else []), module, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**environment(runs), **(env or {})}, cwd=REPO, start_new_session=True)
+def start(
+    args: list[str], runs: Path, module: str = "tui", launcher: list[str] = (), env: dict | None = None
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *launcher, *(["-m"] if launcher else []), module, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environment(runs), **(env or {})},
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def train(args: list[str], runs: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -122,8 +143,7 @@ def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 120)
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
-def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight_run(first, then, straight,
-                                                                                      tmp_path):
+def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight_run(first, then, straight, tmp_path):
     nproc = lambda n: ["--nproc", str(n)] if n > 1 else []  # noqa: E731
     process = start(["train", "simpsons", *DP_FLAGS, "--run-name", "split", *nproc(first), "--headless"], tmp_path)
     wait_for_line(process, r"^step +10 ")
@@ -150,8 +170,9 @@ def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_
     # Same routing, capacity and losses as data parallelism; only where the experts live differs, so the
     # same tolerances hold (see the top of this file).
     # A sample at step 20 (every expert gathered to rank 0 and back) in the middle of the run.
-    done = train([*DP_FLAGS, "--run-name", "ep", "--nproc", "2", "--expert-parallel", "--sample-interval", "20"],
-                 tmp_path)
+    done = train(
+        [*DP_FLAGS, "--run-name", "ep", "--nproc", "2", "--expert-parallel", "--sample-interval", "20"], tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "device cpu x 2, 2 experts each" in done.stdout and done.stdout.count("sample @ step") == 2
     run = tmp_path / "ep"
@@ -169,8 +190,14 @@ def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_
     # Adam's moments, every expert's too, relative to each tensor's scale (exp_avg_sq is ~1e-6).
     moments = [load_checkpoint(r / "checkpoints" / "step-00000040")[1]["optimizer"]["state"] for r in (straight, run)]
     assert moments[0].keys() == moments[1].keys()
-    assert max(((moments[0][i][m] - moments[1][i][m]).abs().max() / moments[0][i][m].abs().max()).item()
-               for i in moments[0] for m in ("exp_avg", "exp_avg_sq")) < 2e-2
+    assert (
+        max(
+            ((moments[0][i][m] - moments[1][i][m]).abs().max() / moments[0][i][m].abs().max()).item()
+            for i in moments[0]
+            for m in ("exp_avg", "exp_avg_sq")
+        )
+        < 2e-2
+    )
 
 
 def test_with_capacity_expert_parallel_drops_what_data_parallel_drops(tmp_path):
@@ -178,18 +205,24 @@ def test_with_capacity_expert_parallel_drops_what_data_parallel_drops(tmp_path):
     capped = [*DP_FLAGS, "--capacity-factor", "1.0", "--max-iters", "20", "--nproc", "2"]
     assert train([*capped, "--run-name", "dp"], tmp_path).returncode == 0
     assert train([*capped, "--run-name", "ep", "--expert-parallel"], tmp_path).returncode == 0
-    dropped = [[layer["dropped_fraction"] for r in records(tmp_path / name, "RouterStats") for layer in r["layers"]]
-               for name in ("dp", "ep")]
+    dropped = [
+        [layer["dropped_fraction"] for r in records(tmp_path / name, "RouterStats") for layer in r["layers"]]
+        for name in ("dp", "ep")
+    ]
     assert dropped[0] == pytest.approx(dropped[1], abs=1e-6) and max(dropped[0]) > 0  # something was dropped
     assert evals(tmp_path / "dp")[20] == pytest.approx(evals(tmp_path / "ep")[20], abs=1e-4)
 
 
-@pytest.mark.parametrize("first,then", [(["--nproc", "2", "--expert-parallel"], []),
-                                        ([], ["--nproc", "2", "--expert-parallel"]),
-                                        (["--nproc", "2"], ["--nproc", "2", "--expert-parallel"])],
-                         ids=["experts-split-then-1", "1-then-experts-split", "data-parallel-then-experts-split"])
-def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpoints(first, then, straight,
-                                                                                     tmp_path):
+@pytest.mark.parametrize(
+    "first,then",
+    [
+        (["--nproc", "2", "--expert-parallel"], []),
+        ([], ["--nproc", "2", "--expert-parallel"]),
+        (["--nproc", "2"], ["--nproc", "2", "--expert-parallel"]),
+    ],
+    ids=["experts-split-then-1", "1-then-experts-split", "data-parallel-then-experts-split"],
+)
+def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpoints(first, then, straight, tmp_path):
     assert train([*DP_FLAGS, "--run-name", "moved", "--max-iters", "20", *first], tmp_path).returncode == 0
     done = train(["--resume", "moved", "--max-iters", "40", *then], tmp_path)
     assert done.returncode == 0 and "resuming at step 20" in done.stdout, done.stderr
@@ -214,13 +247,21 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.parametrize("target,sig", [("launcher", signal.SIGINT), ("every process", signal.SIGINT),
-                                        ("rank 0", signal.SIGTERM),
-                                        ("rank 1", signal.SIGTERM), ("rank 1", signal.SIGINT)],
-                         ids=lambda v: v if isinstance(v, str) else v.name)
+@pytest.mark.parametrize(
+    "target,sig",
+    [
+        ("launcher", signal.SIGINT),
+        ("every process", signal.SIGINT),
+        ("rank 0", signal.SIGTERM),
+        ("rank 1", signal.SIGTERM),
+        ("rank 1", signal.SIGINT),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.name,
+)
 def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_code(target, sig, tmp_path):
-    process = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "s", "--nproc", "2",
-                     "--headless"], tmp_path)
+    process = start(
+        ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "s", "--nproc", "2", "--headless"], tmp_path
+    )
     try:
         wait_for_line(process, r"^step +10 ")
         if target == "every process":  # as `pkill -INT -f moe-tui` would: rank 1 may act on it first
@@ -234,8 +275,9 @@ def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_c
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + sig, err
     stopped = int(re.search(r"saved checkpoint at step (\d+)", out).group(1))
-    assert out.rstrip().endswith(f"stopped: {sig.name[3:].lower()} received" +
-                                 (" by rank 1" if target == "rank 1" else ""))
+    assert out.rstrip().endswith(
+        f"stopped: {sig.name[3:].lower()} received" + (" by rank 1" if target == "rank 1" else "")
+    )
     assert err.strip() == "resume with: moe-tui train --resume s --nproc 2"  # nothing else, from any rank
     assert [p.name for p in (tmp_path / "s" / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
 
@@ -298,12 +340,18 @@ def test_a_rank_that_fails_alone_brings_every_rank_down_at_once_and_the_run_resu
     # Out of memory on one GPU in the middle of an evaluation: rank 0 is already inside a collective
     # that rank 1 will never join. Rank 1 leaves at once instead of waiting out COLLECTIVE_TIMEOUT.
     started = time.monotonic()
-    done = train([*DP_FLAGS, "--run-name", "f", "--nproc", "2"], tmp_path, timeout=120,
-                 env=faults(tmp_path, "eval-fails-on-rank-1"))
+    done = train(
+        [*DP_FLAGS, "--run-name", "f", "--nproc", "2"],
+        tmp_path,
+        timeout=120,
+        env=faults(tmp_path, "eval-fails-on-rank-1"),
+    )
     took = time.monotonic() - started
     assert done.returncode == 1, done.stderr
-    assert ("error: process 1 of 2 failed at step 40 (CUDA out of memory (injected on rank 1 only)); the others "
-            "stop too; resume from the last checkpoint") in done.stderr
+    assert (
+        "error: process 1 of 2 failed at step 40 (CUDA out of memory (injected on rank 1 only)); the others "
+        "stop too; resume from the last checkpoint"
+    ) in done.stderr
     assert took < distributed.COLLECTIVE_TIMEOUT.total_seconds() / 3
     resumed = train(["--resume", "f", "--nproc", "2"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -311,8 +359,12 @@ def test_a_rank_that_fails_alone_brings_every_rank_down_at_once_and_the_run_resu
 
 
 def test_a_checkpoint_being_written_when_a_rank_dies_is_written_before_rank_0_leaves(tmp_path):
-    done = train([*DP_FLAGS, "--run-name", "w", "--nproc", "2"], tmp_path, timeout=120,
-                 env=faults(tmp_path, "slow-disk-then-rank-1-dies"))
+    done = train(
+        [*DP_FLAGS, "--run-name", "w", "--nproc", "2"],
+        tmp_path,
+        timeout=120,
+        env=faults(tmp_path, "slow-disk-then-rank-1-dies"),
+    )
     assert done.returncode == 1 and "process 1 of 2" in done.stderr and "SIGKILL" in done.stderr, done.stderr
     load_checkpoint(tmp_path / "w" / "checkpoints" / "step-00000020")  # whole, 3 s after rank 1 died
 
@@ -321,8 +373,9 @@ KILL_DEADLINE = 30.0  # seconds from kill -9 of a rank to every process gone; me
 
 
 def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
-    process = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "k", "--nproc", "2",
-                     "--headless"], tmp_path)
+    process = start(
+        ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "k", "--nproc", "2", "--headless"], tmp_path
+    )
     try:
         wait_for_line(process, r"^step +10 ")
         ranks = rank_pids(process.pid)
@@ -336,14 +389,19 @@ def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 1 and took < KILL_DEADLINE
     said = [line for line in err.splitlines() if line.startswith("error:")]
-    assert said == [f"error: process 1 of 2 (pid {ranks[1]}) was killed by SIGKILL, and the others were stopped; "
-                    "resume from the last checkpoint with: moe-tui train --resume k --nproc 2"], err  # one line
+    assert said == [
+        f"error: process 1 of 2 (pid {ranks[1]}) was killed by SIGKILL, and the others were stopped; "
+        "resume from the last checkpoint with: moe-tui train --resume k --nproc 2"
+    ], err  # one line
     assert not Path(f"/proc/{ranks[0]}").exists() or "zombie" in Path(f"/proc/{ranks[0]}/status").read_text()
 
 
 def test_torchrun_itself_runs_the_headless_reporter_on_rank_0_only(tmp_path):
-    process = start(["train", "simpsons", *DP_FLAGS, "--max-iters", "20", "--run-name", "t", "--headless"], tmp_path,
-                    launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    process = start(
+        ["train", "simpsons", *DP_FLAGS, "--max-iters", "20", "--run-name", "t", "--headless"],
+        tmp_path,
+        launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert out.count("training run 't'") == 1 and out.count("eval     20") == 1 and "finished" in out
@@ -364,8 +422,9 @@ def processes_of(runs: Path) -> list[int]:
 
 def test_several_processes_detached_train_on_after_the_command_returns_and_stop_on_request(tmp_path):
     try:
-        started = start(["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "bg", "--nproc", "2", "--detach"],
-                        tmp_path)
+        started = start(
+            ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "bg", "--nproc", "2", "--detach"], tmp_path
+        )
         out, err = started.communicate(timeout=120)  # returns as soon as rank 0 trains
         assert started.returncode == 0 and err == "", err
         assert "in the background as process" in out and "moe-tui watch bg" in out and "moe-tui stop bg" in out
@@ -398,12 +457,37 @@ def free_port() -> int:
 def two_machines(args: list[str], runs: Path, cwds: tuple[Path, Path]) -> list[subprocess.Popen]:
     """README's multi-node command, both "machines" on this one: a torchrun per node, one process each."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-                              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                              "-m", "tui", "train", *args, "--headless"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(runs),
-                             cwd=cwd, start_new_session=True)
-            for node, cwd in enumerate(cwds)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "tui",
+                "train",
+                *args,
+                "--headless",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(runs),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        for node, cwd in enumerate(cwds)
+    ]
 
 
 def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
@@ -432,8 +516,10 @@ def test_two_machines_train_as_one_with_the_readme_command(straight, tmp_path):
     assert len(said) == 1 and "run 'nodes' already exists" in said[0], err0
     heard = [line for line in err1.splitlines() if line.startswith("error:")]
     # Told by rank 0 through the store, or, had machine 0's torchrun and its store gone first, losing them.
-    assert len(heard) == 1 and ("process 0 of 2 could not start: run 'nodes' already exists" in heard[0] or
-                                "lost contact with the other machines' processes" in heard[0]), err1
+    assert len(heard) == 1 and (
+        "process 0 of 2 could not start: run 'nodes' already exists" in heard[0]
+        or "lost contact with the other machines' processes" in heard[0]
+    ), err1
 
 
 def test_a_file_missing_on_one_machine_stops_both_at_once_each_saying_why(tmp_path):
@@ -462,8 +548,21 @@ def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
 
     terminal = Terminal(tmp_path)
     env = {k: v for k, v in environment(tmp_path / "runs").items() if k not in ("NO_COLOR", "TMUX")}
-    command = " ".join([str(MOE_TUI), "train", "simpsons", "--run-name", "dash", *as_flags(TINY), *QUIET,
-                        "--nproc", "2", "--on-hangup", "stop"])
+    command = " ".join(
+        [
+            str(MOE_TUI),
+            "train",
+            "simpsons",
+            "--run-name",
+            "dash",
+            *as_flags(TINY),
+            *QUIET,
+            "--nproc",
+            "2",
+            "--on-hangup",
+            "stop",
+        ]
+    )
     try:
         terminal.start(f"{command}; echo exit=$?; sleep 600", env)
         terminal.wait_for(r"RUNNING +step [1-9]\d*/100000", timeout=120)
@@ -484,6 +583,7 @@ def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
 
 
 # -- what can only be checked apart from a real run here (no GPUs, one kind of device) -------------
+
 
 def test_a_process_per_gpu_and_one_kind_of_device():
     with pytest.raises(UserError, match=r"--nproc 4 asks for more processes than the 2 CUDA GPU\(s\)"):
@@ -506,9 +606,9 @@ def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results
     import torch.distributed as dist
 
     from moe_core.config import Config
-    from moe_core.parallel.ranks import Ranks
-    from moe_core.parallel.experts import ExpertParallel
     from moe_core.model.moe import MoE
+    from moe_core.parallel.experts import ExpertParallel
+    from moe_core.parallel.ranks import Ranks
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
@@ -521,14 +621,26 @@ def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results
     x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(rank))  # each rank its own tokens
     holder = torch.nn.Module()
     holder.moe = layer
-    ExpertParallel(Ranks(rank, 2), Config(num_experts=4, top_k=2, n_embd=6, n_head=1), holder,
-                   torch.optim.AdamW(holder.parameters()))
+    ExpertParallel(
+        Ranks(rank, 2),
+        Config(num_experts=4, top_k=2, n_embd=6, n_head=1),
+        holder,
+        torch.optim.AdamW(holder.parameters()),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         split, alone = layer(x), whole(x)
     split.sum().backward()
     alone.sum().backward()
-    torch.save({"split": split.detach(), "alone": alone.detach(), "dtype": str(split.dtype),
-                "grad": layer.experts.w1.grad, "whole_grad": whole.experts.w1.grad}, f"{results}-{rank}.pt")
+    torch.save(
+        {
+            "split": split.detach(),
+            "alone": alone.detach(),
+            "dtype": str(split.dtype),
+            "grad": layer.experts.w1.grad,
+            "whole_grad": whole.experts.w1.grad,
+        },
+        f"{results}-{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -537,8 +649,9 @@ def test_the_expert_parallel_dispatch_is_the_layer_on_one_process(capacity_facto
     # Each rank's output equals the whole layer's on its tokens, in the input's dtype under bf16
     # autocast; each rank's expert gradients are its share of the two ranks' summed gradients (the
     # trainer divides them by 2, as it averages the replicated ones).
-    torch.multiprocessing.spawn(_dispatch_on_two_ranks, nprocs=2,
-                                args=(f"file://{tmp_path / 'init'}", capacity_factor, str(tmp_path / "r")))
+    torch.multiprocessing.spawn(
+        _dispatch_on_two_ranks, nprocs=2, args=(f"file://{tmp_path / 'init'}", capacity_factor, str(tmp_path / "r"))
+    )
     ranks = [torch.load(tmp_path / f"r-{rank}.pt") for rank in (0, 1)]
     for r in ranks:
         assert r["dtype"] == "torch.float32"
@@ -546,4 +659,4 @@ def test_the_expert_parallel_dispatch_is_the_layer_on_one_process(capacity_facto
     summed = ranks[0]["whole_grad"] + ranks[1]["whole_grad"]  # (4 experts, ...): both ranks' tokens
     for rank, r in enumerate(ranks):
         assert r["grad"].shape[0] == 2  # its own two experts only
-        assert torch.allclose(r["grad"], summed[2 * rank:2 * rank + 2], atol=5e-2, rtol=2e-2)
+        assert torch.allclose(r["grad"], summed[2 * rank : 2 * rank + 2], atol=5e-2, rtol=2e-2)

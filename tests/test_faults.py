@@ -22,17 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_core.store import checkpoint as checkpoint_module
-from moe_core.train import checkpoint_writer
-from moe_core.store import runs as runs_module
-from moe_core.store.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.errors import UserError
 from moe_core.events import Notice
+from moe_core.store import checkpoint as checkpoint_module
+from moe_core.store import runs as runs_module
+from moe_core.store.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.store.runs import Run
-from tui.cli import main
-
+from moe_core.train import checkpoint_writer
 from tests.conftest import TINY, as_flags, start_moe_tui
 from tests.test_training import make_trainer
+from tui.cli import main
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -62,33 +61,44 @@ def intact_or_count_corrupt(run: Path) -> tuple[int, int]:
 
 # -- kill -9 ---------------------------------------------------------------------------------------
 
+
 def kill_trials_settings(trials: int) -> dict:
     # A checkpoint every 5 steps (about 0.15 s), so that kills land in the middle of writes too.
-    return {**TINY, "max_iters": 40 * trials, "ckpt_interval": 5, "keep_checkpoints": 3, "eval_interval": 40,
-            "sample_interval": 60}
+    return {
+        **TINY,
+        "max_iters": 40 * trials,
+        "ckpt_interval": 5,
+        "keep_checkpoints": 3,
+        "eval_interval": 40,
+        "sample_interval": 60,
+    }
 
 
 @pytest.mark.parametrize("trials", [4, pytest.param(24, marks=pytest.mark.slow)])
 def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_path, shared_dir):
     runs = tmp_path / "runs"
     flags = [*as_flags(kill_trials_settings(trials)), "--headless"]
-    straight = start_moe_tui(["train", "simpsons", *flags, "--run-name", "straight"], runs,
-                             stdout=subprocess.DEVNULL)
+    straight = start_moe_tui(["train", "simpsons", *flags, "--run-name", "straight"], runs, stdout=subprocess.DEVNULL)
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
     rng = random.Random(trials)
     killed, last_checkpoint, corrupt_found, mid_write_kills, really_mid_write = runs / "killed", -1, 0, 0, 0
     for trial in range(trials):
-        args = (["train", "simpsons", *flags, "--run-name", "killed"] if trial == 0
-                else ["train", "--resume", "killed", "--headless"])
+        args = (
+            ["train", "simpsons", *flags, "--run-name", "killed"]
+            if trial == 0
+            else ["train", "--resume", "killed", "--headless"]
+        )
         log = tmp_path / f"trial-{trial}.log"
         with open(log, "w") as out:
             proc = start_moe_tui(args, runs, stdout=out)
         wait_until(lambda: "run 'killed'" in log.read_text() or proc.poll() is not None, 120, "training to start")
         assert proc.poll() is None, f"trial {trial} ended early: {proc.stderr.read()}"
         root = killed / "checkpoints"  # this process writes a checkpoint to .tmp-NAME-PID, then renames it
-        writing = lambda: root.is_dir() and any(p.name.startswith(".tmp-") and p.name.endswith(f"-{proc.pid}")
-                                                for p in os.scandir(root))
+        writing = lambda: (
+            root.is_dir()
+            and any(p.name.startswith(".tmp-") and p.name.endswith(f"-{proc.pid}") for p in os.scandir(root))
+        )
         if trial % 2:  # kill in the middle of writing a checkpoint
             wait_until(writing, 60, "a checkpoint write")
             mid_write_kills += 1
@@ -108,8 +118,9 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
     final = start_moe_tui(["train", "--resume", "killed", "--headless"], runs, stdout=subprocess.DEVNULL)
     assert final.wait(timeout=600) == 0, final.stderr.read()
     assert corrupt_found == 0
-    assert really_mid_write * 2 >= mid_write_kills, \
+    assert really_mid_write * 2 >= mid_write_kills, (
         f"only {really_mid_write} of {mid_write_kills} kills meant for a checkpoint write landed during one"
+    )
 
     # The resumed run is the uninterrupted one: same weights, same evaluations, same samples, and
     # every logged step exactly once.
@@ -125,19 +136,27 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
     # The newest --keep-checkpoints 3 and best, and nothing left over from the crashes.
     n = 40 * trials
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
-        "best", f"step-{n - 10:08d}", f"step-{n - 5:08d}", f"step-{n:08d}"]
-    print(f"\nkill -9 trials: {trials} ({mid_write_kills} aimed at a checkpoint write, {really_mid_write} of them "
-          f"left its .tmp- folder behind), corrupt checkpoints found: {corrupt_found}, final weights equal to "
-          "the uninterrupted run's")
+        "best",
+        f"step-{n - 10:08d}",
+        f"step-{n - 5:08d}",
+        f"step-{n:08d}",
+    ]
+    print(
+        f"\nkill -9 trials: {trials} ({mid_write_kills} aimed at a checkpoint write, {really_mid_write} of them "
+        f"left its .tmp- folder behind), corrupt checkpoints found: {corrupt_found}, final weights equal to "
+        "the uninterrupted run's"
+    )
 
 
 # -- stop signals, headless (the dashboard's are in test_tmux.py) ------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_saves_prints_the_resume_command_and_exits_128_plus_n(sig, tmp_path, shared_dir):
     runs = tmp_path / "runs"
-    proc = start_moe_tui(["train", "simpsons", *as_flags(TINY), "--max-iters", "100000", "--run-name", "sig",
-                          "--headless"], runs)
+    proc = start_moe_tui(
+        ["train", "simpsons", *as_flags(TINY), "--max-iters", "100000", "--run-name", "sig", "--headless"], runs
+    )
     for line in proc.stdout:  # wait until it is really training
         if line.startswith("step "):
             break
@@ -161,9 +180,11 @@ def test_a_stop_signal_saves_prints_the_resume_command_and_exits_128_plus_n(sig,
 
 # -- a disk that refuses checkpoint writes ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES], ids=errno.errorcode.get)
-def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(code, tmp_path, shared_dir,
-                                                                                 monkeypatch, capsys):
+def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(
+    code, tmp_path, shared_dir, monkeypatch, capsys
+):
     real_save = checkpoint_module.save_file
     kept = {}
 
@@ -177,8 +198,24 @@ def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on
 
     monkeypatch.setattr(checkpoint_module, "save_file", save_file_on_a_full_disk)
     runs = tmp_path / "runs"
-    args = ["train", "simpsons", *as_flags(TINY), "--max-iters", "30", "--ckpt-interval", "10", "--eval-interval",
-            "10", "--run-name", "full", "--headless", "--data-dir", str(shared_dir), "--runs-dir", str(runs)]
+    args = [
+        "train",
+        "simpsons",
+        *as_flags(TINY),
+        "--max-iters",
+        "30",
+        "--ckpt-interval",
+        "10",
+        "--eval-interval",
+        "10",
+        "--run-name",
+        "full",
+        "--headless",
+        "--data-dir",
+        str(shared_dir),
+        "--runs-dir",
+        str(runs),
+    ]
     code_ = main(args)
     out, err = capsys.readouterr()
     assert code_ == 1, "finishing without saving the last steps is not a success"
@@ -192,8 +229,9 @@ def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on
     load_checkpoint(root / "step-00000010")
 
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)  # space freed: resume works
-    assert main(["train", "--resume", "full", "--headless", "--data-dir", str(shared_dir),
-                 "--runs-dir", str(runs)]) == 0
+    assert (
+        main(["train", "--resume", "full", "--headless", "--data-dir", str(shared_dir), "--runs-dir", str(runs)]) == 0
+    )
     assert "resuming at step 10" in capsys.readouterr().out
 
 
@@ -203,9 +241,24 @@ def test_a_real_file_size_limit_fails_every_save_and_training_still_finishes(tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
     runs = tmp_path / "runs"
-    proc = start_moe_tui(["train", "simpsons", *as_flags(TINY), "--max-iters", "20", "--ckpt-interval", "10",
-                          "--eval-interval", "10", "--run-name", "limited", "--headless"], runs,
-                         preexec_fn=limit_file_size)
+    proc = start_moe_tui(
+        [
+            "train",
+            "simpsons",
+            *as_flags(TINY),
+            "--max-iters",
+            "20",
+            "--ckpt-interval",
+            "10",
+            "--eval-interval",
+            "10",
+            "--run-name",
+            "limited",
+            "--headless",
+        ],
+        runs,
+        preexec_fn=limit_file_size,
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     assert "could not save a checkpoint at step 10" in out and "File too large" in out
@@ -257,9 +310,9 @@ def test_the_checkpoint_writer_lets_one_snapshot_wait_and_then_holds_training_ba
 
 # -- what a crash leaves behind --------------------------------------------------------------------
 
+
 def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, shared_dir):
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10,
-                           sample_interval=10)
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10, sample_interval=10)
     trainer.run()
     run = trainer.run_folder
     root = run.checkpoints
@@ -277,8 +330,16 @@ def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, s
     (root / ".del-step-00000000-4242").mkdir()  # an old checkpoint, half deleted
 
     events = []
-    resumed = make_trainer(tmp_path, shared_dir, resume=True, sink=events.append, max_iters=50,
-                           ckpt_interval=10, eval_interval=10, sample_interval=10)
+    resumed = make_trainer(
+        tmp_path,
+        shared_dir,
+        resume=True,
+        sink=events.append,
+        max_iters=50,
+        ckpt_interval=10,
+        eval_interval=10,
+        sample_interval=10,
+    )
     assert resumed.step_num == 30
     assert resumed.run() == "finished"
     notes = [e.message for e in events if isinstance(e, Notice)]
@@ -293,8 +354,7 @@ def test_resume_repairs_everything_a_crash_can_leave_in_a_run_folder(tmp_path, s
 
 
 def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, shared_dir, monkeypatch):
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10,
-                           keep_checkpoints=3)
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=30, ckpt_interval=10, eval_interval=10, keep_checkpoints=3)
     trainer.run()
     root = trainer.run_folder.checkpoints
 

@@ -15,7 +15,6 @@ import torch
 import moe_core.model.moe
 from moe_core.config import PRESETS, build_config
 from moe_core.model.transformer import MoETransformer
-
 from tests.test_training import make_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,6 +72,7 @@ def test_a_one_token_sampling_step_reads_nothing_back(grouped_experts):
 
 # -- on the GPU itself -----------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @cuda
 def test_cuda_training_step_has_no_host_sync(tmp_path, shared_dir):
@@ -127,8 +127,7 @@ def test_cuda_graph_sampling_equals_eager_and_recompute():
         step.use_graph = False
         eager = torch.stack(list(model.generate(prompt, 3 * config.block_size, temperature=0.0)))
         step.use_graph = True
-        recomputed = torch.stack(list(model.generate(prompt, 3 * config.block_size, temperature=0.0,
-                                                     use_cache=False)))
+        recomputed = torch.stack(list(model.generate(prompt, 3 * config.block_size, temperature=0.0, use_cache=False)))
         assert torch.equal(graphed, eager)
         agree = (graphed == recomputed).float().mean().item()
         assert torch.equal(graphed, recomputed), f"prompt of {prompt_len}: {agree:.1%} of the tokens agree"
@@ -137,8 +136,9 @@ def test_cuda_graph_sampling_equals_eager_and_recompute():
 @pytest.mark.gpu
 @cuda
 def test_cuda_save_and_resume_round_trip(tmp_path, shared_dir):
-    small = gpu_preset_but_small(device="cuda", dropout=0.0, max_iters=20, ckpt_interval=10,
-                                 eval_interval=10, sample_interval=1000)
+    small = gpu_preset_but_small(
+        device="cuda", dropout=0.0, max_iters=20, ckpt_interval=10, eval_interval=10, sample_interval=1000
+    )
     straight = make_trainer(tmp_path, shared_dir, name="straight", **small)
     assert straight.run() == "finished"
     first = make_trainer(tmp_path, shared_dir, name="halves", **small)

@@ -16,12 +16,11 @@ from moe_core.live.client import live_client
 from moe_core.live.follow import RunFollower
 from moe_core.live.lease import is_live, process_gone, read_status, socket_path
 from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
-from moe_core.store.runs import Run
 from moe_core.model.sampling import SampleRequest
-from tui.dashboard.app import Dashboard
-
+from moe_core.store.runs import Run
 from tests.conftest import TINY_FLAGS, as_flags, start_moe_tui
 from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
+from tui.dashboard.app import Dashboard
 
 QUIET_FLAGS = as_flags(QUIET)
 
@@ -53,8 +52,7 @@ def trainers():
 
 def detach(runs: Path, name: str, trainers: list[int], *extra: str) -> Run:
     """`moe-tui train simpsons --detach`, as a user types it; returns once the parent has returned."""
-    proc = start_moe_tui(["train", "simpsons", "--run-name", name, "--detach", *TINY_FLAGS, *QUIET_FLAGS, *extra],
-                         runs)
+    proc = start_moe_tui(["train", "simpsons", "--run-name", name, "--detach", *TINY_FLAGS, *QUIET_FLAGS, *extra], runs)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     pid = int(re.search(r"as process (\d+)", out)[1])
@@ -67,26 +65,31 @@ def detach(runs: Path, name: str, trainers: list[int], *extra: str) -> Run:
 
 # -- the wire protocol -----------------------------------------------------------------------------
 
+
 def test_the_control_protocol_accepts_its_verbs_and_refuses_everything_else():
     vocab = Vocab.from_text("abc \n")
     assert parse_command(b'{"v": 1, "cmd": "pause"}', vocab) == ("pause", None)
     verb, request = parse_command(b'{"v": 1, "cmd": "sample", "prompt": "ab", "max_new_tokens": 5}', vocab)
     assert verb == "sample" and request == SampleRequest("ab", 5)
-    for line, says in [(b"pause", "not a JSON object"), (b"[1]", "not a JSON object"),
-                       (b'{"v": 2, "cmd": "pause"}', "protocol version 2"),
-                       (b'{"v": 1, "cmd": "rm -rf /"}', "unknown command"),
-                       (b'{"v": 1, "cmd": "sample", "prompt": "xyz"}', "does not know"),
-                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": "9"}', "wrong type"),
-                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": 10000000}', "at most"),
-                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "temperature": -1}', "temperature"),
-                       (b'{"v": 1, "cmd": "sample", "prompt": "a", "seed": 18446744073709551616}', "--seed"),
-                       (b"[" * 5000, "not a JSON object"),  # nested past the parser's recursion limit
-                       (b"\xff\xfe", "not a JSON object")]:
+    for line, says in [
+        (b"pause", "not a JSON object"),
+        (b"[1]", "not a JSON object"),
+        (b'{"v": 2, "cmd": "pause"}', "protocol version 2"),
+        (b'{"v": 1, "cmd": "rm -rf /"}', "unknown command"),
+        (b'{"v": 1, "cmd": "sample", "prompt": "xyz"}', "does not know"),
+        (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": "9"}', "wrong type"),
+        (b'{"v": 1, "cmd": "sample", "prompt": "a", "max_new_tokens": 10000000}', "at most"),
+        (b'{"v": 1, "cmd": "sample", "prompt": "a", "temperature": -1}', "temperature"),
+        (b'{"v": 1, "cmd": "sample", "prompt": "a", "seed": 18446744073709551616}', "--seed"),
+        (b"[" * 5000, "not a JSON object"),  # nested past the parser's recursion limit
+        (b"\xff\xfe", "not a JSON object"),
+    ]:
         with pytest.raises(ProtocolError, match=re.escape(says)):
             parse_command(line, vocab)
 
 
 # -- detach, watch, control --------------------------------------------------------------------------
+
 
 def test_a_detached_run_is_watched_paused_sampled_and_left_running(env, trainers, fast_keys):
     run = detach(env, "bg", trainers)
@@ -98,25 +101,25 @@ def test_a_detached_run_is_watched_paused_sampled_and_left_running(env, trainers
         follower.attach()
         app = Dashboard(sources=[follower])
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "running" and app.model.usage is not None)
-            first_point = app.model.train_loss.points(None)[0][0]
+            await wait_until(pilot, lambda: app.view.state == "running" and app.view.usage is not None)
+            first_point = app.view.train_loss.points(None)[0][0]
             assert first_point == 5  # the whole history from the run folder, not only what followed
             assert "bg · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
 
             await pilot.press("space")
-            await wait_until(pilot, lambda: app.model.state == "paused")
+            await wait_until(pilot, lambda: app.view.state == "paused")
             stopped = logged_steps(run)[-1]
             await pilot.pause(1.5)
             assert logged_steps(run)[-1] == stopped, "a step was logged while paused"
-            assert app.model.step - stopped < 5  # the step counter (heartbeat) stood still too
+            assert app.view.step - stopped < 5  # the step counter (heartbeat) stood still too
 
             await pilot.press("space")
-            await wait_until(pilot, lambda: app.model.state == "running" and logged_steps(run)[-1] > stopped)
+            await wait_until(pilot, lambda: app.view.state == "running" and logged_steps(run)[-1] > stopped)
 
             await pilot.press("s")
             await pilot.press("end", "ctrl+u", *"Homer:", "tab", "end", "ctrl+u", "2", "5", "enter")
-            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
-            sample = next(s for s in app.model.samples if s.requested)
+            await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
+            sample = next(s for s in app.view.samples if s.requested)
             assert sample.text.startswith("Homer:") and len(sample.text) == 6 + 25
             await pilot.press("q")  # a viewer leaves at once: nothing of its own to save
         assert app.return_code == 0
@@ -158,8 +161,11 @@ def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(
     rude.send_raw(b"y" * 1000 + b'\n{"v": 1, "cmd": "save"}\n')  # the rest of that line, then a good one
     rude.send_raw(b"[" * 50_000 + b"\n")  # nested past the parser's recursion limit
     replies = []
-    wait_for(lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 5,
-             10, "five replies")
+    wait_for(
+        lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 5,
+        10,
+        "five replies",
+    )
     assert [r["ok"] for r in replies[:5]] == [False, False, False, True, False]
     assert "unknown command 'exec'" in replies[1]["error"] and "longer than" in replies[2]["error"]
     half = live_client(run)
@@ -212,10 +218,10 @@ def test_a_trainer_killed_with_sigkill_shows_as_gone_within_seconds(env, trainer
         follower.attach()
         app = Dashboard(sources=[follower])
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "running" and app.model.step > 5)
+            await wait_until(pilot, lambda: app.view.state == "running" and app.view.step > 5)
             os.kill(trainers[0], signal.SIGKILL)
             killed_at = time.monotonic()
-            await wait_until(pilot, lambda: app.model.state == "gone", timeout=10)
+            await wait_until(pilot, lambda: app.view.state == "gone", timeout=10)
             detected.append(time.monotonic() - killed_at)
             banner = str(app.query_one("#error-banner").content)
             assert f"process {trainers[0]} gone at step" in banner
@@ -228,8 +234,21 @@ def test_a_trainer_killed_with_sigkill_shows_as_gone_within_seconds(env, trainer
 
 
 def test_a_finished_run_is_watched_from_its_files_and_sampled_here(env, trainers, fast_keys):
-    proc = start_moe_tui(["train", "simpsons", "--run-name", "old", *TINY_FLAGS, "--max-iters", "20",
-                          "--eval-interval", "10", "--headless"], env)
+    proc = start_moe_tui(
+        [
+            "train",
+            "simpsons",
+            "--run-name",
+            "old",
+            *TINY_FLAGS,
+            "--max-iters",
+            "20",
+            "--eval-interval",
+            "10",
+            "--headless",
+        ],
+        env,
+    )
     assert proc.wait(timeout=300) == 0
     run = Run(env / "old")
 
@@ -239,27 +258,42 @@ def test_a_finished_run_is_watched_from_its_files_and_sampled_here(env, trainers
         assert not follower.live
         app = Dashboard(sources=[follower])
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "finished")
-            assert app.model.step == 20 and len(app.model.eval_val.points(None)[0]) == 2
+            await wait_until(pilot, lambda: app.view.state == "finished")
+            assert app.view.step == 20 and len(app.view.eval_val.points(None)[0]) == 2
             assert app.check_action("pause", ()) is None and app.check_action("sample", ())
             follower.sample(SampleRequest("Bart:", 20, temperature=0.0))
-            await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
-            assert next(s for s in app.model.samples if s.requested).text.startswith("Bart:")
+            await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
+            assert next(s for s in app.view.samples if s.requested).text.startswith("Bart:")
 
     drive(scenario)
 
 
 def test_several_runs_overlay_their_validation_curves(env, fast_keys):
     for name, lr in (("slow", "1e-3"), ("fast", "6e-3")):
-        proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "20",
-                              "--eval-interval", "5", "--lr", lr, "--headless"], env)
+        proc = start_moe_tui(
+            [
+                "train",
+                "simpsons",
+                "--run-name",
+                name,
+                *TINY_FLAGS,
+                "--max-iters",
+                "20",
+                "--eval-interval",
+                "5",
+                "--lr",
+                lr,
+                "--headless",
+            ],
+            env,
+        )
         assert proc.wait(timeout=300) == 0
 
     async def scenario():
         followers = [RunFollower(Run(env / name)) for name in ("slow", "fast")]
         app = Dashboard(sources=followers)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: all(m.state == "finished" for m in app.models))
+            await wait_until(pilot, lambda: all(m.state == "finished" for m in app.views))
             chart = app.query_one("#loss-chart")
             assert "● slow" in chart.border_subtitle and "■ fast" in chart.border_subtitle
             text = str(chart.render())
@@ -284,19 +318,32 @@ def test_a_socket_path_past_the_unix_limit_still_works(tmp_path, shared_dir, tra
 
 def test_a_key_adds_a_run_to_the_chart(env, fast_keys):
     for name in ("first", "second"):
-        proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "10",
-                              "--eval-interval", "5", "--headless"], env)
+        proc = start_moe_tui(
+            [
+                "train",
+                "simpsons",
+                "--run-name",
+                name,
+                *TINY_FLAGS,
+                "--max-iters",
+                "10",
+                "--eval-interval",
+                "5",
+                "--headless",
+            ],
+            env,
+        )
         assert proc.wait(timeout=300) == 0
     from tui.dashboard.runner import viewer_app
 
     async def scenario():
         app = viewer_app([RunFollower(Run(env / "first"))], env)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.model.state == "finished")
+            await wait_until(pilot, lambda: app.view.state == "finished")
             await pilot.press("a", *"ghost", "enter")  # not a run: said in the dialog, which stays open
             assert "no run 'ghost'" in str(app.screen.query_one("#add-run-error").content)
             await pilot.press(*["backspace"] * 5, *"second", "enter")
-            await wait_until(pilot, lambda: len(app.sources) == 2 and app.model.state == "finished")
+            await wait_until(pilot, lambda: len(app.sources) == 2 and app.view.state == "finished")
             assert "[2/2] second" in status_text(app)
             assert "● first" in app.query_one("#loss-chart").border_subtitle
 
@@ -311,8 +358,14 @@ def test_a_trainer_that_stops_answering_is_reported_and_recovers(env, trainers, 
     os.kill(trainers[0], signal.SIGSTOP)  # alive, but silent: no heartbeat
     try:
         notices = []
-        took = wait_for(lambda: notices.extend(e for e in follower.poll() if "no word from process" in
-                                               getattr(e, "message", "")) or notices, 15, "the silence notice")
+        took = wait_for(
+            lambda: (
+                notices.extend(e for e in follower.poll() if "no word from process" in getattr(e, "message", ""))
+                or notices
+            ),
+            15,
+            "the silence notice",
+        )
         print(f"\na silent trainer was reported after {took:.1f} s")
     finally:
         os.kill(trainers[0], signal.SIGCONT)

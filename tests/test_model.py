@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from moe_core.config import Config, build_config
-from moe_core.model.transformer import (CausalSelfAttention, KVCache, MoETransformer, ReferenceAttention, Rotary,
-                            reference_generate, sample_next)
 from moe_core.model.moe import MoE, ReferenceMoE
+from moe_core.model.transformer import (
+    CausalSelfAttention,
+    KVCache,
+    MoETransformer,
+    ReferenceAttention,
+    Rotary,
+    reference_generate,
+    sample_next,
+)
 
 V = 65
 
@@ -26,8 +33,18 @@ def _one_thread():
 
 
 def small_config(**kw) -> Config:
-    values = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, num_experts=4, top_k=2,
-                  router="topk", capacity_factor=0.0, dropout=0.0, device="cpu")
+    values = dict(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        block_size=16,
+        num_experts=4,
+        top_k=2,
+        router="topk",
+        capacity_factor=0.0,
+        dropout=0.0,
+        device="cpu",
+    )
     values.update(kw)
     return Config(**values)
 
@@ -137,7 +154,7 @@ def test_rope_rotates_by_position_within_a_sequence():
     # A (T, D) sequence at `start` is position by position what single rows at start + t get.
     rotary = Rotary(head_dim=8, max_len=32)
     x = torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(1))
-    rows = torch.cat([rotary(x[..., t:t + 1, :], 4 + t) for t in range(10)], dim=-2)
+    rows = torch.cat([rotary(x[..., t : t + 1, :], 4 + t) for t in range(10)], dim=-2)
     torch.testing.assert_close(rotary(x, 4), rows)
     torch.testing.assert_close(rotary(x[..., :1, :], 0), x[..., :1, :])  # position 0: no rotation
 
@@ -204,7 +221,7 @@ def test_fused_attention_layout_matters():
     with torch.no_grad():
         w = fused.qkv.weight.clone()
         C = config.n_embd
-        fused.qkv.weight[:C], fused.qkv.weight[C:2 * C] = w[C:2 * C], w[:C]
+        fused.qkv.weight[:C], fused.qkv.weight[C : 2 * C] = w[C : 2 * C], w[:C]
     x = torch.randn(3, 16, C)
     assert not torch.allclose(fused(x), ref(x), atol=1e-3)
 
@@ -223,9 +240,9 @@ def test_whole_model_fast_matches_reference(pos_encoding):
             C, hs = fast.config.n_embd, fast.config.head_dim
             w = bf.attn.qkv.weight
             for h in range(fast.config.n_head):
-                br.attn.queries[h].weight.copy_(w[h * hs:(h + 1) * hs])
-                br.attn.keys[h].weight.copy_(w[C + h * hs:C + (h + 1) * hs])
-                br.attn.values[h].weight.copy_(w[2 * C + h * hs:2 * C + (h + 1) * hs])
+                br.attn.queries[h].weight.copy_(w[h * hs : (h + 1) * hs])
+                br.attn.keys[h].weight.copy_(w[C + h * hs : C + (h + 1) * hs])
+                br.attn.values[h].weight.copy_(w[2 * C + h * hs : 2 * C + (h + 1) * hs])
             br.attn.proj.load_state_dict(bf.attn.proj.state_dict())
     assert ref_state.keys() == ref.state_dict().keys()
     fast.eval()
@@ -288,7 +305,7 @@ def test_cached_logits_match_full_forward(prefill, pos_encoding):
         if prefill:
             steps.append(model(idx[:, :prefill], cache=cache).logits[:, -1])
         for t in range(prefill, bs):
-            steps.append(model(idx[:, t:t + 1], cache=cache).logits[:, -1])
+            steps.append(model(idx[:, t : t + 1], cache=cache).logits[:, -1])
     assert cache.length == bs
     start = max(prefill - 1, 0)
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, start:], atol=1e-5, rtol=0)
@@ -313,7 +330,7 @@ def test_cached_logits_match_full_forward_with_capacity():
     with torch.no_grad():
         full = model(idx, idx).logits
         cache = _cache_for(model, 1)
-        steps = [model(idx[:, t:t + 1], cache=cache).logits[:, -1] for t in range(bs)]
+        steps = [model(idx[:, t : t + 1], cache=cache).logits[:, -1] for t in range(bs)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=0)
 
 

@@ -24,8 +24,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _pair(num_experts: int, top_k: int, noisy: bool = False, capacity_factor: float = 0.0,
-          seed: int = 0) -> tuple[MoE, ReferenceMoE]:
+def _pair(
+    num_experts: int, top_k: int, noisy: bool = False, capacity_factor: float = 0.0, seed: int = 0
+) -> tuple[MoE, ReferenceMoE]:
     torch.manual_seed(seed)
     fast = MoE(C, num_experts, top_k, noisy=noisy, capacity_factor=capacity_factor, dropout=0.0)
     ref = ReferenceMoE(C, num_experts, top_k, noisy=noisy, capacity_factor=capacity_factor, dropout=0.0)
@@ -46,7 +47,7 @@ def _expert(moe: MoE, e: int):
 
 def _fill_expert_output_bias(moe: MoE, value: float) -> None:
     with torch.no_grad():
-        for bias in (moe.experts.b2 if _stacked(moe) else [ex.proj.bias for ex in moe.experts]):
+        for bias in moe.experts.b2 if _stacked(moe) else [ex.proj.bias for ex in moe.experts]:
             bias.fill_(value)
 
 
@@ -139,8 +140,9 @@ def test_noise_actually_used_in_equality_test():
 # ---------------------------------------------------------------- capacity
 
 
-@pytest.mark.parametrize("factor,tokens,k,e", [(1.0, 64, 1, 4), (0.5, 64, 2, 8), (1.25, 10, 2, 3),
-                                               (0.1, 7, 1, 4), (2.0, 64, 2, 4)])
+@pytest.mark.parametrize(
+    "factor,tokens,k,e", [(1.0, 64, 1, 4), (0.5, 64, 2, 8), (1.25, 10, 2, 3), (0.1, 7, 1, 4), (2.0, 64, 2, 4)]
+)
 def test_capacity_formula(factor, tokens, k, e):
     moe = MoE(8, e, k, capacity_factor=factor)
     assert moe.capacity(tokens) == math.ceil(factor * tokens * k / e)
@@ -161,11 +163,12 @@ def test_capacity_limits_per_expert(impl, top_k, factor):
     x[..., 0] = x[..., 0].abs() + 0.5
     rows_seen = {}  # rows each expert was really run on
     if _stacked(moe):  # its forward gets the rows sorted by expert and the count of each
-        hooks = [moe.experts.register_forward_hook(
-            lambda m, inp, out: rows_seen.update(enumerate(inp[2].tolist())))]
+        hooks = [moe.experts.register_forward_hook(lambda m, inp, out: rows_seen.update(enumerate(inp[2].tolist())))]
     else:
-        hooks = [ex.register_forward_hook(lambda m, inp, out, e=e: rows_seen.__setitem__(e, inp[0].shape[0]))
-                 for e, ex in enumerate(moe.experts)]
+        hooks = [
+            ex.register_forward_hook(lambda m, inp, out, e=e: rows_seen.__setitem__(e, inp[0].shape[0]))
+            for e, ex in enumerate(moe.experts)
+        ]
     moe(x)
     for h in hooks:
         h.remove()

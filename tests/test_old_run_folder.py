@@ -19,7 +19,6 @@ import pytest
 from moe_core.live.lease import read_status
 from moe_core.model.sampling import SampleRequest
 from moe_core.store.runs import Run
-
 from tests.conftest import cli
 from tests.test_dashboard import SIZE, status_text, wait_until
 
@@ -67,8 +66,8 @@ def test_an_old_run_resumes_from_its_last_checkpoint(old, capsys):
     assert "max_iters = 30" in old.config_path.read_text(encoding="utf-8")
 
     after = records(old.metrics_path)
-    assert after[:len(before)] == before  # the old history kept as it was
-    added = after[len(before):]
+    assert after[: len(before)] == before  # the old history kept as it was
+    added = after[len(before) :]
     started = [r for r in added if r["event"] == "RunStarted"]
     assert len(started) == 1 and started[0]["resumed"] and started[0]["start_step"] == LAST_STEP
     new_steps = [r["step"] for r in added if r["event"] == "StepMetrics"]
@@ -126,13 +125,17 @@ def test_watch_shows_an_old_finished_run_from_its_files(old, capsys, monkeypatch
 
         async def scenario():
             async with app.run_test(size=SIZE) as pilot:
-                await wait_until(pilot, lambda: app.model.state == "finished")
-                seen.update(step=app.model.step, status=status_text(app), live=followers[0].live,
-                            evals=len(app.model.eval_val.points(None)[0]),
-                            samples=[s.text for s in app.model.samples if not s.requested])
+                await wait_until(pilot, lambda: app.view.state == "finished")
+                seen.update(
+                    step=app.view.step,
+                    status=status_text(app),
+                    live=followers[0].live,
+                    evals=len(app.view.eval_val.points(None)[0]),
+                    samples=[s.text for s in app.view.samples if not s.requested],
+                )
                 followers[0].sample(SampleRequest("Bart:", 20, temperature=0.0))  # from the old checkpoint, here
-                await wait_until(pilot, lambda: any(s.requested for s in app.model.samples))
-                seen["sampled"] = next(s for s in app.model.samples if s.requested).text
+                await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
+                seen["sampled"] = next(s for s in app.view.samples if s.requested).text
                 await pilot.press("q")
             seen["return_code"] = app.return_code
 

@@ -16,11 +16,10 @@ from datetime import datetime
 import pytest
 import torch
 
-from moe_core.store.checkpoint import MANIFEST_FILE, file_digest, load_checkpoint
 from moe_core.config import RESUMABLE_KEYS
 from moe_core.events import CheckpointSaved, Notice
+from moe_core.store.checkpoint import MANIFEST_FILE, file_digest, load_checkpoint
 from moe_core.store.runs import Run
-
 from tests.conftest import TINY, TINY_FLAGS, as_flags, cli, start_moe_tui, tree
 from tests.test_faults import records
 from tests.test_tmux import MOE_TUI, TMUX, Terminal, train_command
@@ -33,9 +32,25 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path):
     # The first Ctrl-C waits for the step (here, a long periodic sample) to end, then saves; the
     # second quits without waiting for either.
     runs = tmp_path / "runs"
-    proc = start_moe_tui(["train", "simpsons", *as_flags(TINY), "--max-iters", "1000", "--log-interval", "1",
-                          "--sample-interval", "1", "--sample-tokens", "100000", "--run-name", "twice",
-                          "--headless"], runs)
+    proc = start_moe_tui(
+        [
+            "train",
+            "simpsons",
+            *as_flags(TINY),
+            "--max-iters",
+            "1000",
+            "--log-interval",
+            "1",
+            "--sample-interval",
+            "1",
+            "--sample-tokens",
+            "100000",
+            "--run-name",
+            "twice",
+            "--headless",
+        ],
+        runs,
+    )
     for line in proc.stdout:
         if line.startswith("step "):  # step 1 is done: the sample after it has begun
             break
@@ -58,8 +73,11 @@ def test_headless_nan_exits_1_and_keeps_the_last_good_checkpoint(trained, capsys
     # A learning rate of 1e10 makes the weights overflow within a step or two: a real divergence.
     code, out, err = cli(capsys, "train", "--resume", "tiny", "--lr", "1e10", "--max-iters", "60", "--headless")
     assert code == 1
-    failed = re.search(r"error: loss or gradient norm became non-finite at step (\d+)\. Training stopped; "
-                       r"the last good checkpoint \(step 30\) is kept; resume with a lower --lr", out)
+    failed = re.search(
+        r"error: loss or gradient norm became non-finite at step (\d+)\. Training stopped; "
+        r"the last good checkpoint \(step 30\) is kept; resume with a lower --lr",
+        out,
+    )
     assert failed and 30 < int(failed[1]) < 40, out
     assert "resume from the last good checkpoint with: moe-tui train --resume tiny" in err
     assert tree(trained / "checkpoints") == before  # nothing saved after the failure
@@ -93,15 +111,18 @@ def fail_after_step_20(trainer, poison) -> tuple[list, dict[int, list[float]]]:
 
 def assert_stopped_at_step_21_keeping_step_20(trainer, events) -> None:
     errors = [e.message for e in events if isinstance(e, Notice) and e.level == "error"]
-    assert errors and errors[0].startswith("loss or gradient norm became non-finite at step 21. Training "
-                                           "stopped; the last good checkpoint (step 20) is kept"), errors
+    assert errors and errors[0].startswith(
+        "loss or gradient norm became non-finite at step 21. Training "
+        "stopped; the last good checkpoint (step 20) is kept"
+    ), errors
     assert [e.step for e in events if isinstance(e, CheckpointSaved) and not e.best] == [20]
     assert trainer.run_folder.checkpoint("latest").name == "step-00000020"
 
 
 def test_an_inf_loss_stops_training(tmp_path, shared_dir):
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000,
-                           sample_interval=1000)
+    trainer = make_trainer(
+        tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000, sample_interval=1000
+    )
     space = trainer.vocab.encode(" ")[0]  # from step 21 the model gives the space no chance at all
 
     def never_a_space():
@@ -113,8 +134,9 @@ def test_an_inf_loss_stops_training(tmp_path, shared_dir):
 
 
 def test_a_non_finite_gradient_norm_stops_training_even_with_a_finite_loss(tmp_path, shared_dir):
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000,
-                           sample_interval=1000)
+    trainer = make_trainer(
+        tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000, sample_interval=1000
+    )
 
     def overflow_in_backward():  # from step 21 one gradient overflows float32, as a too-large one would
         trainer.model.lm_head.weight.register_hook(lambda grad: grad * 1e38 * 1e38)
@@ -144,8 +166,11 @@ def test_a_checkpoint_folder_that_is_really_not_writable(trained):
     before = tree(root)
     root.chmod(0o555)
     try:
-        proc = start_moe_tui(["train", "--resume", "tiny", "--max-iters", "50", "--headless"], trained.parent,
-                             preexec_fn=without_permission_override)
+        proc = start_moe_tui(
+            ["train", "--resume", "tiny", "--max-iters", "50", "--headless"],
+            trained.parent,
+            preexec_fn=without_permission_override,
+        )
         out, err = proc.communicate(timeout=300)
     finally:
         root.chmod(0o755)
@@ -162,15 +187,20 @@ def test_a_checkpoint_folder_that_is_really_not_writable(trained):
 
 def test_default_run_name_and_three_checkpoints_kept(env, capsys):
     started = time.time()
-    code, out, err = cli(capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "5",
-                         "--headless")
+    code, out, err = cli(
+        capsys, "train", "simpsons", *TINY_FLAGS, "--max-iters", "30", "--ckpt-interval", "5", "--headless"
+    )
     assert code == 0, err
     (run,) = env.iterdir()
     stamp = re.fullmatch(r"simpsons-(\d{8}-\d{6})", run.name)  # <dataset>-<YYYYmmdd-HHMMSS>
     assert stamp and f"training run '{run.name}'" in out
     assert int(started) <= datetime.strptime(stamp[1], "%Y%m%d-%H%M%S").timestamp() <= time.time()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best", "step-00000020", "step-00000025", "step-00000030"]  # --keep-checkpoints 3 by default
+        "best",
+        "step-00000020",
+        "step-00000025",
+        "step-00000030",
+    ]  # --keep-checkpoints 3 by default
 
 
 def test_the_manifest_holds_the_shape_its_hash_and_the_resumable_settings(trained):
@@ -179,29 +209,70 @@ def test_the_manifest_holds_the_shape_its_hash_and_the_resumable_settings(traine
     manifests = [json.loads((folder / MANIFEST_FILE).read_text()) for folder in folders]
     manifest = manifests[1]
     assert manifest["step"] == 30
-    assert manifest["shape"] == {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "num_experts": 4,
-                                 "top_k": 2, "router": "topk", "dataset": "simpsons", "columns": [],
-                                 "encoding": "utf-8", "val_fraction": 0.1}
+    assert manifest["shape"] == {
+        "n_layer": 2,
+        "n_head": 4,
+        "n_embd": 64,
+        "block_size": 32,
+        "num_experts": 4,
+        "top_k": 2,
+        "router": "topk",
+        "dataset": "simpsons",
+        "columns": [],
+        "encoding": "utf-8",
+        "val_fraction": 0.1,
+    }
     shape_hash = hashlib.sha256(json.dumps(manifest["shape"], sort_keys=True).encode()).hexdigest()
     assert [m["config_hash"] for m in manifests] == [shape_hash] * 3
     # The settings a resume may change, as the run had them (TINY, the cpu preset's defaults).
     assert manifest["config"] == {
-        "ckpt_interval": 10, "compile": False, "device": "cpu", "eval_interval": 10, "eval_iters": 5,
-        "grad_clip": 1.0, "keep_checkpoints": 3, "log_interval": 10, "lr": 0.003, "max_iters": 30,
-        "min_lr_ratio": 0.1, "preset": "cpu", "sample_interval": 100, "sample_tokens": 40, "track": [],
-        "track_project": "moe-tui"}
+        "ckpt_interval": 10,
+        "compile": False,
+        "device": "cpu",
+        "eval_interval": 10,
+        "eval_iters": 5,
+        "grad_clip": 1.0,
+        "keep_checkpoints": 3,
+        "log_interval": 10,
+        "lr": 0.003,
+        "max_iters": 30,
+        "min_lr_ratio": 0.1,
+        "preset": "cpu",
+        "sample_interval": 100,
+        "sample_tokens": 40,
+        "track": [],
+        "track_project": "moe-tui",
+    }
     assert manifest["config"] == {key: getattr(config, key) for key in RESUMABLE_KEYS}  # and config.toml's
     for name, entry in manifest["files"].items():
         assert entry == {"size": (folders[1] / name).stat().st_size, "sha256": file_digest(folders[1] / name)}
 
 
 def test_resume_may_change_device_compile_and_intervals(trained, capsys, monkeypatch):
-    code, out, err = cli(capsys, "train", "--resume", "tiny", "--max-iters", "40", "--device", "auto",
-                         "--log-interval", "5", "--eval-interval", "5", "--ckpt-interval", "5", "--sample-interval",
-                         "5", "--headless")
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--resume",
+        "tiny",
+        "--max-iters",
+        "40",
+        "--device",
+        "auto",
+        "--log-interval",
+        "5",
+        "--eval-interval",
+        "5",
+        "--ckpt-interval",
+        "5",
+        "--sample-interval",
+        "5",
+        "--headless",
+    )
     assert code == 0, err
-    changed = ("resumed from step-00000030 with changed settings: ckpt_interval 10 -> 5, device cpu -> auto, "
-               "eval_interval 10 -> 5, log_interval 10 -> 5, max_iters 30 -> 40, sample_interval 100 -> 5")
+    changed = (
+        "resumed from step-00000030 with changed settings: ckpt_interval 10 -> 5, device cpu -> auto, "
+        "eval_interval 10 -> 5, log_interval 10 -> 5, max_iters 30 -> 40, sample_interval 100 -> 5"
+    )
     assert f"info: {changed}" in out
     assert changed in (trained / "metrics.jsonl").read_text()
     saved = Run(trained).load_config()
@@ -217,7 +288,9 @@ def test_resume_may_change_device_compile_and_intervals(trained, capsys, monkeyp
     # while the experts' token counts keep changing, which costs seconds.
     compiled = []
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or compile_(model, backend="eager"))
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compiled.append(model) or compile_(model, backend="eager")
+    )
     try:
         code, out, err = cli(capsys, "train", "--resume", "tiny", "--max-iters", "41", "--compile", "--headless")
     finally:
@@ -233,6 +306,7 @@ def test_resume_may_change_device_compile_and_intervals(trained, capsys, monkeyp
 
 def hued_colours(screen: str) -> set[str]:
     """The colours with a hue (not black, grey or white) set by the screen's escape codes."""
+
     def grey(n: int) -> bool:  # the 256-colour palette: 16 system colours, a 6x6x6 cube, 24 greys
         if n < 16:
             return n in (0, 7, 8, 15)
@@ -267,8 +341,10 @@ def test_no_color_is_honoured(tmp_path, shared_dir):
     try:
         for name, terminal in terminals.items():
             no_color = {"NO_COLOR": "1"} if name == "plain" else {}
-            terminal.start(f"{train_command()}; sleep 600", {**env, **no_color, "MOE_TUI_DATA": str(shared_dir),
-                                                             "MOE_TUI_RUNS": str(tmp_path / name)})
+            terminal.start(
+                f"{train_command()}; sleep 600",
+                {**env, **no_color, "MOE_TUI_DATA": str(shared_dir), "MOE_TUI_RUNS": str(tmp_path / name)},
+            )
         for name, terminal in terminals.items():
             terminal.wait_for(r"RUNNING +step [1-9]\d*/100000")
             screens[name] = terminal.tmux("capture-pane", "-p", "-e", "-t", "main")  # with its colours
@@ -285,12 +361,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_says_it_starts_again(tmp_p
 
     from tui.exits import print_next_step
 
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=1000, eval_interval=1000,
-                           sample_interval=1000)
+    trainer = make_trainer(
+        tmp_path, shared_dir, max_iters=100, ckpt_interval=1000, eval_interval=1000, sample_interval=1000
+    )
     with torch.no_grad():  # diverged from the start: there is no good checkpoint to go back to
         trainer.model.lm_head.weight[0, 0] = float("nan")
     assert trainer.run() == "error" and trainer.last_saved_step == -1
     said = io.StringIO()
     print_next_step(trainer, "moe-tui train --resume run", "moe-tui sample run", said)
-    assert said.getvalue() == ("no checkpoint was saved before the failure; start again from step 0 with: "
-                               "moe-tui train --resume run --lr <lower>\n")
+    assert said.getvalue() == (
+        "no checkpoint was saved before the failure; start again from step 0 with: "
+        "moe-tui train --resume run --lr <lower>\n"
+    )

@@ -16,14 +16,15 @@ import torch
 
 from moe_core.events import ExpertChars, from_record, to_record
 from moe_core.model.routes import mutual_information, routing_change, top_characters
-from tui.dashboard.app import Dashboard
-
 from tests.conftest import TINY_FLAGS, cli, start_moe_tui
 from tests.test_training import make_trainer
+from tui.dashboard.app import Dashboard
 
 VOWELS = set("aeiou")
-needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                                      reason="moe-tui report needs matplotlib: pip install -e '.[dev,report]'")
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="moe-tui report needs matplotlib: pip install -e '.[dev,report]'",
+)
 PLANTED_DIM = 0  # the embedding dimension that marks a vowel
 
 
@@ -102,8 +103,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def trained_run(runs, name: str, *extra: str) -> Path:
-    proc = start_moe_tui(["train", "simpsons", "--run-name", name, *TINY_FLAGS, "--max-iters", "30",
-                          "--eval-interval", "10", "--headless", *extra], runs)
+    proc = start_moe_tui(
+        [
+            "train",
+            "simpsons",
+            "--run-name",
+            name,
+            *TINY_FLAGS,
+            "--max-iters",
+            "30",
+            "--eval-interval",
+            "10",
+            "--headless",
+            *extra,
+        ],
+        runs,
+    )
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     return runs / name
 
@@ -115,8 +130,15 @@ def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env,
     code, out, err = cli(capsys, "report", "one", "two", "--out", str(env / "both.html"))
     assert code == 0, err
     page = (env / "both.html").read_text()
-    for chart in ("chart-loss-linear", "chart-loss-log", "chart-schedule", "chart-load-one", "chart-experts-one",
-                  "chart-load-two", "chart-experts-two"):
+    for chart in (
+        "chart-loss-linear",
+        "chart-loss-log",
+        "chart-schedule",
+        "chart-load-one",
+        "chart-experts-one",
+        "chart-load-two",
+        "chart-experts-two",
+    ):
         assert f"id='{chart}'><svg" in page, chart
     assert page.count("id='experts-layer-") == 2 * 2  # two layers, two runs
     assert "one val" in page and "two val" in page  # the overlay's legend names both runs
@@ -130,8 +152,7 @@ def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env,
 def test_a_run_recorded_before_expert_counts_says_they_are_absent(env, capsys):
     run = trained_run(env, "old")
     metrics = run / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if '"ExpertChars"' not in line))
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"ExpertChars"' not in line))
     code, out, err = cli(capsys, "report", "old")
     assert code == 0, err
     page = (run / "report.html").read_text()
@@ -149,8 +170,9 @@ def test_the_report_opens_in_a_real_headless_browser(env, capsys, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<svg") >= 5 and "experts-layer-2" in dom.stdout  # the browser parsed the charts
     shot = tmp_path / "report.png"
-    done = subprocess.run([*browser, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [*browser, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and shot.stat().st_size > 50_000, done.stderr[-2000:]  # a page with pictures
 
 

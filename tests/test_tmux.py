@@ -16,17 +16,28 @@ import pytest
 
 from moe_core.live.lease import is_live
 from moe_core.store.runs import Run
-
 from tests.conftest import TINY_FLAGS
 
 TMUX = shutil.which("tmux")
 MOE_TUI = Path(sys.executable).with_name("moe-tui")
-pytestmark = [pytest.mark.skipif(TMUX is None, reason="tmux is not installed (.ci/run installs it)"),
-              pytest.mark.skipif(not MOE_TUI.is_file(), reason="the moe-tui console script is not installed")]
+pytestmark = [
+    pytest.mark.skipif(TMUX is None, reason="tmux is not installed (.ci/run installs it)"),
+    pytest.mark.skipif(not MOE_TUI.is_file(), reason="the moe-tui console script is not installed"),
+]
 
 # Nothing scheduled, so that every checkpoint on disk is one the test asked for.
-QUIET_FLAGS = ["--max-iters", "100000", "--eval-interval", "100000", "--sample-interval", "100000",
-               "--ckpt-interval", "100000", "--log-interval", "5"]
+QUIET_FLAGS = [
+    "--max-iters",
+    "100000",
+    "--eval-interval",
+    "100000",
+    "--sample-interval",
+    "100000",
+    "--ckpt-interval",
+    "100000",
+    "--log-interval",
+    "5",
+]
 
 
 class Terminal:
@@ -37,12 +48,12 @@ class Terminal:
         self.width, self.height = width, height
 
     def tmux(self, *args: str, env: dict | None = None) -> str:
-        return subprocess.run([TMUX, "-L", self.socket, *args], capture_output=True, text=True, env=env,
-                              timeout=30).stdout
+        return subprocess.run(
+            [TMUX, "-L", self.socket, *args], capture_output=True, text=True, env=env, timeout=30
+        ).stdout
 
     def start(self, command: str, env: dict) -> None:
-        self.tmux("new-session", "-d", "-s", "main", "-x", str(self.width), "-y", str(self.height), command,
-                  env=env)
+        self.tmux("new-session", "-d", "-s", "main", "-x", str(self.width), "-y", str(self.height), command, env=env)
 
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", "main")
@@ -82,8 +93,9 @@ def train_command(*extra: str, on_hangup: str | None = "stop") -> str:
     """The command line; closing a test's terminal must not leave a dashboard training on without one
     (what a hangup does by default), so a lost terminal stops training unless `on_hangup=None`."""
     hangup = ["--on-hangup", on_hangup] if on_hangup else []
-    return " ".join([str(MOE_TUI), "train", "simpsons", "--run-name", "e2e", *TINY_FLAGS, *QUIET_FLAGS, *hangup,
-                     *extra])
+    return " ".join(
+        [str(MOE_TUI), "train", "simpsons", "--run-name", "e2e", *TINY_FLAGS, *QUIET_FLAGS, *hangup, *extra]
+    )
 
 
 def shown_step(screen: str) -> int:
@@ -129,8 +141,9 @@ open(sys.argv[1], "w").write(str(job.wait()))
 """
 
 
-def start_under_login_shell(terminal, user_env, tmp_path, keep_screen: bool = False,
-                            on_hangup: str | None = "stop") -> Path:
+def start_under_login_shell(
+    terminal, user_env, tmp_path, keep_screen: bool = False, on_hangup: str | None = "stop"
+) -> Path:
     """Start training under LOGIN_SHELL; with `keep_screen` the window stays up after it exits."""
     exit_file = tmp_path / "exit"
     command = f"{sys.executable} -c {shlex.quote(LOGIN_SHELL)} {exit_file} {train_command(on_hangup=on_hangup)}"
@@ -180,8 +193,7 @@ def test_a_lost_connection_keeps_training_and_watch_reattaches(terminal, user_en
         finally:
             viewer.close()
         assert is_live(run)
-        stop = subprocess.run([str(MOE_TUI), "stop", "e2e"], env=user_env, capture_output=True, text=True,
-                              timeout=120)
+        stop = subprocess.run([str(MOE_TUI), "stop", "e2e"], env=user_env, capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stderr
         assert exit_status(exit_file) == 0  # stopped on request: a clean exit
         assert "stopped run 'e2e' at step" in stop.stdout

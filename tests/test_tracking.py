@@ -19,13 +19,20 @@ from moe_core.events import Notice, Sample, StepMetrics
 from moe_core.store.runs import Run
 from moe_core.track import Tracker, Tracking, trackers
 from moe_core.track.base import TEXTS_APART, TrackerSink, TrackerState
-
 from tests.conftest import cli
 from tests.test_training import make_trainer
 
 # 40 small steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
-SHORT = dict(max_iters=40, eval_interval=10, log_interval=10, sample_interval=20, ckpt_interval=20, batch_size=8,
-             eval_iters=2, sample_tokens=20)
+SHORT = dict(
+    max_iters=40,
+    eval_interval=10,
+    log_interval=10,
+    sample_interval=20,
+    ckpt_interval=20,
+    batch_size=8,
+    eval_iters=2,
+    sample_tokens=20,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +50,15 @@ def need(*names: str) -> None:
         pytest.importorskip(trackers()[name].package, reason=f"pip install 'moe-tui[{name}]' to test it")
 
 
-def tracked_run(tmp_path: Path, shared_dir: Path, track: list[str], name: str = "run", resume: bool = False,
-                backends=(), **overrides):
+def tracked_run(
+    tmp_path: Path,
+    shared_dir: Path,
+    track: list[str],
+    name: str = "run",
+    resume: bool = False,
+    backends=(),
+    **overrides,
+):
     """Train a tiny run with these trackers on the bus; returns the trainer and every event."""
     need(*track)
     settings = {**SHORT, "track": track, "track_project": f"p-{tmp_path.name}"[:60], **overrides}
@@ -72,6 +86,7 @@ def entry(run: Run, name: str) -> dict:
 
 # -- readers: each library's own ------------------------------------------------------------------
 
+
 def tensorboard_scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -91,10 +106,18 @@ def wandb_history(run: Run) -> list[dict]:
     """Every history row of every offline run folder (a resume makes another), read by `wandb leet inspect`."""
     rows = []
     for folder in sorted((run.path / "wandb").glob("offline-run-*")):
-        done = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)],
-                              capture_output=True, text=True, timeout=60, check=True)
-        rows += [json.loads(line)["history"]["item"] for line in done.stdout.splitlines()
-                 if json.loads(line).get("type") == "history"]
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        rows += [
+            json.loads(line)["history"]["item"]
+            for line in done.stdout.splitlines()
+            if json.loads(line).get("type") == "history"
+        ]
     return rows
 
 
@@ -114,6 +137,7 @@ def same(points, expected) -> bool:
 
 
 # -- each backend ------------------------------------------------------------------------------------
+
 
 def test_tensorboard_val_loss_equals_metrics_jsonl_step_for_step(tmp_path, shared_dir):
     trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard"])
@@ -139,7 +163,8 @@ def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_json
     tracked = MlflowClient(uri).get_run(e["run_id"])
     config = run.load_config().to_dict()
     assert {k: tracked.data.params[k] for k in config} == {
-        k: ", ".join(v) if isinstance(v, list) else str(v) for k, v in config.items()}
+        k: ", ".join(v) if isinstance(v, list) else str(v) for k, v in config.items()
+    }
     assert int(tracked.data.params["params_total"]) == trainer.params_total
     assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
     assert tracked.info.status == "FINISHED"
@@ -167,6 +192,7 @@ def test_trackio_logs_read_back_through_its_api(tmp_path, shared_dir):
 
 
 # -- resume ----------------------------------------------------------------------------------------
+
 
 def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
     every = ["tensorboard", "mlflow", "wandb", "trackio"]
@@ -206,8 +232,9 @@ def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, s
 def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_says_so(tmp_path, shared_dir):
     trainer, _ = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio"], max_iters=20)
     started_in = trainer.config.track_project
-    trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio", "tensorboard"], resume=True,
-                                  track_project="elsewhere")
+    trainer, events = tracked_run(
+        tmp_path, shared_dir, ["mlflow", "trackio", "tensorboard"], resume=True, track_project="elsewhere"
+    )
     run = trainer.run_folder
     moved = [w for w in warnings(events) if "elsewhere" in w]
     assert sorted(w.split()[1] for w in moved) == ["mlflow", "trackio"] and len(warnings(events)) == 2
@@ -218,8 +245,10 @@ def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_
 
     client = MlflowClient(entry(run, "mlflow")["tracking_uri"])
     assert client.get_experiment_by_name("elsewhere") is None
-    assert client.get_run(entry(run, "mlflow")["run_id"]).info.experiment_id == \
-        client.get_experiment_by_name(started_in).experiment_id
+    assert (
+        client.get_run(entry(run, "mlflow")["run_id"]).info.experiment_id
+        == client.get_experiment_by_name(started_in).experiment_id
+    )
     assert [s for s, _ in mlflow_history(run, "train/loss")] == [10, 20, 30, 40]
     assert [row["step"] for row in trackio_logs(run) if "train/loss" in row] == [10, 20, 30, 40]
 
@@ -228,8 +257,11 @@ def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text
     need("mlflow", "wandb")
     run = Run(tmp_path / "paused")
     run.path.mkdir()
-    asked = [Sample(30, "\n", "HOMER: first", True), Sample(30, "M", "MOE: second", True),
-             Sample(40, "\n", "BART: later", True)]
+    asked = [
+        Sample(30, "\n", "HOMER: first", True),
+        Sample(30, "M", "MOE: second", True),
+        Sample(40, "\n", "BART: later", True),
+    ]
     tracking = Tracking(run_config(), run, names=["mlflow", "wandb"])
     tracking.replay(asked)
     tracking.close(timeout=None)
@@ -237,8 +269,10 @@ def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text
 
     e = entry(run, "mlflow")
     client = MlflowClient(e["tracking_uri"])
-    texts = [Path(client.download_artifacts(e["run_id"], f"samples/requested/step-000000{s}.txt", str(tmp_path)))
-             .read_text() for s in (30, 40)]
+    texts = [
+        Path(client.download_artifacts(e["run_id"], f"samples/requested/step-000000{s}.txt", str(tmp_path))).read_text()
+        for s in (30, 40)
+    ]
     assert texts == ["HOMER: first" + TEXTS_APART + "MOE: second", "BART: later"]
     rows = [row for row in wandb_history(run) if "samples/requested.path" in row]  # a media file per row
     assert [row["_step"] for row in rows] == [30, 40]
@@ -284,8 +318,15 @@ def test_trainings_started_together_share_a_new_mlflow_store(tmp_path, monkeypat
     need("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     go = tmp_path / "go"
-    starts = [subprocess.Popen([sys.executable, "-c", TRACK_AT, str(tmp_path / name), str(go)], text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for name in ("a", "b", "c")]
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", TRACK_AT, str(tmp_path / name), str(go)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for name in ("a", "b", "c")
+    ]
     assert [p.stdout.readline().strip() for p in starts] == ["ready"] * 3  # imports done
     go.touch()
     assert [p.communicate(timeout=120)[0].strip() for p in starts] == ["[]", "[]", "[]"]
@@ -294,6 +335,7 @@ def test_trainings_started_together_share_a_new_mlflow_store(tmp_path, monkeypat
 
 
 # -- export -----------------------------------------------------------------------------------------
+
 
 def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
     need("tensorboard", "mlflow", "wandb")
@@ -329,10 +371,32 @@ def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
 def test_track_in_a_config_file_and_runs_show_names_where(env, shared_dir, capsys, tmp_path):
     need("tensorboard")
     (tmp_path / "track.toml").write_text('[tracking]\ntrack = ["tensorboard"]\ntrack_project = "mine"\n')
-    code, out, err = cli(capsys, "train", "simpsons", "--config", str(tmp_path / "track.toml"), "--n-layer", "1",
-                         "--n-embd", "32", "--block-size", "16", "--batch-size", "8", "--max-iters", "10",
-                         "--eval-interval", "10", "--log-interval", "5", "--device", "cpu", "--run-name", "t",
-                         "--headless")
+    code, out, err = cli(
+        capsys,
+        "train",
+        "simpsons",
+        "--config",
+        str(tmp_path / "track.toml"),
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--max-iters",
+        "10",
+        "--eval-interval",
+        "10",
+        "--log-interval",
+        "5",
+        "--device",
+        "cpu",
+        "--run-name",
+        "t",
+        "--headless",
+    )
     assert code == 0, err
     assert "info: tracker tensorboard: event files in" in out
     assert tensorboard_scalars(env / "t" / "tensorboard", "train/loss")
@@ -342,6 +406,7 @@ def test_track_in_a_config_file_and_runs_show_names_where(env, shared_dir, capsy
 
 
 # -- trackers that fail or fall behind ------------------------------------------------------------
+
 
 class Raising(Tracker):
     name = "raising"
@@ -357,11 +422,11 @@ class Raising(Tracker):
 def test_a_tracker_that_always_raises_warns_once_and_changes_nothing(tmp_path, shared_dir):
     plain, _ = tracked_run(tmp_path / "plain", shared_dir, [])
     run = Run(tmp_path / "raising")
-    trainer, events = tracked_run(tmp_path / "raising", shared_dir, [],
-                                  backends=[Raising(run, "p", {})])
+    trainer, events = tracked_run(tmp_path / "raising", shared_dir, [], backends=[Raising(run, "p", {})])
     assert Raising.calls >= 1
-    assert warnings(events) == ["tracker raising failed (server down); it is off for the rest of this run, "
-                                "training goes on"]
+    assert warnings(events) == [
+        "tracker raising failed (server down); it is off for the rest of this run, training goes on"
+    ]
     assert [e for e in events if isinstance(e, StepMetrics)][-1].step == 40
     for key, value in plain.model.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[key]), key
@@ -400,12 +465,14 @@ def test_a_tracker_that_falls_behind_never_blocks_the_publisher(tmp_path):
     tracker.release.set()
     sink.close()
     assert [n.message for n in published if n.level == "warning"] == [
-        "tracker stuck is falling behind: events are being dropped for it; training goes on"]
+        "tracker stuck is falling behind: events are being dropped for it; training goes on"
+    ]
     assert 0 < len(tracker.sent) <= 6 and tracker.sent == sorted(tracker.sent)
 
 
 class FailsAtStep(Stuck):
     """A tracker that records the steps sent to it, and fails to send one of them."""
+
     name = "flaky"
 
     def __init__(self, run, fail_at: int):

@@ -14,22 +14,28 @@ import pytest
 import torch
 
 import moe_core.model.moe
-from moe_core.store.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
 from moe_core.config import build_config
 from moe_core.data.batches import token_ids
 from moe_core.data.corpus import load_corpus
+from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import CheckpointSaved, EvalMetrics, Notice, Sample, StateChanged, StepMetrics
-from moe_core.store.runs import Run
 from moe_core.model.sampling import SampleRequest
+from moe_core.store.checkpoint import MANIFEST_FILE, STATE_FILE, file_digest, load_checkpoint
+from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.vocab import Vocab
-
 from tests.conftest import TINY
 
 
-def make_trainer(tmp_path: Path, shared_dir: Path, dataset: str = "simpsons", name: str = "run",
-                 resume: bool = False, sink=None, **overrides) -> Trainer:
+def make_trainer(
+    tmp_path: Path,
+    shared_dir: Path,
+    dataset: str = "simpsons",
+    name: str = "run",
+    resume: bool = False,
+    sink=None,
+    **overrides,
+) -> Trainer:
     config = build_config(None, {}, {**TINY, "dataset": dataset, **overrides})
     corpus = load_corpus(dataset, shared_dir)
     vocab = Vocab.from_text(corpus.text)
@@ -53,8 +59,9 @@ def unigram_entropy(text: str) -> float:
 @pytest.mark.parametrize("dataset", ["shakespeare", "simpsons"])
 def test_loss_falls_well_below_unigram_entropy(tmp_path, shared_dir, dataset):
     events = []
-    trainer = make_trainer(tmp_path, shared_dir, dataset, sink=events.append, max_iters=300,
-                           sample_interval=1000, ckpt_interval=1000)
+    trainer = make_trainer(
+        tmp_path, shared_dir, dataset, sink=events.append, max_iters=300, sample_interval=1000, ckpt_interval=1000
+    )
     assert trainer.run() == "finished"
     evals = [e for e in events if isinstance(e, EvalMetrics)]
     entropy = unigram_entropy(load_corpus(dataset, shared_dir).text)
@@ -74,8 +81,15 @@ def losses_by_step(events) -> dict[int, tuple[float, float]]:
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, shared_dir):
-    settings = dict(max_iters=60, eval_interval=30, ckpt_interval=30, sample_interval=30,
-                    router="noisy_topk", dropout=0.1, capacity_factor=1.0)
+    settings = dict(
+        max_iters=60,
+        eval_interval=30,
+        ckpt_interval=30,
+        sample_interval=30,
+        router="noisy_topk",
+        dropout=0.1,
+        capacity_factor=1.0,
+    )
     straight = []
     make_trainer(tmp_path, shared_dir, name="straight", sink=straight.append, **settings).run()
 
@@ -112,8 +126,15 @@ def test_control_interface_from_another_thread(tmp_path, shared_dir):
         if isinstance(event, StepMetrics) and event.step >= 20:
             seen_steps.set()
 
-    trainer = make_trainer(tmp_path, shared_dir, sink=sink, max_iters=10_000, ckpt_interval=10_000,
-                           eval_interval=10_000, sample_interval=10_000)
+    trainer = make_trainer(
+        tmp_path,
+        shared_dir,
+        sink=sink,
+        max_iters=10_000,
+        ckpt_interval=10_000,
+        eval_interval=10_000,
+        sample_interval=10_000,
+    )
     worker = threading.Thread(target=trainer.run, kwargs={"serve_after_finish": True})
     worker.start()
     try:
@@ -152,8 +173,9 @@ def _wait_for(condition, timeout: float = 60.0) -> None:
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_dir):
     events = []
-    trainer = make_trainer(tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000,
-                           sample_interval=1000)
+    trainer = make_trainer(
+        tmp_path, shared_dir, max_iters=100, ckpt_interval=20, eval_interval=1000, sample_interval=1000
+    )
 
     take_snapshot = trainer.snapshot
 
@@ -177,8 +199,16 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shared_
     weights, state, _ = load_checkpoint(folder)
     assert state["step"] == 20 and all(torch.isfinite(w).all() for w in weights.values())
     # Resuming from the last good checkpoint, with a lower learning rate, trains on.
-    resumed = make_trainer(tmp_path, shared_dir, resume=True, max_iters=40, lr=1e-3, ckpt_interval=20,
-                           eval_interval=1000, sample_interval=1000)
+    resumed = make_trainer(
+        tmp_path,
+        shared_dir,
+        resume=True,
+        max_iters=40,
+        lr=1e-3,
+        ckpt_interval=20,
+        eval_interval=1000,
+        sample_interval=1000,
+    )
     assert resumed.step_num == 20 and resumed.run() == "finished"
 
 
@@ -201,8 +231,10 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path, shared_dir):
         pickle.dump({"step": Payload(marker)}, f)
     # An attacker can rewrite the manifest too: the refusal must not depend on it.
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["files"][STATE_FILE] = {"size": (folder / STATE_FILE).stat().st_size,
-                                     "sha256": file_digest(folder / STATE_FILE)}
+    manifest["files"][STATE_FILE] = {
+        "size": (folder / STATE_FILE).stat().st_size,
+        "sha256": file_digest(folder / STATE_FILE),
+    }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="refused"):
         load_checkpoint(folder)
@@ -232,8 +264,15 @@ def test_sampling_does_not_disturb_the_training_random_stream(tmp_path, shared_d
 
 def test_after_a_failure_save_and_eval_are_refused(tmp_path, shared_dir):
     events = []
-    trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=100, ckpt_interval=10,
-                           eval_interval=1000, sample_interval=1000)
+    trainer = make_trainer(
+        tmp_path,
+        shared_dir,
+        sink=events.append,
+        max_iters=100,
+        ckpt_interval=10,
+        eval_interval=1000,
+        sample_interval=1000,
+    )
 
     def sink(event):
         events.append(event)
@@ -274,9 +313,19 @@ def test_training_the_way_cuda_does_bf16_autocast(tmp_path, shared_dir, monkeypa
     # gates and outputs in the dispatch.
     monkeypatch.setattr(moe_core.model.moe, "grouped_mm_dtype", lambda x, w: experts_dtype)
     events = []
-    trainer = make_trainer(tmp_path, shared_dir, sink=events.append, max_iters=150, eval_interval=50,
-                           router="noisy_topk", capacity_factor=1.25, dropout=0.1, pos_encoding="rope",
-                           sample_interval=150, ckpt_interval=1000)
+    trainer = make_trainer(
+        tmp_path,
+        shared_dir,
+        sink=events.append,
+        max_iters=150,
+        eval_interval=50,
+        router="noisy_topk",
+        capacity_factor=1.25,
+        dropout=0.1,
+        pos_encoding="rope",
+        sample_interval=150,
+        ckpt_interval=1000,
+    )
     trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     assert trainer.run() == "finished"
     evals = [e for e in events if isinstance(e, EvalMetrics)]

@@ -10,8 +10,8 @@ import sys
 
 import typer
 
-from moe_core.parallel.ranks import PeerFailed, report_setup_failure
 from moe_core.errors import UserError
+from moe_core.parallel.ranks import PeerFailed, report_setup_failure
 from tui import invocation
 from tui.commands.bench import bench
 from tui.commands.export import export
@@ -20,8 +20,12 @@ from tui.commands.report import report
 from tui.commands.runs import datasets, runs_app, sample
 from tui.commands.train import train
 
-app = typer.Typer(help="Train and watch a sparse Mixture-of-Experts character language model.",
-                  no_args_is_help=True, rich_markup_mode="rich", add_completion=False)
+app = typer.Typer(
+    help="Train and watch a sparse Mixture-of-Experts character language model.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
 app.command(no_args_is_help=False)(train)
 app.command()(watch)
 app.command()(stop)

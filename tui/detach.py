@@ -29,9 +29,15 @@ def is_detached_child() -> bool:
 
 def start_detached(argv: list[str]) -> int:
     """Start `moe-tui ARGV` again as a child that trains in the background; the exit code for this one."""
-    child = subprocess.Popen([sys.executable, "-m", "tui", *argv], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, CHILD_ENV: "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tui", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, CHILD_ENV: "1"},
+    )
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
     reader.start()
@@ -51,6 +57,7 @@ def output_to_log_once_live(run: Run) -> None:
     """With several processes (`--nproc N --detach`), for the detached launcher and the ranks other than
     0: they hold the parent's pipes too, so once rank 0 trains (and has moved its own output), they move
     theirs to train.log, and the parent's read ends. Until then a mistake still reaches the terminal."""
+
     def when_live() -> None:
         while read_status(run).state != "live":
             time.sleep(0.1)
@@ -62,6 +69,9 @@ def output_to_log_once_live(run: Run) -> None:
 def move_output_to_log(run: Run, watch_hint: str, stop_hint: str) -> None:
     """In the child: tell the user (through the parent) where training runs, then write to train.log."""
     log = run.path / "train.log"
-    print(f"training run '{run.name}' {BACKGROUND} {os.getpid()}; its output goes to {log}\n"
-          f"  watch it:  {watch_hint}\n  stop it:   {stop_hint}", flush=True)
+    print(
+        f"training run '{run.name}' {BACKGROUND} {os.getpid()}; its output goes to {log}\n"
+        f"  watch it:  {watch_hint}\n  stop it:   {stop_hint}",
+        flush=True,
+    )
     redirect_output(log)

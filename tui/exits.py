@@ -8,24 +8,35 @@ import os
 import sys
 from pathlib import Path
 
+from moe_core.events import State
+
+
 def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) -> None:
     """After the session: how to resume an unfinished or failed run, or how to use a finished one."""
     stream = stream or sys.stderr
     try:
-        if trainer.state == "error" and trainer.last_saved_step < 0:
-            print(f"no checkpoint was saved before the failure; start again from step 0 with: {resume_hint} "
-                  "--lr <lower>", file=stream)
-        elif trainer.state == "error":
+        if trainer.state == State.ERROR and trainer.last_saved_step < 0:
+            print(
+                f"no checkpoint was saved before the failure; start again from step 0 with: {resume_hint} --lr <lower>",
+                file=stream,
+            )
+        elif trainer.state == State.ERROR:
             print(f"resume from the last good checkpoint with: {resume_hint} --lr <lower>", file=stream)
         elif trainer.unsaved:  # finished, but the final save failed (disk full?)
             last = trainer.last_saved_step
-            print(f"steps after {last} were not saved (the last checkpoint is step {last}); once the disk is "
-                  f"writable, resume with: {resume_hint}", file=stream)
+            print(
+                f"steps after {last} were not saved (the last checkpoint is step {last}); once the disk is "
+                f"writable, resume with: {resume_hint}",
+                file=stream,
+            )
         elif trainer.step_num < trainer.config.max_iters:
             print(f"resume with: {resume_hint}", file=stream)
         else:
-            print(f"run {trainer.run_folder.name} finished at step {trainer.step_num}; "
-                  f"sample from it with: {sample_hint}", file=stream)
+            print(
+                f"run {trainer.run_folder.name} finished at step {trainer.step_num}; "
+                f"sample from it with: {sample_hint}",
+                file=stream,
+            )
     except OSError:  # no terminal left to print to after a hangup
         pass
 

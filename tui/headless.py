@@ -11,10 +11,20 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from moe_core.events import (
+    CheckpointSaved,
+    EvalMetrics,
+    Event,
+    Notice,
+    RouterStats,
+    RunStarted,
+    Sample,
+    State,
+    StateChanged,
+    StepMetrics,
+)
 from moe_core.signals import HANGUP, outcome_exit_code, signal_reason, stop_signals_handled
 from tui.exits import move_output_after_hangup, print_next_step
-from moe_core.events import (CheckpointSaved, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample,
-                             StateChanged, StepMetrics)
 
 
 def format_params(n: int) -> str:
@@ -42,9 +52,11 @@ class HeadlessReporter:
         if isinstance(event, RunStarted):
             verb = f"resuming at step {event.start_step}" if event.resumed else "training"
             self._start_bar(event)
-            return (f"{verb} run '{event.run_name}' on {event.dataset} | device {event.device} | "
-                    f"{format_params(event.params_total)} params, {format_params(event.params_active)} active "
-                    f"per token | vocab {event.vocab_size} | {event.max_iters} steps of {event.tokens_per_step} tokens")
+            return (
+                f"{verb} run '{event.run_name}' on {event.dataset} | device {event.device} | "
+                f"{format_params(event.params_total)} params, {format_params(event.params_active)} active "
+                f"per token | vocab {event.vocab_size} | {event.max_iters} steps of {event.tokens_per_step} tokens"
+            )
         if isinstance(event, StepMetrics):  # printed with the routing figures that follow it
             self.pending_step = event
             return None
@@ -53,14 +65,18 @@ class HeadlessReporter:
             layers = event.layers
             balance = sum(layer.imbalance for layer in layers) / len(layers)
             dropped = sum(layer.dropped_fraction for layer in layers) / len(layers)
-            return (f"step {step.step:>6} | loss {step.loss:.4f} | aux {step.aux_loss:.3f} z {step.z_loss:.3f} "
-                    f"| experts cv {balance:.2f} drop {dropped:.1%} | lr {step.lr:.2e} "
-                    f"| {step.tokens_per_sec:,.0f} tok/s | {step.elapsed:.0f}s")
+            return (
+                f"step {step.step:>6} | loss {step.loss:.4f} | aux {step.aux_loss:.3f} z {step.z_loss:.3f} "
+                f"| experts cv {balance:.2f} drop {dropped:.1%} | lr {step.lr:.2e} "
+                f"| {step.tokens_per_sec:,.0f} tok/s | {step.elapsed:.0f}s"
+            )
         if isinstance(event, EvalMetrics):
             mark = " *best*" if event.val_loss < self.best_val else ""
             self.best_val = min(self.best_val, event.val_loss)
-            return (f"eval {event.step:>6} | train {event.train_loss:.4f} | val {event.val_loss:.4f} nats/char "
-                    f"({event.val_bpc:.3f} bits/char){mark}")
+            return (
+                f"eval {event.step:>6} | train {event.train_loss:.4f} | val {event.val_loss:.4f} nats/char "
+                f"({event.val_bpc:.3f} bits/char){mark}"
+            )
         if isinstance(event, Sample):
             body = event.text.replace("\n", "\n    ")
             return f"sample @ step {event.step}:\n    {body}"
@@ -68,18 +84,24 @@ class HeadlessReporter:
             return f"saved {'best ' if event.best else ''}checkpoint at step {event.step} -> {event.path}"
         if isinstance(event, Notice):
             return f"{event.level}: {event.message}"
-        if isinstance(event, StateChanged) and event.state in ("finished", "stopped"):
+        if isinstance(event, StateChanged) and event.state in (State.FINISHED, State.STOPPED):
             self._stop_bar()
             return f"{event.state}{': ' + event.message if event.message else ''}"
-        if isinstance(event, StateChanged) and event.state == "error":
+        if isinstance(event, StateChanged) and event.state == State.ERROR:
             self._stop_bar()
         return None
 
     def _start_bar(self, event: RunStarted) -> None:
         if not self.use_bar or self.progress is not None:
             return
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=self.console, transient=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.task = self.progress.add_task(event.run_name, total=event.max_iters, completed=event.start_step)
         self.progress.start()
 

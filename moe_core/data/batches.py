@@ -22,8 +22,14 @@ class Batches:
     `shard` of the rows (see moe_core/parallel/ranks.py): the stream's state is the same on all ranks,
     and the same as one process's."""
 
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int,
-                 shard: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        shard: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows,
+    ):
         self.windows = ids.unfold(0, block_size + 1, 1)  # a view: row i = ids[i : i + block_size + 1]
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -44,7 +50,8 @@ def split_ids(ids: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, tor
     return ids[:split], ids[split:]
 
 
-def evaluation_batches(ids: torch.Tensor, config, split: int,
-                       shard: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows) -> Batches:
+def evaluation_batches(
+    ids: torch.Tensor, config, split: int, shard: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows
+) -> Batches:
     """The fixed batches an evaluation reads from split 0 (train) or 1 (validation): the same every time."""
     return Batches(ids, config.block_size, config.batch_size, config.seed + 1 + split, shard)

@@ -147,8 +147,7 @@ def _local_path(source: str) -> Path:
         raise UserError(f"dataset '{source}' is a directory: pass a text file inside it instead")
     if not path.is_file():
         raise UserError(
-            f"dataset '{source}' not found: use one of {', '.join(CORPORA)}, "
-            "a path to a text file, or an http(s) URL"
+            f"dataset '{source}' not found: use one of {', '.join(CORPORA)}, a path to a text file, or an http(s) URL"
         )
     return path
 
@@ -157,9 +156,7 @@ def _read_text(path: Path, encoding: str) -> str:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise UserError(
-            f"cannot read {path} ({e.strerror or e}); check the file's permissions"
-        ) from None
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check the file's permissions") from None
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
@@ -180,8 +177,7 @@ def _csv_lines(text: str, columns: Sequence[str], path: Path) -> str:
         missing = [c for c in columns if c not in available]
         if missing:
             raise UserError(
-                f"{path} has no column {_quoted(missing)}; "
-                f"available columns: {_quoted(available) or '(none)'}"
+                f"{path} has no column {_quoted(missing)}; available columns: {_quoted(available) or '(none)'}"
             )
         for row in reader:
             # Short rows give None; a quoted value may span lines, but a row must stay one line.
@@ -207,9 +203,7 @@ class _NetworkError(Exception):
     """The server or the network failed (as opposed to the local disk)."""
 
 
-def _fetch_named(
-    corpus: NamedCorpus, data_dir: Path, progress: ProgressFn | None, timeout: float
-) -> Path:
+def _fetch_named(corpus: NamedCorpus, data_dir: Path, progress: ProgressFn | None, timeout: float) -> Path:
     path = data_dir / corpus.filename
     stale_note = ""
     if path.is_file():
@@ -237,9 +231,7 @@ def _fetch_named(
     return path
 
 
-def _fetch_url(
-    url: str, data_dir: Path, progress: ProgressFn | None, timeout: float
-) -> tuple[Path, str]:
+def _fetch_url(url: str, data_dir: Path, progress: ProgressFn | None, timeout: float) -> tuple[Path, str]:
     basename = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "download.txt"
     basename = re.sub(r"[^A-Za-z0-9._-]", "_", basename)  # a safe file name on every OS
     url_hash = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
@@ -266,13 +258,9 @@ def _download(
     made = list(itertools.takewhile(lambda p: not p.exists(), (target.parent, *target.parent.parents)))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
-        )
+        tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
     except OSError as e:
-        raise UserError(
-            f"cannot write to {target.parent} ({e}); set MOE_TUI_DATA to a writable folder"
-        ) from None
+        raise UserError(f"cannot write to {target.parent} ({e}); set MOE_TUI_DATA to a writable folder") from None
     tmp_path = Path(tmp.name)
     try:
         with tmp:

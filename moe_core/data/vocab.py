@@ -67,6 +67,5 @@ class Vocab:
             return cls(chars)
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(
-                f"invalid vocabulary JSON ({type(e).__name__}: {e}); "
-                "the file is corrupt or was not written by moe-tui"
+                f"invalid vocabulary JSON ({type(e).__name__}: {e}); the file is corrupt or was not written by moe-tui"
             ) from None

@@ -1,8 +1,8 @@
 """A viewer's end of the control channel: connect to a live trainer, send commands, read live events.
 
-    client = ControlClient.connect(run)          # None when no trainer is live
-    client.send("pause")
-    for message in client.receive(): ...         # never blocks; raises TrainerGone at end of stream
+client = ControlClient.connect(run)          # None when no trainer is live
+client.send("pause")
+for message in client.receive(): ...         # never blocks; raises TrainerGone at end of stream
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from moe_core.errors import UserError
-from moe_core.store.runs import Run
 from moe_core.live.lease import is_live, socket_path
 from moe_core.live.protocol import MAX_LINE, PROTOCOL, VERSION, encode, peer_uid, socket_address
+from moe_core.store.runs import Run
 
 HELLO_SECONDS = 5.0  # a live trainer answers at once; it may be busy compiling, so allow some time
 
@@ -37,13 +37,16 @@ class ControlClient:
         try:
             owner = os.stat(path).st_uid
         except PermissionError:
-            raise UserError(f"{path.parent} belongs to another user; only its owner can watch or control "
-                            f"run '{run.name}'") from None
+            raise UserError(
+                f"{path.parent} belongs to another user; only its owner can watch or control run '{run.name}'"
+            ) from None
         except FileNotFoundError:
             return None
         if owner != os.geteuid():
-            raise UserError(f"the control socket {path} belongs to user id {owner}, not you; only its "
-                            f"owner can control run '{run.name}'")
+            raise UserError(
+                f"the control socket {path} belongs to user id {owner}, not you; only its "
+                f"owner can control run '{run.name}'"
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -60,9 +63,11 @@ class ControlClient:
         if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
             sock.close()
             theirs = hello.get("version", "of another version")
-            raise UserError(f"run '{run.name}' is trained by moe-tui {theirs}, which speaks control protocol "
-                            f"{hello.get('protocol')!r}; this moe-tui ({VERSION}) speaks {PROTOCOL}: use the same "
-                            f"version as the trainer (`pip install moe-tui=={theirs}`)")
+            raise UserError(
+                f"run '{run.name}' is trained by moe-tui {theirs}, which speaks control protocol "
+                f"{hello.get('protocol')!r}; this moe-tui ({VERSION}) speaks {PROTOCOL}: use the same "
+                f"version as the trainer (`pip install moe-tui=={theirs}`)"
+            )
         sock.setblocking(False)
         return cls(sock, hello, rest)
 
@@ -96,7 +101,7 @@ class ControlClient:
         messages = []
         while (end := self._inbox.find(b"\n")) >= 0:
             line = bytes(self._inbox[:end])
-            del self._inbox[:end + 1]
+            del self._inbox[: end + 1]
             try:
                 messages.append(json.loads(line))
             except ValueError:

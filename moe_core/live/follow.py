@@ -15,18 +15,19 @@ import os
 import queue
 import threading
 import time
+
 from moe_core.errors import UserError
+from moe_core.events import Event, Notice, ResourceUsage, Sample, State, StateChanged, from_line, from_record
 from moe_core.hints import resume_command
-from moe_core.events import Event, Notice, ResourceUsage, Sample, StateChanged, from_line, from_record
-from moe_core.store.runs import Run
-from moe_core.model.sampling import SampleRequest
 from moe_core.live.client import ControlClient, TrainerGone, live_client
 from moe_core.live.lease import read_status
 from moe_core.live.protocol import sample_arguments
+from moe_core.model.sampling import SampleRequest
+from moe_core.store.runs import Run
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)
-HEARTBEAT_SECONDS = 5.0
-RECONNECT_WAIT_SECONDS = 0.3  # polled from the UI thread: a trainer that cannot answer (stopped) is retried later  # a live trainer says something every second; this long silent is worth a word
+HEARTBEAT_SECONDS = 5.0  # a live trainer says something every second; this long silent is worth a word
+RECONNECT_WAIT_SECONDS = 0.3  # polled from the UI thread: a trainer that cannot answer (stopped) is retried later
 
 
 class RunFollower:
@@ -66,7 +67,9 @@ class RunFollower:
             return
         self._last_heard, self._silence_reported, self._status_shown = time.monotonic(), False, None
         hello = client.hello
-        self._local.put(StateChanged(hello.get("state", "running"), f"attached to process {hello.get('pid')}"))
+        self._local.put(
+            StateChanged(State(hello.get("state", State.RUNNING)), f"attached to process {hello.get('pid')}")
+        )
         self._local.put(ResourceUsage(int(hello.get("step", 0)), 0.0, 0))
 
     # -- events in -----------------------------------------------------------------------------
@@ -98,7 +101,7 @@ class RunFollower:
                 data = f.read()
         except FileNotFoundError:
             return []
-        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
         self._offset += len(whole)
         return [event for line in whole.splitlines() if (event := from_line(line)) is not None]
 
@@ -128,16 +131,22 @@ class RunFollower:
             if message.get("type") == "event":
                 try:
                     events.append(from_record(message["event"]))
-                except (KeyError, TypeError):
+                except (KeyError, TypeError, ValueError):  # of a kind or state this version does not know
                     continue
             elif message.get("type") == "reply" and not message.get("ok"):
-                events.append(Notice("warning", f"the trainer refused a command: {message.get('error')}",
-                                     self.last_step))
+                events.append(
+                    Notice("warning", f"the trainer refused a command: {message.get('error')}", self.last_step)
+                )
         if now - self._last_heard > HEARTBEAT_SECONDS and not self._silence_reported:
             self._silence_reported = True
-            events.append(Notice("warning", f"no word from process {self.client.hello.get('pid')} for "
-                                            f"{HEARTBEAT_SECONDS:.0f} s: stopped (Ctrl-Z, SIGSTOP) or swapping?",
-                                 self.last_step))
+            events.append(
+                Notice(
+                    "warning",
+                    f"no word from process {self.client.hello.get('pid')} for "
+                    f"{HEARTBEAT_SECONDS:.0f} s: stopped (Ctrl-Z, SIGSTOP) or swapping?",
+                    self.last_step,
+                )
+            )
         return events
 
     def _ended_state(self) -> list[Event]:
@@ -148,10 +157,13 @@ class RunFollower:
             return []
         self._status_shown = key
         if status.state == "crashed":
-            return [StateChanged("gone", f"process {status.pid} gone at step {self.last_step}; resume with: "
-                                         f"{self.resume_hint}")]
+            return [
+                StateChanged(
+                    State.GONE, f"process {status.pid} gone at step {self.last_step}; resume with: {self.resume_hint}"
+                )
+            ]
         if status.state == "unknown":  # a run recorded before leases: its files say as much as can be said
-            return [StateChanged("finished" if self._finished() else "stopped", "no live trainer")]
+            return [StateChanged(State.FINISHED if self._finished() else State.STOPPED, "no live trainer")]
         return [StateChanged(status.state, "no live trainer")]
 
     def _finished(self) -> bool:

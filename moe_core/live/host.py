@@ -11,7 +11,7 @@ import socket
 import threading
 
 from moe_core.bus import EventBus
-from moe_core.events import StateChanged
+from moe_core.events import State, StateChanged
 from moe_core.live.lease import RunLease
 from moe_core.live.server import ControlServer
 from moe_core.live.usage import UsageMonitor
@@ -24,29 +24,31 @@ class LiveTraining:
         self.server: ControlServer | None = None
         self.monitor = UsageMonitor(bus, lambda: trainer.step_num, trainer.device)
         self._closing, self._closed = threading.Lock(), False
-        self.ended: str | None = None  # "finished" or "error", once training got there (a stop may follow)
+        self.ended: State | None = None  # "finished" or "error", once training got there (a stop may follow)
         bus.subscribe(self._note_ending)
 
     def _note_ending(self, event) -> None:
-        if isinstance(event, StateChanged) and event.state in ("finished", "error"):
+        if isinstance(event, StateChanged) and event.state in (State.FINISHED, State.ERROR):
             self.ended = event.state
 
     def __enter__(self) -> "LiveTraining":
         if hasattr(socket, "AF_UNIX"):
             try:
-                self.server = ControlServer(self.trainer.run_folder, self.trainer.control, self.trainer.vocab,
-                                            lambda: self.trainer.step_num).start()
+                self.server = ControlServer(
+                    self.trainer.run_folder, self.trainer.control, self.trainer.vocab, lambda: self.trainer.step_num
+                ).start()
                 self.bus.subscribe(self.server)
             except OSError as err:  # no viewers then, but training is never refused for it
                 self.server = None
-                self.trainer.note("warning", f"no control channel ({err}); `moe-tui watch` can only follow "
-                                              "this run's files")
+                self.trainer.note(
+                    "warning", f"no control channel ({err}); `moe-tui watch` can only follow this run's files"
+                )
         self.monitor.start()
         return self
 
     def __exit__(self, exc_type, *exc_info) -> None:
         if exc_type is not None and not issubclass(exc_type, (SystemExit, KeyboardInterrupt)):
-            self.ended = "error"  # a crash of the process itself
+            self.ended = State.ERROR  # a crash of the process itself
         self.close()
 
     def close(self) -> None:
@@ -60,5 +62,7 @@ class LiveTraining:
             self.bus.unsubscribe(self.server)
             self.server.close()
         # A dashboard keeps a finished or failed run up until the user quits, which stops it: it ended there.
-        state = self.ended or (self.trainer.state if self.trainer.state in ("stopped", "error") else "stopped")
+        state = self.ended or (
+            self.trainer.state if self.trainer.state in (State.STOPPED, State.ERROR) else State.STOPPED
+        )
         self.lease.release(state, self.trainer.step_num)

@@ -88,8 +88,10 @@ class RunLease:
         """Free the run; once active, first record how the process ended ("finished", "stopped", "error")."""
         try:
             if self.record is not None and state is not None:
-                atomic_write_text(self.run.path / PROCESS_FILE,
-                                  json.dumps({**self.record, "state": state, "step": step, "ended": time.time()}))
+                atomic_write_text(
+                    self.run.path / PROCESS_FILE,
+                    json.dumps({**self.record, "state": state, "step": step, "ended": time.time()}),
+                )
         except OSError:
             pass  # disk full: the run reads as crashed, which is the safe side
         finally:
@@ -100,8 +102,10 @@ class RunLease:
 
 def already_live_message(run: Run, pid: int | None) -> str:
     who = f"process {pid}" if pid else "another process"
-    return (f"run '{run.name}' is being trained by {who} right now; watch it with `moe-tui watch {run.name}` "
-            f"or stop it with `moe-tui stop {run.name}`")
+    return (
+        f"run '{run.name}' is being trained by {who} right now; watch it with `moe-tui watch {run.name}` "
+        f"or stop it with `moe-tui stop {run.name}`"
+    )
 
 
 def is_live(run: Run) -> bool:
@@ -111,8 +115,9 @@ def is_live(run: Run) -> bool:
     except FileNotFoundError:
         return False
     except PermissionError:
-        raise UserError(f"{control_dir(run)} belongs to another user; only its owner can watch or "
-                        "control this run") from None
+        raise UserError(
+            f"{control_dir(run)} belongs to another user; only its owner can watch or control this run"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False

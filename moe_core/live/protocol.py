@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.model.sampling import SampleRequest
-from moe_core.data.vocab import Vocab
 
 PROTOCOL = 1
 
@@ -42,8 +42,14 @@ MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
 MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
 SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)
 VERBS = ("pause", "resume", "save", "eval", "stop", "sample")
-SAMPLE_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": (int, float), "top_k": (int, type(None)),
-                 "top_p": (int, float, type(None)), "seed": (int, type(None))}
+SAMPLE_FIELDS = {
+    "prompt": str,
+    "max_new_tokens": int,
+    "temperature": (int, float),
+    "top_k": (int, type(None)),
+    "top_p": (int, float, type(None)),
+    "seed": (int, type(None)),
+}
 
 
 class ProtocolError(ValueError):
@@ -98,8 +104,7 @@ def socket_address(path: Path) -> Iterator[str]:
         yield str(path)
         return
     if not os.path.isdir("/proc/self/fd"):
-        raise UserError(f"the control socket path {path} is longer than {SUN_PATH_MAX} bytes; "
-                        "use a shorter --runs-dir")
+        raise UserError(f"the control socket path {path} is longer than {SUN_PATH_MAX} bytes; use a shorter --runs-dir")
     fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         yield f"/proc/self/fd/{fd}/{path.name}"

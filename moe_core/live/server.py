@@ -15,12 +15,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from moe_core.train.control import Control
-from moe_core.events import LIVE_ONLY, Event, StateChanged, to_record
-from moe_core.store.runs import Run
 from moe_core.data.vocab import Vocab
+from moe_core.events import LIVE_ONLY, Event, StateChanged, to_record
 from moe_core.live.lease import make_control_dir, socket_path
-from moe_core.live.protocol import MAX_LINE, PROTOCOL, VERSION, ProtocolError, encode, parse_command, peer_uid, socket_address
+from moe_core.live.protocol import (
+    MAX_LINE,
+    PROTOCOL,
+    VERSION,
+    ProtocolError,
+    encode,
+    parse_command,
+    peer_uid,
+    socket_address,
+)
+from moe_core.store.runs import Run
+from moe_core.train.control import Control
 
 MAX_BACKLOG = 4 << 20  # bytes queued for one viewer that does not read; past this it is dropped
 ACTIONS = {"pause": Control.pause, "resume": Control.resume, "save": Control.save, "eval": Control.evaluate}
@@ -127,9 +136,18 @@ class ControlServer:
         viewer = _Viewer(sock)
         self._viewers[sock] = viewer
         self._selector.register(sock, selectors.EVENT_READ, viewer)
-        self._send(viewer, {"type": "hello", "protocol": PROTOCOL, "version": VERSION, "run": self.run.name,
-                            "pid": os.getpid(),
-                            "state": self.state, "step": self.step()})
+        self._send(
+            viewer,
+            {
+                "type": "hello",
+                "protocol": PROTOCOL,
+                "version": VERSION,
+                "run": self.run.name,
+                "pid": os.getpid(),
+                "state": self.state,
+                "step": self.step(),
+            },
+        )
 
     def _serve_viewer(self, viewer: _Viewer, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -158,7 +176,7 @@ class ControlServer:
                         self._reply(viewer, None, f"line longer than {MAX_LINE} bytes")
                 return
             line = bytes(viewer.inbox[:end])
-            del viewer.inbox[:end + 1]
+            del viewer.inbox[: end + 1]
             if viewer.skipping:
                 viewer.skipping = False
             elif len(line) > MAX_LINE:

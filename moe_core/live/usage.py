@@ -45,8 +45,7 @@ def gpu_figures(device: str) -> tuple[float | None, int | None]:
 class UsageMonitor:
     """Publishes a ResourceUsage every `interval` seconds until `stop()`."""
 
-    def __init__(self, publish: EventSink, step: Callable[[], int], device: str,
-                 interval: float = INTERVAL_SECONDS):
+    def __init__(self, publish: EventSink, step: Callable[[], int], device: str, interval: float = INTERVAL_SECONDS):
         self.publish, self.step, self.device, self.interval = publish, step, device, interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="usage", daemon=True)

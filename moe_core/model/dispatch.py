@@ -29,8 +29,15 @@ import torch.nn as nn
 class Dispatcher(Protocol):
     """What a MoE layer calls to run its experts on the tokens the router assigned to them."""
 
-    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        experts: nn.Module,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        capacity: int | None,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """experts: the layer's; x: (N, C) tokens; weights, expert_idx: (N, k) each token's gates and
         experts; capacity: most assignments one expert takes (None: no limit); counts: (E,) assignments
         per expert, if counted already. Returns the combined output (N, C) and () assignments dropped."""
@@ -44,8 +51,13 @@ def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
-def sort_by_expert(weights: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, capacity: int | None,
-                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def sort_by_expert(
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    capacity: int | None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """The token->expert assignments (N, k) in expert order, after capacity: each one's token, expert
     and gate (M, 1); the assignments each expert keeps (E,), and how many were dropped ()."""
     flat_expert = expert_idx.flatten()  # (N*k,) token-major: token i's choices at i*k .. i*k+k-1
@@ -69,8 +81,15 @@ class LocalDispatch:
     """Every expert on this process, weights stacked (`StackedExperts`): sort the assignments by expert
     and run every expert on its contiguous slice of rows in one go."""
 
-    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        experts: nn.Module,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        capacity: int | None,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
         if x.shape[0] == 1 and capacity is None and x.device.type == "cpu":
             # One token (sampling with the KV cache): call its k experts directly, no sorting needed.
@@ -93,8 +112,15 @@ class MaskedDispatch:
     """The textbook dispatch (makeMoE's), for experts in an `nn.ModuleList`: for each expert, a boolean
     mask over all tokens picks its rows. Same maths as `LocalDispatch`, one expert at a time."""
 
-    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        experts: nn.Module,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        capacity: int | None,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros_like(x)  # counts: not needed here
         dropped = torch.zeros((), device=x.device, dtype=torch.long)
         for e, expert in enumerate(experts):

@@ -108,8 +108,12 @@ def grouped_mm_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype | None:
     it there. On CUDA it takes bfloat16 (Hopper and later; probed once per device), compiled or not.
     """
     if x.device.type == "cpu":
-        ok = (not torch.compiler.is_compiling() and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
-              and _aligned(w, x.element_size()) and _grouped_mm_runs("cpu", x.dtype))
+        ok = (
+            not torch.compiler.is_compiling()
+            and x.dtype == w.dtype in (torch.float32, torch.bfloat16)
+            and _aligned(w, x.element_size())
+            and _grouped_mm_runs("cpu", x.dtype)
+        )
         return x.dtype if ok else None
     if x.device.type == "cuda" and _aligned(w, 2) and _grouped_mm_runs(str(x.device), torch.bfloat16):
         return torch.bfloat16
@@ -180,8 +184,9 @@ class RoutingStats:
         return self.expert_idx.numel()
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor,
-                        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, counts: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Switch Transformer auxiliary loss: E * sum_e f_e * P_e.
 
     f_e is the fraction of token->expert assignments that went to expert e, P_e the mean router
@@ -208,8 +213,15 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """Router + experts + token dispatcher. Input and output: (B, T, C)."""
 
-    def __init__(self, n_embd: int, num_experts: int, top_k: int, noisy: bool = False,
-                 capacity_factor: float = 0.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        n_embd: int,
+        num_experts: int,
+        top_k: int,
+        noisy: bool = False,
+        capacity_factor: float = 0.0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.router = Router(n_embd, num_experts, top_k, noisy)

@@ -68,8 +68,9 @@ def lift(counts: torch.Tensor) -> torch.Tensor:
     return torch.where(per_char > 0, counts / per_char.clamp_min(1) / expert_share.clamp_min(1e-12), 0.0)
 
 
-def top_characters(counts: torch.Tensor, chars: str, expert: int, n: int = 8,
-                   min_share: float = 0.001) -> list[tuple[str, float]]:
+def top_characters(
+    counts: torch.Tensor, chars: str, expert: int, n: int = 8, min_share: float = 0.001
+) -> list[tuple[str, float]]:
     """The `n` characters with the highest lift for `expert` in one layer's (V, E) counts, leaving
     out characters rarer than `min_share` of the text (their lift is noise)."""
     frequent = counts.sum(dim=1) >= min_share * counts.sum()
@@ -96,6 +97,7 @@ def routing_change(before: torch.Tensor, after: torch.Tensor) -> float:
     """How much one layer's picture moved between two evaluations: the total variation distance
     between each character's distribution over experts then and now, averaged with the characters'
     frequencies (0 = the same routing; 1 = every character now goes to other experts)."""
+
     def per_char(counts: torch.Tensor) -> torch.Tensor:
         counts = counts.double()
         return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)

@@ -7,12 +7,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from moe_core.store.checkpoint import load_checkpoint
 from moe_core.config import resolve_device
+from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.model.transformer import MoETransformer
+from moe_core.store.checkpoint import load_checkpoint
 from moe_core.store.runs import Run
-from moe_core.data.vocab import Vocab
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class SampleRequest:
 
 
 @torch.no_grad()
-def generate_text(model: MoETransformer, vocab: Vocab, request: SampleRequest,
-                  default_seed: int = 0) -> Iterator[list[str]]:
+def generate_text(
+    model: MoETransformer, vocab: Vocab, request: SampleRequest, default_seed: int = 0
+) -> Iterator[list[str]]:
     """Yield, one step at a time, the next character of each of the `num_samples` texts.
 
     The prompt itself is not yielded; callers print it first. Uses its own RNG, so sampling in the
@@ -59,8 +60,9 @@ def generate_text(model: MoETransformer, vocab: Vocab, request: SampleRequest,
     generator = torch.Generator(device).manual_seed(seed)
     idx = torch.tensor([ids] * request.num_samples, device=device)
     try:
-        for nxt in model.generate(idx, request.max_new_tokens, request.temperature, request.top_k,
-                                  request.top_p, generator):
+        for nxt in model.generate(
+            idx, request.max_new_tokens, request.temperature, request.top_k, request.top_p, generator
+        ):
             yield [vocab.chars[i] for i in nxt.tolist()]
     finally:
         model.train(was_training)
@@ -74,8 +76,9 @@ def complete(model: MoETransformer, vocab: Vocab, request: SampleRequest, defaul
     return texts
 
 
-def load_model(run: Run, which: str = "latest", device: str = "auto",
-               on_skip: Callable[[str], None] | None = None) -> tuple[MoETransformer, Vocab, int]:
+def load_model(
+    run: Run, which: str = "latest", device: str = "auto", on_skip: Callable[[str], None] | None = None
+) -> tuple[MoETransformer, Vocab, int]:
     """A run's model from its `latest` or `best` checkpoint, ready to sample; also the checkpoint step.
     `on_skip` hears of corrupt newer checkpoints passed over."""
     if which not in ("latest", "best"):
@@ -87,6 +90,8 @@ def load_model(run: Run, which: str = "latest", device: str = "auto",
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise UserError(f"checkpoint {folder} does not fit the run's config ({str(err).splitlines()[0][:160]}); "
-                        "the run folder was changed by hand") from None
+        raise UserError(
+            f"checkpoint {folder} does not fit the run's config ({str(err).splitlines()[0][:160]}); "
+            "the run folder was changed by hand"
+        ) from None
     return model.to(resolve_device(device)).eval(), vocab, int(manifest.get("step", 0))

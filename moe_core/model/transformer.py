@@ -18,7 +18,6 @@ from moe_core.model.dropout import Dropout
 from moe_core.model.moe import MoE, ReferenceMoE, StackedExperts
 from moe_core.model.token_step import TokenStep
 
-
 # Prompts up to this long are fed to the KV cache one token at a time, through the one-token step
 # (on a GPU, a replayed CUDA graph); longer ones are prefilled in one pass.
 SHORT_PROMPT = 8
@@ -40,8 +39,16 @@ class KVCache:
     graph and replayed for every new token: nothing in it depends on a number held by the host.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (batch, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
@@ -81,7 +88,7 @@ class Rotary(nn.Module):
             cos, sin = self.cos.index_select(0, start).to(x.dtype), self.sin.index_select(0, start).to(x.dtype)
         else:
             T = x.shape[-2]
-            cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+            cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -122,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         if dropout > 0 and x.device.type == "cpu":
             # SDPA's CPU kernels cannot drop attention weights, so it would run these same steps
             # with nn.Dropout's slower mask. (CUDA's fused kernels can: they take the else branch.)
-            scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+            scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
             scores = scores + torch.full((T, T), float("-inf"), device=x.device).triu(1)
             y = self.attn_dropout(scores.softmax(dim=-1)) @ v
         else:
@@ -143,8 +150,7 @@ class ReferenceAttention(nn.Module):
         self.rotary = make_rotary(config)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)),
-                             persistent=False)
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         assert cache is None, "the reference attention has no KV cache"
@@ -168,8 +174,13 @@ class Block(nn.Module):
         self.attn = (ReferenceAttention if reference else CausalSelfAttention)(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.moe = (ReferenceMoE if reference else MoE)(
-            config.n_embd, config.num_experts, config.top_k, noisy=config.router == "noisy_topk",
-            capacity_factor=config.capacity_factor, dropout=config.dropout)
+            config.n_embd,
+            config.num_experts,
+            config.top_k,
+            noisy=config.router == "noisy_topk",
+            capacity_factor=config.capacity_factor,
+            dropout=config.dropout,
+        )
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
@@ -230,8 +241,9 @@ class MoETransformer(nn.Module):
         c = self.config
         return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
         T = idx.shape[1]
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
@@ -258,9 +270,16 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits, loss, aux, z)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ):
         """Yield (B,) next-token tensors, one per step, continuing the prompt `idx` (B, T).
 
         Context is a window of at most block_size tokens. When it is full we keep its last half and
@@ -280,7 +299,7 @@ class MoETransformer(nn.Module):
                 step.cache.reset()
                 if window.shape[1] <= SHORT_PROMPT:  # token by token: replays beat a prefill's launches
                     for t in range(window.shape[1]):
-                        logits = step(window[:, t:t + 1])
+                        logits = step(window[:, t : t + 1])
                 else:
                     logits = self(window, cache=step.cache).logits[:, -1]
             else:
@@ -304,8 +323,9 @@ class MoETransformer(nn.Module):
         return steps[key]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
     """Pick the next token from (B, V) logits; temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -331,4 +351,3 @@ def reference_generate(model: MoETransformer, idx: torch.Tensor, max_new_tokens:
         nxt = model(idx[:, -bs:]).logits[:, -1].argmax(-1)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         yield nxt
-

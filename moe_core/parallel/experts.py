@@ -45,18 +45,26 @@ def check_expert_parallel(config: Config, world: int) -> None:
     """What `--expert-parallel` needs: several processes, an equal share of experts each, stacked experts."""
     num_experts = config.num_experts
     if world < 2:
-        raise UserError("--expert-parallel splits the experts over several processes; add --nproc N "
-                        "(or start under torchrun), or drop --expert-parallel")
+        raise UserError(
+            "--expert-parallel splits the experts over several processes; add --nproc N "
+            "(or start under torchrun), or drop --expert-parallel"
+        )
     if num_experts % world:
-        raise UserError(f"--expert-parallel gives each of the {world} processes an equal share of the "
-                        f"--num-experts {num_experts} experts; use a number of experts divisible by {world} "
-                        f"(e.g. --num-experts {world * max(1, num_experts // world)}), or another --nproc")
+        raise UserError(
+            f"--expert-parallel gives each of the {world} processes an equal share of the "
+            f"--num-experts {num_experts} experts; use a number of experts divisible by {world} "
+            f"(e.g. --num-experts {world * max(1, num_experts // world)}), or another --nproc"
+        )
     if config.compile:
-        raise UserError("--expert-parallel exchanges rows of a size known only at run time, which torch.compile "
-                        "would recompile for; drop --compile, or train data parallel (without --expert-parallel)")
+        raise UserError(
+            "--expert-parallel exchanges rows of a size known only at run time, which torch.compile "
+            "would recompile for; drop --compile, or train data parallel (without --expert-parallel)"
+        )
     if config.moe_impl != "fast":
-        raise UserError(f"--expert-parallel sends rows to stacked experts; --moe-impl {config.moe_impl} has one "
-                        "module per expert; use --moe-impl fast (the default)")
+        raise UserError(
+            f"--expert-parallel sends rows to stacked experts; --moe-impl {config.moe_impl} has one "
+            "module per expert; use --moe-impl fast (the default)"
+        )
 
 
 class _AllToAll(torch.autograd.Function):
@@ -84,8 +92,15 @@ class AllToAllDispatch:
     def __init__(self, world: int, num_experts: int):
         self.world, self.num_experts, self.per_rank = world, num_experts, num_experts // world
 
-    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                 capacity: int | None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        experts: nn.Module,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        capacity: int | None,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`LocalDispatch` with the experts on their ranks: (N, C) combined output, assignments dropped."""
         world, per_rank = self.world, self.per_rank
         # As on one process: sorted by expert, so each rank's rows are together; capacity applied here.
@@ -168,8 +183,9 @@ class ExpertParallel:
         state-dict name; None on the other ranks."""
         return {name: self._gather(p.detach(), to_host) for name, p in self.experts.items()}
 
-    def whole_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def whole_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model's weights and `training_state` as one process would have them, every expert and
         its moments gathered on rank 0's host memory, one tensor at a time (the other ranks send theirs
         and get their own state back, unchanged)."""
@@ -179,8 +195,9 @@ class ExpertParallel:
             saved = state["optimizer"]["state"]  # keyed by the parameters' order in the groups
             for index, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
                 if id(p) in self.expert_ids and index in saved:
-                    moments[index] = {k: self._gather(v, to_host=True) if _is_moment(v, p) else v
-                                      for k, v in saved[index].items()}
+                    moments[index] = {
+                        k: self._gather(v, to_host=True) if _is_moment(v, p) else v for k, v in saved[index].items()
+                    }
         if not self.ranks.leader:
             return model.state_dict(), state
         if moments:

@@ -32,9 +32,19 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     # torchrun --standalone: a rendezvous on a free port of this machine (what `run()` sets for the flag).
-    config, command, command_args = config_from_args(parse_args(
-        ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--rdzv-id=moe-tui-{os.getpid()}",
-         f"--nproc-per-node={nproc}", "-m", "tui", *args]))
+    config, command, command_args = config_from_args(
+        parse_args(
+            [
+                "--rdzv-backend=c10d",
+                "--rdzv-endpoint=localhost:0",
+                f"--rdzv-id=moe-tui-{os.getpid()}",
+                f"--nproc-per-node={nproc}",
+                "-m",
+                "tui",
+                *args,
+            ]
+        )
+    )
     try:
         elastic_launch(config, command)(*command_args)
         return 0
@@ -50,8 +60,11 @@ def launch(nproc: int, args: list[str], resume_hint: str) -> int:
             killed = [(rank, f) for rank, f in failures if f.exitcode < 0]
         rank, failure = killed[0]
         name = signal.Signals(-failure.exitcode).name
-        print(f"error: process {rank} of {nproc} (pid {failure.pid}) was killed by {name}, and the others were "
-              f"stopped; resume from the last checkpoint with: {resume_hint}", file=sys.stderr)
+        print(
+            f"error: process {rank} of {nproc} (pid {failure.pid}) was killed by {name}, and the others were "
+            f"stopped; resume from the last checkpoint with: {resume_hint}",
+            file=sys.stderr,
+        )
         return 1
     except SignalException as err:  # sent to this launcher: the ranks got it too, saved and exited
         return signal_exit_code(err.sigval)

@@ -97,7 +97,7 @@ class Ranks:
         if not self.parallel:
             return rows
         per_rank = rows.shape[0] // self.world
-        return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return rows[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     # -- collectives ---------------------------------------------------------------------------
 
@@ -203,13 +203,15 @@ def collective(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except RuntimeError as err:  # gloo and NCCL raise DistBackendError, a RuntimeError, on a lost peer
-        raise LostRank(f"lost contact with another process of this run ({_first_line(err)}); "
-                       "torchrun's report names it; resume from the last checkpoint",
-                       timed_out="timed out" in str(err).lower() or "timeout" in str(err).lower()) from None
+        raise LostRank(
+            f"lost contact with another process of this run ({_first_line(err)}); "
+            "torchrun's report names it; resume from the last checkpoint",
+            timed_out="timed out" in str(err).lower() or "timeout" in str(err).lower(),
+        ) from None
 
 
 def _first_line(err: Exception) -> str:
-    """"[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
+    """ "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53407. This is ..."
     -> "Connection closed by peer [127.0.0.1]:53407"."""
     reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
     return reason.split(". ")[0][:160]
@@ -233,30 +235,38 @@ def from_environment() -> Ranks:
 
 def check_batch(batch_size: int, world: int) -> None:
     if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is global and must split evenly over {world} processes; "
-                        f"use a multiple of {world} (e.g. --batch-size {max(world, batch_size // world * world)})")
+        raise UserError(
+            f"--batch-size {batch_size} is global and must split evenly over {world} processes; "
+            f"use a multiple of {world} (e.g. --batch-size {max(world, batch_size // world * world)})"
+        )
 
 
 def check_cuda_count(nproc: int, available: int) -> None:
     if nproc > available:
-        raise UserError(f"--nproc {nproc} asks for more processes than the {available} CUDA GPU(s) here, and "
-                        f"each process needs a GPU of its own; use --nproc {max(available, 1)} or fewer, or "
-                        "--device cpu")
+        raise UserError(
+            f"--nproc {nproc} asks for more processes than the {available} CUDA GPU(s) here, and "
+            f"each process needs a GPU of its own; use --nproc {max(available, 1)} or fewer, or "
+            "--device cpu"
+        )
 
 
 def check_backend(device: str, world: int) -> None:
     """A device that torch.distributed can join `world` processes on."""
     if device == "mps" and world > 1:
-        raise UserError("torch.distributed has no backend for Apple MPS; train several processes with "
-                        "--device cpu, or one process on mps")
+        raise UserError(
+            "torch.distributed has no backend for Apple MPS; train several processes with "
+            "--device cpu, or one process on mps"
+        )
 
 
 def check_same_devices(kinds: list[str]) -> None:
     """One kind of device on every rank: gloo and NCCL do not talk to each other."""
     if len(set(kinds)) > 1:
         where = ", ".join(f"rank {r} {kind}" for r, kind in enumerate(kinds))
-        raise UserError(f"the processes of this run are on different devices ({where}); give every process "
-                        "the same --device (e.g. --device cuda on every machine, or --device cpu)")
+        raise UserError(
+            f"the processes of this run are on different devices ({where}); give every process "
+            "the same --device (e.g. --device cuda on every machine, or --device cpu)"
+        )
 
 
 def start(ranks: Ranks, device: str, batch_size: int) -> str:
@@ -276,15 +286,21 @@ def start(ranks: Ranks, device: str, batch_size: int) -> str:
         store.set(f"device/{ranks.rank}", device)
         devices = _joined(store, ranks.world, "device")
     except RuntimeError as err:  # the store went with the machine that hosted it (its process failed)
-        raise LostRank(f"lost contact with the other machines' processes ({_first_line(err)}); their "
-                       "output says why") from None
+        raise LostRank(
+            f"lost contact with the other machines' processes ({_first_line(err)}); their output says why"
+        ) from None
     check_same_devices(devices)
     if device == "cuda":
         torch.cuda.set_device(ranks.local_rank)
         device = f"cuda:{ranks.local_rank}"
     # On CUDA, NCCL for the GPU tensors and gloo for the few CPU ones (route counts, the exit code).
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo", store=store, rank=ranks.rank,
-                            world_size=ranks.world, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
+        store=store,
+        rank=ranks.rank,
+        world_size=ranks.world,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     return device
 
 
@@ -310,8 +326,11 @@ def _joined(store, world: int, key: str) -> list[str]:
             raise PeerFailed(f"process {rank} of {world} could not start: {why}")
         if time.monotonic() > deadline:
             missing = [r for r in range(world) if not store.check([f"{key}/{r}"])]
-            raise LostRank(f"process(es) {', '.join(map(str, missing))} of {world} did not start within "
-                           f"{COLLECTIVE_TIMEOUT}; check their machines' output", timed_out=True)
+            raise LostRank(
+                f"process(es) {', '.join(map(str, missing))} of {world} did not start within "
+                f"{COLLECTIVE_TIMEOUT}; check their machines' output",
+                timed_out=True,
+            )
         time.sleep(0.05)
     return [store.get(f"{key}/{r}").decode() for r in range(world)]
 

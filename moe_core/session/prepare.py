@@ -93,9 +93,11 @@ def _resumed(request: TrainRequest, progress: Progress | None) -> Plan:
     requested.update({k: v for k, v in (("dataset", request.dataset), ("preset", request.preset)) if v is not None})
     allowed, refused = diff_for_resume(saved, requested)
     if refused:
-        raise UserError(f"cannot resume '{name}' with a different {', '.join(sorted(refused))}: that changes "
-                        f"the model or its data; drop those flags (`{resume_command(name, request.runs_dir)}`), or "
-                        "start a new run")
+        raise UserError(
+            f"cannot resume '{name}' with a different {', '.join(sorted(refused))}: that changes "
+            f"the model or its data; drop those flags (`{resume_command(name, request.runs_dir)}`), or "
+            "start a new run"
+        )
     config = dataclasses.replace(saved, **allowed)
     validate(config)
     check_trackers(config.track)
@@ -103,11 +105,14 @@ def _resumed(request: TrainRequest, progress: Progress | None) -> Plan:
     corpus = _corpus(config, request, progress)
     vocab = run.load_vocab()
     if Vocab.from_text(corpus.text) != vocab:
-        raise UserError(f"the text of '{config.dataset}' has changed since run '{name}' started (its characters "
-                        "differ); restore the original file or start a new run")
+        raise UserError(
+            f"the text of '{config.dataset}' has changed since run '{name}' started (its characters "
+            "differ); restore the original file or start a new run"
+        )
     return Plan(config, run, vocab, corpus.text, device, resuming=True, changed=allowed)
 
 
 def _corpus(config: Config, request: TrainRequest, progress: Progress | None) -> Corpus:
-    return load_corpus(config.dataset, request.data_dir, columns=config.columns, encoding=config.encoding,
-                       progress=progress)
+    return load_corpus(
+        config.dataset, request.data_dir, columns=config.columns, encoding=config.encoding, progress=progress
+    )

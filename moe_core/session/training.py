@@ -94,8 +94,9 @@ class TrainingSession:
 
             parallel.check_cuda_count(nproc, torch.cuda.device_count())
         parallel.check_backend(plan.device, nproc)
-        args = without_nproc(args) + ([] if self.request.resume or self.request.run_name else
-                                      ["--run-name", plan.run.name])
+        args = without_nproc(args) + (
+            [] if self.request.resume or self.request.run_name else ["--run-name", plan.run.name]
+        )
         return launch(nproc, args, self.resume_hint(plan.run.name))
 
     # -- training ------------------------------------------------------------------------------
@@ -120,8 +121,16 @@ class TrainingSession:
 
     def _new_trainer(self, run: Run) -> Trainer:
         plan = self.plan
-        return Trainer.start(plan.config, run, plan.vocab, plan.token_ids(), resume=plan.resuming, ranks=self.ranks,
-                             device=self.device, expert_parallel=self.request.expert_parallel)
+        return Trainer.start(
+            plan.config,
+            run,
+            plan.vocab,
+            plan.token_ids(),
+            resume=plan.resuming,
+            ranks=self.ranks,
+            device=self.device,
+            expert_parallel=self.request.expert_parallel,
+        )
 
     def _lead(self, front_end: FrontEnd, on_live: Callable[[Run], None]) -> int:
         """One process, or rank 0 of several: the run folder, its lease, the front end."""
@@ -149,8 +158,11 @@ class TrainingSession:
         lease.activate()
         on_live(run)
         with LiveTraining(trainer, lease, EventBus()) as live, Tracking(plan.config, run, live.bus) as tracking:
-            return front_end(Running(trainer, live, tracking, self.resume_hint(run.name),
-                                     sample_command(run.name, self.request.runs_dir)))
+            return front_end(
+                Running(
+                    trainer, live, tracking, self.resume_hint(run.name), sample_command(run.name, self.request.runs_dir)
+                )
+            )
 
     def _follow(self, on_live: Callable[[Run], None]) -> int:
         """Ranks 1..N-1: train in step with rank 0, writing and printing nothing. A stop signal sent to

@@ -42,8 +42,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
-                    manifest: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], manifest: dict[str, Any]
+) -> Path:
     """Write a checkpoint folder atomically, replacing any folder of the same name."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -101,15 +102,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(folder: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    folder: Path, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Weights, trainer state and manifest. Never unpickles objects: a pickled payload is refused.
     `verify=False` skips hashing the files, for a folder that `read_manifest` has just checked."""
     manifest = read_manifest(folder) if verify else json.loads((folder / MANIFEST_FILE).read_text())
     try:
         weights = load_file(folder / MODEL_FILE)
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({err}); "
-                        "resume from an earlier checkpoint") from None
+        raise UserError(
+            f"checkpoint {folder}: {MODEL_FILE} is not a valid safetensors file ({err}); "
+            "resume from an earlier checkpoint"
+        ) from None
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
             warnings.simplefilter("ignore")
@@ -117,11 +122,14 @@ def load_checkpoint(folder: Path, verify: bool = True) -> tuple[dict[str, torch.
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f"it asks to call {found[1]}" if found else "it is not plain tensors and values"
-        raise UserError(f"checkpoint {folder}: {STATE_FILE} was refused without running it ({what}); only "
-                        "load checkpoints you trust, made by moe-tui") from None
+        raise UserError(
+            f"checkpoint {folder}: {STATE_FILE} was refused without running it ({what}); only "
+            "load checkpoints you trust, made by moe-tui"
+        ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"checkpoint {folder}: {STATE_FILE} cannot be read ({err}); "
-                        "resume from an earlier checkpoint") from None
+        raise UserError(
+            f"checkpoint {folder}: {STATE_FILE} cannot be read ({err}); resume from an earlier checkpoint"
+        ) from None
     return weights, state, manifest
 
 
@@ -147,7 +155,7 @@ def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
 
 def _set_aside_name(leftover: Path) -> str:
     """NAME of a `.old-NAME-PID` folder: the previous NAME, set aside while a new one is renamed in."""
-    return leftover.name[len(".old-"):].rsplit("-", 1)[0]
+    return leftover.name[len(".old-") :].rsplit("-", 1)[0]
 
 
 def restore_set_aside(root: Path) -> list[str]:

@@ -1,11 +1,11 @@
 """A run folder: config, vocabulary, metrics log, samples and checkpoints of one training run.
 
-    runs/<name>/
-        config.toml       the resolved config, human-readable
-        vocab.json        the character vocabulary
-        metrics.jsonl     one JSON object per event
-        samples.txt       generated text, tagged with its step
-        checkpoints/      step-NNNNNNNN/ (the newest K) and best/
+runs/<name>/
+    config.toml       the resolved config, human-readable
+    vocab.json        the character vocabulary
+    metrics.jsonl     one JSON object per event
+    samples.txt       generated text, tagged with its step
+    checkpoints/      step-NNNNNNNN/ (the newest K) and best/
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moe_core.atomic import atomic_write_text
-from moe_core.store.checkpoint import newest_intact, read_manifest
 from moe_core.config import Config, read_toml, write_toml
+from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import Event, from_line
-from moe_core.data.vocab import Vocab
+from moe_core.store.checkpoint import newest_intact, read_manifest
 
 
 def default_runs_dir() -> Path:
@@ -33,11 +33,12 @@ def default_runs_dir() -> Path:
 
 def check_run_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or ".." in name or name.startswith("."):
-        raise UserError(f"bad run name {name!r}: use letters, digits, '-', '_' or '.', with no path "
-                        "separators or '..' (e.g. --run-name shakespeare-small)")
+        raise UserError(
+            f"bad run name {name!r}: use letters, digits, '-', '_' or '.', with no path "
+            "separators or '..' (e.g. --run-name shakespeare-small)"
+        )
     if any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise UserError(f"bad run name {name!r}: no spaces or control characters "
-                        "(e.g. --run-name shakespeare-small)")
+        raise UserError(f"bad run name {name!r}: no spaces or control characters (e.g. --run-name shakespeare-small)")
     return name
 
 
@@ -65,8 +66,10 @@ class Run:
         if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
             raise UserError(f"the runs folder {runs_dir} is a file, not a folder; pass --runs-dir with a folder")
         if path.exists() and not overwrite:
-            raise UserError(f"run '{name}' already exists in {runs_dir}; continue it with "
-                            f"--resume {name}, or start afresh with --overwrite")
+            raise UserError(
+                f"run '{name}' already exists in {runs_dir}; continue it with "
+                f"--resume {name}, or start afresh with --overwrite"
+            )
         return cls(path)
 
     def initialise(self, config: Config, vocab: Vocab, replace: bool = False) -> None:
@@ -79,22 +82,28 @@ class Run:
             self.save_config(config)
             atomic_write_text(self.vocab_path, vocab.to_json())
         except FileExistsError:
-            raise UserError(f"run '{self.name}' was created by another command just now; pick another "
-                            "--run-name") from None
+            raise UserError(
+                f"run '{self.name}' was created by another command just now; pick another --run-name"
+            ) from None
         except OSError as err:
-            raise UserError(f"cannot create the run folder {self.path} ({err.strerror or err}); pass --runs-dir "
-                            "with a folder you can write to") from None
+            raise UserError(
+                f"cannot create the run folder {self.path} ({err.strerror or err}); pass --runs-dir "
+                "with a folder you can write to"
+            ) from None
 
     @classmethod
     def open(cls, runs_dir: Path, name: str) -> "Run":
         path = Path(runs_dir) / check_run_name(name)
         if path.is_dir() and not (path / "config.toml").is_file():
-            raise UserError(f"{path} is a folder but not a moe-tui run (it has no config.toml); see `moe-tui runs` "
-                            "for the runs there, or pass --runs-dir")
+            raise UserError(
+                f"{path} is a folder but not a moe-tui run (it has no config.toml); see `moe-tui runs` "
+                "for the runs there, or pass --runs-dir"
+            )
         if not (path / "config.toml").is_file():
             known = ", ".join(sorted(list_run_names(runs_dir))[:8]) or "none yet"
-            raise UserError(f"no run '{name}' in {Path(runs_dir).resolve()} (runs: {known}); "
-                            "see `moe-tui runs` or pass --runs-dir")
+            raise UserError(
+                f"no run '{name}' in {Path(runs_dir).resolve()} (runs: {known}); see `moe-tui runs` or pass --runs-dir"
+            )
         return cls(path)
 
     def save_config(self, config: Config) -> None:
@@ -107,8 +116,10 @@ class Run:
         try:
             return Vocab.from_json(self.vocab_path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UserError):
-            raise UserError(f"run '{self.name}': {self.vocab_path} is missing or corrupt, and the run cannot be "
-                            "used without it; restore the file, or start afresh with --overwrite") from None
+            raise UserError(
+                f"run '{self.name}': {self.vocab_path} is missing or corrupt, and the run cannot be "
+                "used without it; restore the file, or start afresh with --overwrite"
+            ) from None
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -172,25 +183,35 @@ class Run:
         manifest; `on_skip` hears of each newer checkpoint passed over, and why."""
         if which == "best":
             if not self.best_checkpoint.is_dir():
-                raise UserError(f"run '{self.name}' has no best checkpoint yet (one is written at each "
-                                "evaluation); use --checkpoint latest")
+                raise UserError(
+                    f"run '{self.name}' has no best checkpoint yet (one is written at each "
+                    "evaluation); use --checkpoint latest"
+                )
             read_manifest(self.best_checkpoint)
             return self.best_checkpoint
         folder, problems = newest_intact(self.checkpoints)
         if folder is None and problems:
-            raise UserError(f"run '{self.name}' has no intact checkpoint (the newest: {problems[0]}); start "
-                            "afresh with --overwrite")
+            raise UserError(
+                f"run '{self.name}' has no intact checkpoint (the newest: {problems[0]}); start afresh with --overwrite"
+            )
         if folder is None:
-            raise UserError(f"run '{self.name}' has no checkpoint yet; train it first or start afresh with "
-                            "--overwrite")
+            raise UserError(f"run '{self.name}' has no checkpoint yet; train it first or start afresh with --overwrite")
         for problem in problems if on_skip else []:
             on_skip(f"skipped: {problem}; using {folder.name}, the newest intact one")
         return folder
 
     def summary(self) -> dict[str, Any]:
         """Name, dataset, step, best val loss, params and last update, for `moe-tui runs`."""
-        info: dict[str, Any] = {"name": self.name, "dataset": "?", "step": 0, "best_val": None,
-                                "params": None, "active": None, "updated": None, "max_iters": None}
+        info: dict[str, Any] = {
+            "name": self.name,
+            "dataset": "?",
+            "step": 0,
+            "best_val": None,
+            "params": None,
+            "active": None,
+            "updated": None,
+            "max_iters": None,
+        }
         try:
             config = self.load_config()
             info.update(dataset=config.dataset, max_iters=config.max_iters)

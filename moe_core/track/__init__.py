@@ -50,16 +50,25 @@ def check_trackers(names: Iterable[str], flag: str = "--track") -> None:
         try:
             importlib.import_module(tracker.package)
         except ImportError as err:
-            raise UserError(f"{flag} {name} needs the {tracker.package} package, which is not installed ({err}); "
-                            f"install it with `pip install 'moe-tui[{tracker.extra_name()}]'` ('moe-tui[track]' "
-                            "installs every tracker)") from None
+            raise UserError(
+                f"{flag} {name} needs the {tracker.package} package, which is not installed ({err}); "
+                f"install it with `pip install 'moe-tui[{tracker.extra_name()}]'` ('moe-tui[track]' "
+                "installs every tracker)"
+            ) from None
 
 
 class Tracking:
     """The sinks of one run, subscribed to `bus` (or fed recorded events by `replay`)."""
 
-    def __init__(self, config: Config, run: Run, bus=None, names: Iterable[str] | None = None,
-                 publish: Callable[[Event], None] | None = None, backends: Iterable[Tracker] = ()):
+    def __init__(
+        self,
+        config: Config,
+        run: Run,
+        bus=None,
+        names: Iterable[str] | None = None,
+        publish: Callable[[Event], None] | None = None,
+        backends: Iterable[Tracker] = (),
+    ):
         names = list(dict.fromkeys(config.track if names is None else names))
         check_trackers(names)
         self.bus = bus
@@ -94,7 +103,11 @@ class Tracking:
                 sink.outcome = outcome
             sink.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        say_at = time.monotonic() + SAY_WAITING_AFTER if deadline is None else min(deadline, time.monotonic() + SAY_WAITING_AFTER)
+        say_at = (
+            time.monotonic() + SAY_WAITING_AFTER
+            if deadline is None
+            else min(deadline, time.monotonic() + SAY_WAITING_AFTER)
+        )
         busy = [sink.name for sink in self.sinks if not sink.stopped_within(max(0.0, say_at - time.monotonic()))]
         if busy:  # a slow server, say: tell the user what the terminal is waiting for
             limit = "" if timeout is None else f" (up to {timeout:.0f} s)"

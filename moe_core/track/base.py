@@ -18,7 +18,18 @@ from typing import Any, Callable
 
 from moe_core.atomic import atomic_write_text
 from moe_core.config import Config
-from moe_core.events import LIVE_ONLY, EvalMetrics, Event, Notice, RouterStats, RunStarted, Sample, StateChanged, StepMetrics
+from moe_core.events import (
+    LIVE_ONLY,
+    EvalMetrics,
+    Event,
+    Notice,
+    RouterStats,
+    RunStarted,
+    Sample,
+    State,
+    StateChanged,
+    StepMetrics,
+)
 from moe_core.store.runs import Run
 
 QUEUE_SIZE = 10_000  # events waiting for one tracker; past that they are dropped (with one warning)
@@ -89,9 +100,13 @@ def run_params(config: Config, started: RunStarted | None) -> dict[str, Any]:
     """The hyperparameters every tracker records: the resolved config and the model's size."""
     params: dict[str, Any] = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in config.to_dict().items()}
     if started is not None:
-        params.update(params_total=started.params_total, params_active=started.params_active,
-                      tokens_per_step=started.tokens_per_step, vocab_size=started.vocab_size,
-                      resolved_device=started.device)
+        params.update(
+            params_total=started.params_total,
+            params_active=started.params_active,
+            tokens_per_step=started.tokens_per_step,
+            vocab_size=started.vocab_size,
+            resolved_device=started.device,
+        )
     return params
 
 
@@ -101,20 +116,44 @@ SENT = (StepMetrics, EvalMetrics, RouterStats, Sample)  # the events `send` turn
 def send(tracker: Tracker, event: Event) -> None:
     """What the dashboard shows of one event, as the tracker's scalars and text."""
     if isinstance(event, StepMetrics):
-        tracker.scalars(event.step, {"train/loss": event.loss, "train/aux_loss": event.aux_loss,
-                                     "train/z_loss": event.z_loss, "train/lr": event.lr,
-                                     "train/grad_norm": event.grad_norm, "train/tokens_per_sec": event.tokens_per_sec})
+        tracker.scalars(
+            event.step,
+            {
+                "train/loss": event.loss,
+                "train/aux_loss": event.aux_loss,
+                "train/z_loss": event.z_loss,
+                "train/lr": event.lr,
+                "train/grad_norm": event.grad_norm,
+                "train/tokens_per_sec": event.tokens_per_sec,
+            },
+        )
     elif isinstance(event, EvalMetrics):
-        tracker.scalars(event.step, {"eval/train_loss": event.train_loss, "eval/val_loss": event.val_loss,
-                                     "eval/train_bpc": event.train_bpc, "eval/val_bpc": event.val_bpc})
+        tracker.scalars(
+            event.step,
+            {
+                "eval/train_loss": event.train_loss,
+                "eval/val_loss": event.val_loss,
+                "eval/train_bpc": event.train_bpc,
+                "eval/val_bpc": event.val_bpc,
+            },
+        )
     elif isinstance(event, RouterStats):
         values: dict[str, float] = {}
         for i, layer in enumerate(event.layers):
-            values.update({f"routing/layer{i}/dropped": layer.dropped_fraction,
-                           f"routing/layer{i}/imbalance_cv": layer.imbalance, f"routing/layer{i}/entropy": layer.entropy})
+            values.update(
+                {
+                    f"routing/layer{i}/dropped": layer.dropped_fraction,
+                    f"routing/layer{i}/imbalance_cv": layer.imbalance,
+                    f"routing/layer{i}/entropy": layer.entropy,
+                }
+            )
         n = len(event.layers) or 1
-        values.update({"routing/dropped": sum(la.dropped_fraction for la in event.layers) / n,
-                       "routing/imbalance_cv": sum(la.imbalance for la in event.layers) / n})
+        values.update(
+            {
+                "routing/dropped": sum(la.dropped_fraction for la in event.layers) / n,
+                "routing/imbalance_cv": sum(la.imbalance for la in event.layers) / n,
+            }
+        )
         tracker.scalars(event.step, {k: v for k, v in values.items() if math.isfinite(v)})
         for i, layer in enumerate(event.layers):
             tracker.expert_shares(event.step, i, layer.expert_fraction)
@@ -155,6 +194,7 @@ class TrackerState:
 def finish(sinks: list[TrackerSink], deadline: float | None) -> None:
     """Wait for stopped sinks to end their tracked runs, all by `deadline` (time.monotonic(); None: no
     limit); then those still busy drop what they hold and get ABANDON_GRACE seconds more, together."""
+
     def left(until: float | None) -> float | None:
         return None if until is None else max(0.0, until - time.monotonic())
 
@@ -176,8 +216,14 @@ class TrackerSink:
     the bus from the thread that publishes, at its next event, or at `close`.
     """
 
-    def __init__(self, tracker: Tracker, config: Config, state: TrackerState, publish: Callable[[Event], None],
-                 queue_size: int = QUEUE_SIZE):
+    def __init__(
+        self,
+        tracker: Tracker,
+        config: Config,
+        state: TrackerState,
+        publish: Callable[[Event], None],
+        queue_size: int = QUEUE_SIZE,
+    ):
         self.tracker, self.config, self.state, self.publish = tracker, config, state, publish
         self.name = tracker.name
         self.entry = state.entry(tracker.name)
@@ -185,7 +231,7 @@ class TrackerSink:
         self.failed = self.dropped = False
         self.opened = False
         self.skip_through = -1  # steps the tracked run already holds (continuing without a rewind)
-        self.outcome = "stopped"
+        self.outcome = State.STOPPED
         self.stopping = threading.Event()  # set by `stop`: end the tracked run once the queue is empty
         self.abandoned = False  # set when `wait` runs out of time: drop what is queued, end the run
         self._notices: deque[Notice] = deque()
@@ -197,8 +243,11 @@ class TrackerSink:
 
     def __call__(self, event: Event) -> None:
         self.publish_notices()
-        if self.failed or isinstance(event, Notice) or (isinstance(event, LIVE_ONLY) and not isinstance(
-                event, StateChanged)):
+        if (
+            self.failed
+            or isinstance(event, Notice)
+            or (isinstance(event, LIVE_ONLY) and not isinstance(event, StateChanged))
+        ):
             return
         self._step = getattr(event, "step", self._step)
         try:
@@ -206,8 +255,13 @@ class TrackerSink:
         except Full:
             if not self.dropped:
                 self.dropped = True
-                self._notices.append(Notice("warning", f"tracker {self.name} is falling behind: events are being "
-                                                       "dropped for it; training goes on", self._step))
+                self._notices.append(
+                    Notice(
+                        "warning",
+                        f"tracker {self.name} is falling behind: events are being dropped for it; training goes on",
+                        self._step,
+                    )
+                )
 
     def replay(self, events: list[Event]) -> None:
         """Feed recorded events (`moe-tui export`), waiting for room rather than dropping any."""
@@ -232,10 +286,15 @@ class TrackerSink:
         """Out of time: drop what is still queued, and end the tracked run once the call in progress returns."""
         self.abandoned = True
         if not self.failed:
-            self._notices.append(Notice(
-                "warning", f"tracker {self.name} did not finish sending in time; what it had not sent is "
-                           f"missing there (`moe-tui export {self.tracker.run.name} --to {self.name}` sends it "
-                           "later)", self._step))
+            self._notices.append(
+                Notice(
+                    "warning",
+                    f"tracker {self.name} did not finish sending in time; what it had not sent is "
+                    f"missing there (`moe-tui export {self.tracker.run.name} --to {self.name}` sends it "
+                    "later)",
+                    self._step,
+                )
+            )
 
     def publish_notices(self) -> None:
         while self._notices:
@@ -259,7 +318,7 @@ class TrackerSink:
                 self._guarded(lambda: self._handle(event))
         if self.opened and self.failed:
             try:  # end what it can of the tracked run; it has warned once already
-                self.tracker.close("error")
+                self.tracker.close(State.ERROR)
             except Exception:  # noqa: BLE001
                 pass
         elif self.opened:
@@ -274,12 +333,19 @@ class TrackerSink:
         except Exception as err:  # noqa: BLE001 - a tracker's failure is never training's
             self.failed = True
             message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            self._notices.append(Notice("warning", f"tracker {self.name} failed ({message}); it is off for the rest "
-                                                   "of this run, training goes on", self._step))
+            self._notices.append(
+                Notice(
+                    "warning",
+                    f"tracker {self.name} failed ({message}); it is off for the rest of this run, training goes on",
+                    self._step,
+                )
+            )
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, StateChanged):
-            if event.state in ("finished", "error") or (event.state == "stopped" and self.outcome == "stopped"):
+            if event.state in (State.FINISHED, State.ERROR) or (
+                event.state == State.STOPPED and self.outcome == State.STOPPED
+            ):
                 self.outcome = event.state  # a dashboard's finished run is stopped when the user quits: finished
             return
         if not self.opened:
@@ -321,12 +387,18 @@ class TrackerSink:
         if started is not None and started.resumed and held < start_step:
             self._backfill(held, start_step)
         if kept is not None and kept != self.config.track_project:
-            self._notices.append(Notice(
-                "warning", f"tracker {self.name} goes on with its tracked run in project '{kept}', "
-                           f"where it started (a run cannot move); --track-project {self.config.track_project} applies "
-                           "to trackers this run has not used before", start_step))
-        self._notices.append(Notice("info", f"tracker {self.name}: {self.tracker.describe(self.tracker.run, self.entry)}",
-                                    start_step))
+            self._notices.append(
+                Notice(
+                    "warning",
+                    f"tracker {self.name} goes on with its tracked run in project '{kept}', "
+                    f"where it started (a run cannot move); --track-project {self.config.track_project} applies "
+                    "to trackers this run has not used before",
+                    start_step,
+                )
+            )
+        self._notices.append(
+            Notice("info", f"tracker {self.name}: {self.tracker.describe(self.tracker.run, self.entry)}", start_step)
+        )
 
     def _backfill(self, held: int, through: int) -> None:
         """A resumed run whose tracked run lacks steps it logged before (tracking added on this resume, or

@@ -12,21 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from moe_core.events import State
 from moe_core.track.base import Tracker
+
 
 def artifacts_beside(uri: str) -> str | None:
     """Artifacts (the samples) of a SQLite store go beside its database file, not into ./mlruns of
     whatever folder training started in; a server keeps its own."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").resolve().as_uri()
+    return (Path(uri[len("sqlite:///") :]).parent / "mlflow-artifacts").resolve().as_uri()
 
 
 def absolute(uri: str | None) -> str | None:
     """A SQLite URI with a relative path (sqlite:///mlflow.db) made absolute: a resume or an export
     started in another folder must reach the same database."""
-    if uri and uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///"):]):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri and uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///") :]):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
 
 
@@ -37,12 +39,12 @@ def one_at_a_time(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield  # a server serialises its own writes
         return
-    with open(uri[len("sqlite:///"):] + ".lock", "a") as lock:
+    with open(uri[len("sqlite:///") :] + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
-STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+STATUS = {State.FINISHED: "FINISHED", State.STOPPED: "KILLED", State.ERROR: "FAILED"}
 
 
 class MLflow(Tracker):
@@ -68,14 +70,15 @@ class MLflow(Tracker):
                     experiment_id = self.client.create_experiment(self.project, artifact_location=artifacts_beside(uri))
                 else:
                     experiment_id = experiment.experiment_id
-                self.run_id = self.client.create_run(experiment_id, run_name=self.run.name,
-                                                     tags={"moe-tui.run": self.run.name}).info.run_id
+                self.run_id = self.client.create_run(
+                    experiment_id, run_name=self.run.name, tags={"moe-tui.run": self.run.name}
+                ).info.run_id
                 logged = {}
         self.entry.update(tracking_uri=uri, run_id=self.run_id, project=self.project)
         # Params cannot change in MLflow: a resume adds the keys the run lacks and keeps the rest.
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def local_uri(self) -> str:
         return "sqlite:///" + str((self.run.path.parent / "mlflow.db").resolve())
@@ -95,7 +98,7 @@ class MLflow(Tracker):
     @classmethod
     def describe(cls, run, entry: dict[str, Any]) -> str:
         uri = entry.get("tracking_uri", "?")
-        where = (f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite:") else f"the MLflow UI at {uri}")
+        where = f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite:") else f"the MLflow UI at {uri}"
         return f"run {entry.get('run_id', '?')} in experiment '{entry.get('project', '?')}' at {uri}; open with {where}"
 
 

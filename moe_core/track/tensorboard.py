@@ -20,8 +20,9 @@ class TensorBoard(Tracker):
         self.writer = SummaryWriter(str(logdir), purge_step=start_step + 1 if continuing else None, flush_secs=10)
         self.entry["logdir"] = str(logdir.resolve())
         if not continuing:  # the HPARAMS tab: the config, against the validation loss
-            for summary in hparams({k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))},
-                                   {"eval/val_loss": 0.0}):
+            for summary in hparams(
+                {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}, {"eval/val_loss": 0.0}
+            ):
                 self.writer.file_writer.add_summary(summary)
             table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
             self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, 0)

@@ -20,8 +20,14 @@ class Trackio(Tracker):
         from trackio.utils import TRACKIO_DIR
 
         with contextlib.redirect_stdout(io.StringIO()):  # its greeting would land on the dashboard's screen
-            self.tr = trackio.init(project=self.project, name=self.run.name, config=params,
-                                   resume="allow" if continuing else "never", auto_log_cpu=False, auto_log_gpu=False)
+            self.tr = trackio.init(
+                project=self.project,
+                name=self.run.name,
+                config=params,
+                resume="allow" if continuing else "never",
+                auto_log_cpu=False,
+                auto_log_gpu=False,
+            )
         self.entry.update(project=self.project, run=self.run.name, run_id=self.tr.id, dir=str(TRACKIO_DIR))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -38,8 +44,10 @@ class Trackio(Tracker):
 
     @classmethod
     def describe(cls, run, entry: dict[str, Any]) -> str:
-        return (f"run '{entry.get('run', run.name)}' of project '{entry.get('project', '?')}' in {entry.get('dir', '?')}; "
-                f"open with `trackio show --project {entry.get('project', '?')}`")
+        return (
+            f"run '{entry.get('run', run.name)}' of project '{entry.get('project', '?')}' in {entry.get('dir', '?')}; "
+            f"open with `trackio show --project {entry.get('project', '?')}`"
+        )
 
 
 TRACKER = Trackio

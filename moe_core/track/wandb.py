@@ -10,6 +10,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlparse
 
+from moe_core.events import State
 from moe_core.track.base import Tracker
 
 
@@ -33,17 +34,29 @@ class WandB(Tracker):
 
         mode = None if os.environ.get("WANDB_MODE") else ("online" if logged_in() else "offline")
         run_id = self.entry.get("run_id") or secrets.token_hex(6)  # a W&B run id: lowercase letters and digits
-        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
-                                  x_save_requirements=False)
-        self.wb = wandb.init(project=self.project, name=self.run.name, id=run_id,
-                             resume="allow", dir=str(self.run.path), config=params, mode=mode, settings=settings,
-                             reinit="create_new")
+        settings = wandb.Settings(
+            silent=True, console="off", x_disable_stats=True, save_code=False, x_save_requirements=False
+        )
+        self.wb = wandb.init(
+            project=self.project,
+            name=self.run.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run.path),
+            config=params,
+            mode=mode,
+            settings=settings,
+            reinit="create_new",
+        )
         if continuing:
             self.wb.config.update(params, allow_val_change=True)
-        self.entry.update(run_id=run_id, project=self.project,
-                          mode="offline" if self.wb.offline else "online",
-                          url="" if self.wb.offline else (self.wb.url or ""),
-                          dir=str((self.run.path / "wandb").resolve()))
+        self.entry.update(
+            run_id=run_id,
+            project=self.project,
+            mode="offline" if self.wb.offline else "online",
+            url="" if self.wb.offline else (self.wb.url or ""),
+            dir=str((self.run.path / "wandb").resolve()),
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.wb.log(values, step=step)
@@ -54,15 +67,19 @@ class WandB(Tracker):
         self.wb.log({key: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)  # as makeMoE logs its samples
 
     def close(self, outcome: str) -> None:
-        self.wb.finish(exit_code=1 if outcome == "error" else 0)
+        self.wb.finish(exit_code=1 if outcome == State.ERROR else 0)
 
     @classmethod
     def describe(cls, run, entry: dict[str, Any]) -> str:
         if entry.get("mode") == "online":
-            return f"run {entry.get('run_id', '?')} in project '{entry.get('project', '?')}', online at {entry.get('url')}"
+            return (
+                f"run {entry.get('run_id', '?')} in project '{entry.get('project', '?')}', online at {entry.get('url')}"
+            )
         folder = entry.get("dir", str(run.path / "wandb"))
-        return (f"offline run {entry.get('run_id', '?')} (project '{entry.get('project', '?')}') in {folder}; look "
-                f"with `wandb leet {folder}`, upload with `wandb sync {folder}/offline-run-*`")
+        return (
+            f"offline run {entry.get('run_id', '?')} (project '{entry.get('project', '?')}') in {folder}; look "
+            f"with `wandb leet {folder}`, upload with `wandb sync {folder}/offline-run-*`"
+        )
 
 
 TRACKER = WandB

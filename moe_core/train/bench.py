@@ -80,8 +80,9 @@ class _Stepper:
         return n * self.tokens / (time.perf_counter() - t0)
 
 
-def train_speed(config: Config, vocab_size: int = 65, device: str = "cpu", steps: int = 10, repeats: int = 5,
-                compile: bool = False) -> TrainSpeed:
+def train_speed(
+    config: Config, vocab_size: int = 65, device: str = "cpu", steps: int = 10, repeats: int = 5, compile: bool = False
+) -> TrainSpeed:
     """Training tokens/s of the fast layers vs the textbook ones (per-head attention, per-expert masks)."""
     fast = _Stepper(replace(config, moe_impl="fast"), vocab_size, device, compile)
     ref = _Stepper(replace(config, moe_impl="reference"), vocab_size, device, compile)
@@ -99,8 +100,12 @@ def describe_machine(device: str) -> dict[str, str | int]:
         processor, capability = torch.cuda.get_device_name(), "sm_%d%d" % torch.cuda.get_device_capability()
     else:
         processor, capability = _cpu_model_name(), torch.backends.cpu.get_cpu_capability()
-    return {"processor": processor, "capability": capability, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {
+        "processor": processor,
+        "capability": capability,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def _cpu_model_name() -> str:
@@ -126,13 +131,19 @@ def matmul_peak(device: str = "cpu", size: int = 1024, repeats: int = 5) -> floa
         t0 = time.perf_counter()
         a @ b
         _sync(device)
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - t0))
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
     return best
 
 
 @torch.no_grad()
-def sample_speed(config: Config, vocab_size: int = 65, device: str = "cpu", chars: int = 500,
-                 reference_chars: int = 100, repeats: int = 3) -> SampleSpeed:
+def sample_speed(
+    config: Config,
+    vocab_size: int = 65,
+    device: str = "cpu",
+    chars: int = 500,
+    reference_chars: int = 100,
+    repeats: int = 3,
+) -> SampleSpeed:
     """Characters/s with the KV cache vs the seeds' way (reference layers, recompute every token)."""
     torch.manual_seed(config.seed)
     fast = MoETransformer(replace(config, moe_impl="fast"), vocab_size).to(device).eval()

@@ -33,9 +33,18 @@ class Snapshot:
     keep: int  # step checkpoints to keep after writing this one (a best one prunes nothing)
 
     @classmethod
-    def take(cls, folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any],
-             manifest: dict[str, Any], step: int, best: bool, keep: int) -> Snapshot:
+    def take(
+        cls,
+        folder: Path,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        manifest: dict[str, Any],
+        step: int,
+        best: bool,
+        keep: int,
+    ) -> Snapshot:
         """Copies of every tensor in host memory, so that training may go on at once."""
+
         def to_host(value):
             return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 

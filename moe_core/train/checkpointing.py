@@ -22,8 +22,19 @@ from moe_core.store.runs import Run
 from moe_core.train.checkpoint_writer import Snapshot
 
 # Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "num_experts", "top_k", "router", "dataset",
-              "columns", "encoding", "val_fraction")
+SHAPE_KEYS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "num_experts",
+    "top_k",
+    "router",
+    "dataset",
+    "columns",
+    "encoding",
+    "val_fraction",
+)
 
 Note = Callable[[str, str], None]  # (level, message): said when training starts
 
@@ -41,11 +52,14 @@ def snapshot(run: Run, config: Config, state: dict[str, Any], best: bool, rank_r
     training = state["training"]
     step, best_val = training["step"], training["best_val"]
     shape = {k: getattr(config, k) for k in SHAPE_KEYS}
-    manifest = {"step": step, "shape": shape,
-                "config_hash": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
-                "config": {k: getattr(config, k) for k in sorted(RESUMABLE_KEYS)},
-                "val_loss": None if math.isinf(best_val) else best_val,
-                "created": time.time()}
+    manifest = {
+        "step": step,
+        "shape": shape,
+        "config_hash": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest(),
+        "config": {k: getattr(config, k) for k in sorted(RESUMABLE_KEYS)},
+        "val_loss": None if math.isinf(best_val) else best_val,
+        "created": time.time(),
+    }
     if rank_rng is not None:
         training = {**training, "rank_rng": rank_rng}
     folder = run.checkpoints / ("best" if best else f"step-{step:08d}")
@@ -64,19 +78,25 @@ def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> None:
         try:
             trainer.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise UserError(f"checkpoint {folder} does not fit this model ({str(err).splitlines()[0][:160]}); "
-                            "resume with the run's own settings or start a new run") from None
+            raise UserError(
+                f"checkpoint {folder} does not fit this model ({str(err).splitlines()[0][:160]}); "
+                "resume with the run's own settings or start a new run"
+            ) from None
         step = int(state["training"]["step"])
     else:
         note("info", "the run stopped before its first checkpoint; training starts again from step 0")
     try:
         dropped = run.rewind(step)
     except OSError as err:
-        raise UserError(f"cannot rewrite {run.metrics_path} ({err}); free some space or fix "
-                        "its permissions, then resume again") from None
+        raise UserError(
+            f"cannot rewrite {run.metrics_path} ({err}); free some space or fix its permissions, then resume again"
+        ) from None
     if dropped:
-        note("info", f"dropped {dropped} metrics line(s) logged after step {step} "
-                     "(or torn by the interruption); they will be logged again")
+        note(
+            "info",
+            f"dropped {dropped} metrics line(s) logged after step {step} "
+            "(or torn by the interruption); they will be logged again",
+        )
 
 
 def read_resumable(folder, config: Config, note: Note) -> dict[str, Any]:
@@ -86,15 +106,22 @@ def read_resumable(folder, config: Config, note: Note) -> dict[str, Any]:
     saved_shape = manifest.get("shape", {})
     differ = [k for k in SHAPE_KEYS if k in saved_shape and saved_shape[k] != getattr(config, k)]
     if differ:
-        raise UserError(f"checkpoint {folder} was made with a different "
-                        f"{', '.join(differ)}; resume with the run's own settings or start a new run")
+        raise UserError(
+            f"checkpoint {folder} was made with a different "
+            f"{', '.join(differ)}; resume with the run's own settings or start a new run"
+        )
     if any(key.endswith(".experts.0.fc.weight") for key in weights):
         # Its weights convert on load (see MoE.convert_expert_keys); its optimizer state does not.
-        raise UserError(f"checkpoint {folder} was saved by an older moe-tui, with one tensor per expert: "
-                        "`moe-tui sample` still reads it, but training cannot resume from it; start a new run")
+        raise UserError(
+            f"checkpoint {folder} was saved by an older moe-tui, with one tensor per expert: "
+            "`moe-tui sample` still reads it, but training cannot resume from it; start a new run"
+        )
     before = manifest.get("config", {})
-    changed = [f"{k} {before[k]} -> {getattr(config, k)}" for k in sorted(before)
-               if k in RESUMABLE_KEYS and before[k] != getattr(config, k)]
+    changed = [
+        f"{k} {before[k]} -> {getattr(config, k)}"
+        for k in sorted(before)
+        if k in RESUMABLE_KEYS and before[k] != getattr(config, k)
+    ]
     if changed:
         note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
     return {"model": weights, "training": training}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_core.parallel.ranks import Ranks
 from moe_core.events import LayerRouting, RouterStats
 from moe_core.model.transformer import MoETransformer
+from moe_core.parallel.ranks import Ranks
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,9 +54,20 @@ def router_stats(model: MoETransformer, ranks: Ranks, step: int) -> RouterStats:
     assignments summed over the ranks, entropy averaged (divided first, so that the sum is the mean);
     one collective, one read."""
     stats = [moe.stats for moe in model.moe_layers()]
-    rows = ranks.sum(torch.stack([torch.cat([st.tokens_per_expert.float(), st.dropped.float()[None],
-                                             st.entropy.float()[None] / ranks.world])
-                                  for st in stats])).tolist()
-    return RouterStats(step, [LayerRouting([n / sum(row[:-2]) for n in row[:-2]],
-                                           row[-2] / (st.assignments * ranks.world), row[-1])
-                              for row, st in zip(rows, stats)])
+    rows = ranks.sum(
+        torch.stack(
+            [
+                torch.cat(
+                    [st.tokens_per_expert.float(), st.dropped.float()[None], st.entropy.float()[None] / ranks.world]
+                )
+                for st in stats
+            ]
+        )
+    ).tolist()
+    return RouterStats(
+        step,
+        [
+            LayerRouting([n / sum(row[:-2]) for n in row[:-2]], row[-2] / (st.assignments * ranks.world), row[-1])
+            for row, st in zip(rows, stats)
+        ],
+    )

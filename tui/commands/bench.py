@@ -18,7 +18,9 @@ def bench(
     steps: Annotated[int, typer.Option(help="Training steps per timed repeat")] = 10,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (the median is reported)")] = 5,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile both models")] = False,
-    dashboard_steps: Annotated[int, typer.Option(help="Training steps per front end and round of the dashboard overhead measure (0 = skip it)")] = 60,
+    dashboard_steps: Annotated[
+        int, typer.Option(help="Training steps per front end and round of the dashboard overhead measure (0 = skip it)")
+    ] = 60,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
 ) -> None:
     """Measure speed here: fast layers vs the textbook ones, MFU, KV-cache sampling, dashboard overhead."""
@@ -26,8 +28,11 @@ def bench(
 
     from moe_core.train.bench import describe_machine, matmul_peak, sample_speed, train_speed
 
-    for flag, value, least in (("--steps", steps, 1), ("--repeats", repeats, 1),
-                               ("--dashboard-steps", dashboard_steps, 0)):
+    for flag, value, least in (
+        ("--steps", steps, 1),
+        ("--repeats", repeats, 1),
+        ("--dashboard-steps", dashboard_steps, 0),
+    ):
         if value < least:
             raise UserError(f"{flag} must be {'a positive integer' if least else '0 or more'}, got {value}")
     config = build_config(preset, {}, {"device": device, "compile": compile})
@@ -49,16 +54,21 @@ def bench(
     sampling = sample_speed(config, device=where)
     mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
     result = {
-        "preset": preset, "device": where, "compile": compile,
+        "preset": preset,
+        "device": where,
+        "compile": compile,
         "train_tokens_per_sec": round(train.fast_tokens_per_sec, 1),
         "reference_tokens_per_sec": round(train.reference_tokens_per_sec, 1),
         "train_speedup": round(train.speedup, 3),
-        "flops_per_token": train.flops_per_token, "matmul_peak_gflops": round(peak / 1e9, 2),
+        "flops_per_token": train.flops_per_token,
+        "matmul_peak_gflops": round(peak / 1e9, 2),
         "mfu": round(mfu, 4),
         "sample_chars_per_sec": round(sampling.cached_chars_per_sec, 1),
         "reference_sample_chars_per_sec": round(sampling.reference_chars_per_sec, 1),
-        "sample_speedup": round(sampling.speedup, 2), "first_char_ms": round(sampling.first_char_ms, 2),
-        "headless_tokens_per_sec": plain and round(plain, 1), "dashboard_tokens_per_sec": watched and round(watched, 1),
+        "sample_speedup": round(sampling.speedup, 2),
+        "first_char_ms": round(sampling.first_char_ms, 2),
+        "headless_tokens_per_sec": plain and round(plain, 1),
+        "dashboard_tokens_per_sec": watched and round(watched, 1),
         "dashboard_overhead": plain and round(max(0.0, 1 - watched / plain), 4),
         "machine": describe_machine(where),
     }
@@ -66,18 +76,34 @@ def bench(
         print(json.dumps(result))
         return
     machine = result["machine"]
-    table = Table("measure", "moe-tui", "textbook reference", "ratio", title=f"moe-tui bench: {preset} preset on {where}",
-                  caption=f"{machine['processor']}, {machine['capability']}, {machine['threads']} torch threads, "
-                          f"torch {machine['torch']}")
-    table.add_row("training tokens/s", f"{train.fast_tokens_per_sec:,.0f}", f"{train.reference_tokens_per_sec:,.0f}",
-                  f"{train.speedup:.2f}x")
+    table = Table(
+        "measure",
+        "moe-tui",
+        "textbook reference",
+        "ratio",
+        title=f"moe-tui bench: {preset} preset on {where}",
+        caption=f"{machine['processor']}, {machine['capability']}, {machine['threads']} torch threads, "
+        f"torch {machine['torch']}",
+    )
+    table.add_row(
+        "training tokens/s",
+        f"{train.fast_tokens_per_sec:,.0f}",
+        f"{train.reference_tokens_per_sec:,.0f}",
+        f"{train.speedup:.2f}x",
+    )
     table.add_row("model FLOPs utilisation", f"{mfu:.1%}", "", f"of {peak / 1e9:,.1f} GFLOP/s matmul peak")
-    table.add_row("sampling chars/s", f"{sampling.cached_chars_per_sec:,.0f}",
-                  f"{sampling.reference_chars_per_sec:,.0f}", f"{sampling.speedup:.1f}x")
+    table.add_row(
+        "sampling chars/s",
+        f"{sampling.cached_chars_per_sec:,.0f}",
+        f"{sampling.reference_chars_per_sec:,.0f}",
+        f"{sampling.speedup:.1f}x",
+    )
     table.add_row("time to first char", f"{sampling.first_char_ms:.1f} ms", "", "")
     if plain:
-        table.add_row("training tokens/s, dashboard vs plain reporter", f"{watched:,.0f}", f"{plain:,.0f}",
-                      f"{result['dashboard_overhead']:.1%} overhead")
+        table.add_row(
+            "training tokens/s, dashboard vs plain reporter",
+            f"{watched:,.0f}",
+            f"{plain:,.0f}",
+            f"{result['dashboard_overhead']:.1%} overhead",
+        )
     Console().print(table)
-
-

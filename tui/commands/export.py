@@ -18,22 +18,29 @@ from moe_core.live.lease import read_status
 from moe_core.store.runs import Run, default_runs_dir
 from moe_core.track import Tracking, check_trackers, trackers, where_written
 from moe_core.track.base import SENT, TrackerState
-from tui.options import RunsDir
 from tui.commands.runs import run_state
+from tui.options import RunsDir
 
 
 def export(
     run: Annotated[str, typer.Argument(help="Run name (see `moe-tui runs`)")],
     to: Annotated[str, typer.Option("--to", help="tensorboard | mlflow | wandb | trackio", show_default=False)],
-    track_project: Annotated[Optional[str], typer.Option(help="Project (experiment) name in the tracker \\[default: the run's, or moe-tui]", show_default=False)] = None,
+    track_project: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Project (experiment) name in the tracker \\[default: the run's, or moe-tui]", show_default=False
+        ),
+    ] = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Send a recorded run to a tracker (again: only the steps it does not have yet)."""
     check_trackers([to], flag="--to")
     r = Run.open(runs_dir or default_runs_dir(), run)
     if read_status(r).state in ("live", "starting"):
-        raise UserError(f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}` "
-                        f"stops it, and `moe-tui train --resume {r.name} --track {to}` would go on tracked)")
+        raise UserError(
+            f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}` "
+            f"stops it, and `moe-tui train --resume {r.name} --track {to}` would go on tracked)"
+        )
     config = r.load_config()
     if track_project is not None:
         config = dataclasses.replace(config, track_project=track_project)

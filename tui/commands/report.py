@@ -48,7 +48,10 @@ class RunEvents:
 
 def report(
     runs: Annotated[list[str], typer.Argument(help="Runs to report on; several are overlaid")],
-    out: Annotated[Optional[Path], typer.Option(help="The page to write \\[default: RUN/report.html]; with --format png or svg, a folder")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="The page to write \\[default: RUN/report.html]; with --format png or svg, a folder"),
+    ] = None,
     format: Annotated[str, typer.Option(help="html | png | svg")] = "html",
     runs_dir: RunsDir = None,
 ) -> None:
@@ -60,10 +63,12 @@ def report(
     try:
         import matplotlib
     except ImportError:
-        raise UserError("moe-tui report draws with matplotlib, which is not installed; "
-                        "`pip install 'moe-tui[report]'`") from None
+        raise UserError(
+            "moe-tui report draws with matplotlib, which is not installed; `pip install 'moe-tui[report]'`"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - closes the figures below
+
     figures = build_figures(recorded)
     if format == "html":
         target = out or recorded[0].run.path / "report.html"
@@ -88,18 +93,30 @@ def build_figures(recorded: list[RunEvents]) -> dict:
         for i, r in enumerate(recorded):
             colour = f"C{i}"
             if len(recorded) == 1:
-                by_step.plot([e.step for e in r.steps], [e.loss for e in r.steps], color="C0", alpha=.5,
-                             lw=1, label="train (per log window)")
-                by_step.plot([e.step for e in r.evals], [e.train_loss for e in r.evals], "o-", color="C1",
-                             label="eval train")
+                by_step.plot(
+                    [e.step for e in r.steps],
+                    [e.loss for e in r.steps],
+                    color="C0",
+                    alpha=0.5,
+                    lw=1,
+                    label="train (per log window)",
+                )
+                by_step.plot(
+                    [e.step for e in r.evals], [e.train_loss for e in r.evals], "o-", color="C1", label="eval train"
+                )
             for axis, x in ((by_step, [e.step for e in r.evals]), (by_time, [e.elapsed for e in r.evals])):
-                axis.plot(x, [e.val_loss for e in r.evals], "o-", color=colour if len(recorded) > 1 else "C3",
-                          label=f"{r.name} val" if len(recorded) > 1 else "val")
+                axis.plot(
+                    x,
+                    [e.val_loss for e in r.evals],
+                    "o-",
+                    color=colour if len(recorded) > 1 else "C3",
+                    label=f"{r.name} val" if len(recorded) > 1 else "val",
+                )
         by_step.set(xlabel="step", ylabel="loss, nats/char", yscale=scale)
         by_time.set(xlabel="training seconds", yscale=scale)
         by_step.legend()
-        by_step.grid(alpha=.3)
-        by_time.grid(alpha=.3)
+        by_step.grid(alpha=0.3)
+        by_time.grid(alpha=0.3)
         figures[f"loss-{scale}"] = (fig, "Loss against step and against training time")
     fig, (lr, speed) = plt.subplots(1, 2, figsize=(11, 3))
     for i, r in enumerate(recorded):
@@ -113,9 +130,10 @@ def build_figures(recorded: list[RunEvents]) -> dict:
         if r.routing:
             figures[f"{r.name}-load"] = (load_figure(r), f"{r.name}: each expert's share of the routed tokens")
         if r.routes:
-            figures[f"{r.name}-experts"] = (heat_figure(r.routes[-1]),
-                                             f"{r.name}: lift of each character for each expert, step "
-                                             f"{r.routes[-1].step}")
+            figures[f"{r.name}-experts"] = (
+                heat_figure(r.routes[-1]),
+                f"{r.name}: lift of each character for each expert, step {r.routes[-1].step}",
+            )
     return figures
 
 
@@ -159,15 +177,17 @@ def svg(figure) -> str:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def page(recorded: list[RunEvents], figures: dict) -> str:
-    from moe_core.model.routes import top_characters, shown
+    from moe_core.model.routes import shown, top_characters
 
     names = ", ".join(r.name for r in recorded)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>moe-tui report: {html.escape(names)}</title>"
-             f"<style>{PAGE_STYLE}</style></head><body><h1>moe-tui report: {html.escape(names)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>moe-tui report: {html.escape(names)}</title>"
+        f"<style>{PAGE_STYLE}</style></head><body><h1>moe-tui report: {html.escape(names)}</h1>"
+    ]
     parts.append("<h2>Loss</h2><input type='checkbox' id='log-y'><label for='log-y'> log scale</label>")
     for scale in ("linear", "log"):
         fig, caption = figures[f"loss-{scale}"]
@@ -180,27 +200,36 @@ def page(recorded: list[RunEvents], figures: dict) -> str:
             chart = svg(figures[f"{r.name}-load"][0])
             parts.append(f"<div class='chart' id='chart-load-{html.escape(r.name)}'>{chart}</div>")
         if not r.routes:
-            parts.append("<p class='absent' id='no-expert-chars'>The expert-character data is absent: this run was "
-                         "recorded before moe-tui counted which characters each expert takes. "
-                         "`moe-tui runs show RUN --experts` counts them from its best checkpoint.</p>")
+            parts.append(
+                "<p class='absent' id='no-expert-chars'>The expert-character data is absent: this run was "
+                "recorded before moe-tui counted which characters each expert takes. "
+                "`moe-tui runs show RUN --experts` counts them from its best checkpoint.</p>"
+            )
             continue
         last = r.routes[-1]
-        parts.append(f"<div class='chart' id='chart-experts-{html.escape(r.name)}'>"
-                     f"{svg(figures[f'{r.name}-experts'][0])}</div>")
+        parts.append(
+            f"<div class='chart' id='chart-experts-{html.escape(r.name)}'>{svg(figures[f'{r.name}-experts'][0])}</div>"
+        )
         import torch
 
         for layer, counts in enumerate(last.counts):
             counts = torch.tensor(counts)
-            tops = [" ".join(f"{shown(c)} {v:.1f}" for c, v in top_characters(counts, last.chars, e))
-                    for e in range(counts.shape[1])]
+            tops = [
+                " ".join(f"{shown(c)} {v:.1f}" for c, v in top_characters(counts, last.chars, e))
+                for e in range(counts.shape[1])
+            ]
             rows = "".join(f"<tr><td>e{e}</td><td>{html.escape(top)}</td></tr>" for e, top in enumerate(tops))
-            parts.append(f"<h3>layer {layer + 1}: top characters by lift (step {last.step})</h3>"
-                         f"<table class='experts' id='experts-layer-{layer + 1}'>{rows}</table>")
+            parts.append(
+                f"<h3>layer {layer + 1}: top characters by lift (step {last.step})</h3>"
+                f"<table class='experts' id='experts-layer-{layer + 1}'>{rows}</table>"
+            )
     for r in recorded:
         parts.append(f"<h2>{html.escape(r.name)}: samples</h2>")
         for sample in r.samples[-12:]:
             parts.append(f"<h3>step {sample.step}</h3><pre>{html.escape(sample.text)}</pre>")
-        parts.append(f"<h2>{html.escape(r.name)}: config</h2><pre>"
-                     f"{html.escape(r.run.config_path.read_text(encoding='utf-8'))}</pre>")
+        parts.append(
+            f"<h2>{html.escape(r.name)}: config</h2><pre>"
+            f"{html.escape(r.run.config_path.read_text(encoding='utf-8'))}</pre>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -14,8 +14,8 @@ from rich.table import Table
 from moe_core.data.corpus import default_data_dir, named_corpus_status
 from moe_core.errors import UserError
 from moe_core.live.lease import read_status
-from moe_core.store.runs import Run, default_runs_dir, list_run_names
 from moe_core.model.sampling import SampleRequest, generate_text, load_model
+from moe_core.store.runs import Run, default_runs_dir, list_run_names
 from tui.options import DataDir, RunsDir
 
 runs_app = typer.Typer(help="List runs, or show one with `moe-tui runs show RUN`.", invoke_without_command=True)
@@ -23,7 +23,9 @@ runs_app = typer.Typer(help="List runs, or show one with `moe-tui runs show RUN`
 
 def sample(
     run: Annotated[str, typer.Argument(help="Run name (see `moe-tui runs`)")],
-    prompt: Annotated[str, typer.Option(help="Text to continue; the output starts with it", show_default="a newline")] = "\n",
+    prompt: Annotated[
+        str, typer.Option(help="Text to continue; the output starts with it", show_default="a newline")
+    ] = "\n",
     max_new_tokens: Annotated[int, typer.Option(help="Characters to generate")] = 500,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy)")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely characters", show_default=False)] = None,
@@ -37,8 +39,12 @@ def sample(
     """Generate text from a run's checkpoint, with a KV cache; streams as it goes."""
     request = SampleRequest(prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     request.check()
-    model, vocab, _ = load_model(Run.open(runs_dir or default_runs_dir(), run), checkpoint, device,
-                                 on_skip=lambda why: print(f"warning: {why}", file=sys.stderr))
+    model, vocab, _ = load_model(
+        Run.open(runs_dir or default_runs_dir(), run),
+        checkpoint,
+        device,
+        on_skip=lambda why: print(f"warning: {why}", file=sys.stderr),
+    )
     vocab.encode(prompt)  # unknown characters: a clear error before anything is printed
     out = sys.stdout
     texts = [prompt] * num_samples
@@ -59,9 +65,12 @@ def sample(
             out.write(f"--- sample {i} ---\n{text}\n")
     if first is not None:  # how fast, on stderr: stdout stays the text alone
         seconds = time.perf_counter() - started
-        print(f"sampled {num_samples} x {max_new_tokens} characters in {seconds:.2f} s on {next(model.parameters()).device}: "
-              f"{num_samples * max_new_tokens / seconds:,.0f} characters/s, the first after "
-              f"{(first - started) * 1e3:.1f} ms", file=sys.stderr)
+        print(
+            f"sampled {num_samples} x {max_new_tokens} characters in {seconds:.2f} s on {next(model.parameters()).device}: "
+            f"{num_samples * max_new_tokens / seconds:,.0f} characters/s, the first after "
+            f"{(first - started) * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
 
 
 @runs_app.callback()
@@ -76,8 +85,9 @@ def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
     if not names:
         console.print(f"no runs in {Path(ctx.obj).resolve()} yet; start one with `moe-tui train`")
         return
-    table = Table("name", "state", "dataset", "step", "best val", "params (active)", "updated",
-                  title=f"runs in {ctx.obj}")
+    table = Table(
+        "name", "state", "dataset", "step", "best val", "params (active)", "updated", title=f"runs in {ctx.obj}"
+    )
     for name in names:
         run = Run(Path(ctx.obj) / name)
         s = run.summary()
@@ -89,9 +99,14 @@ def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
 
 
 @runs_app.command("show")
-def runs_show(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run name")],
-              experts: Annotated[bool, typer.Option("--experts", help="Which characters each expert of the best checkpoint takes, per layer")] = False,
-              data_dir: DataDir = None) -> None:
+def runs_show(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name")],
+    experts: Annotated[
+        bool, typer.Option("--experts", help="Which characters each expert of the best checkpoint takes, per layer")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
     """Show one run: its config, progress, checkpoints and latest sample (or, with --experts, what its experts learned)."""
     r = Run.open(ctx.obj, run)
     if experts:
@@ -100,8 +115,10 @@ def runs_show(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run n
     s = r.summary()
     console = Console()
     console.print(f"[bold]{r.name}[/]  {r.path.resolve()}  ({run_state(r)})")
-    console.print(f"dataset {s['dataset']} | step {s['step']}/{s['max_iters']} | best val "
-                  f"{s['best_val'] if s['best_val'] is None else round(s['best_val'], 4)} | updated {s['updated']}")
+    console.print(
+        f"dataset {s['dataset']} | step {s['step']}/{s['max_iters']} | best val "
+        f"{s['best_val'] if s['best_val'] is None else round(s['best_val'], 4)} | updated {s['updated']}"
+    )
     if s["params"]:
         console.print(f"parameters {s['params']:,} total, {s['active']:,} active per token")
     console.print(r.config_path.read_text(encoding="utf-8"), markup=False, highlight=False)
@@ -125,12 +142,15 @@ def datasets(data_dir: DataDir = None) -> None:
     directory = data_dir or default_data_dir()
     table = Table("name", "cached", "size", "file", "description", title=f"data dir: {Path(directory).resolve()}")
     for corpus, path, cached in named_corpus_status(directory):
-        table.add_row(corpus.name, "yes" if cached else "no (downloads on first use)",
-                      f"{corpus.size / 1e6:.2f} MB", str(path), corpus.description)
+        table.add_row(
+            corpus.name,
+            "yes" if cached else "no (downloads on first use)",
+            f"{corpus.size / 1e6:.2f} MB",
+            str(path),
+            corpus.description,
+        )
     Console().print(table)
     Console().print("Also accepted: any text file, a CSV file with --column NAME, or an http(s) URL of a text file.")
-
-
 
 
 def run_state(run: Run) -> str:
@@ -153,8 +173,10 @@ def show_experts(run: Run, data_dir: Path) -> None:
 
     event = routes_at_checkpoint(run, "best", data_dir)
     console = Console()
-    console.print(f"[bold]{run.name}[/]: which characters each expert takes, best checkpoint (step {event.step}), "
-                  "on the validation batches it was evaluated on")
+    console.print(
+        f"[bold]{run.name}[/]: which characters each expert takes, best checkpoint (step {event.step}), "
+        "on the validation batches it was evaluated on"
+    )
     for layer in range(len(event.counts)):
         console.print()
         console.print(describe_layer(event, layer, None, console.width))

@@ -23,7 +23,13 @@ from tui.options import DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, Runs
 
 def train(
     ctx: typer.Context,
-    dataset: Annotated[Optional[str], typer.Argument(help="shakespeare, simpsons, a text/CSV file, or an http(s) URL \\[default: shakespeare]", show_default=False)] = None,
+    dataset: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="shakespeare, simpsons, a text/CSV file, or an http(s) URL \\[default: shakespeare]",
+            show_default=False,
+        ),
+    ] = None,
     preset: Annotated[Optional[str], opt("seed | cpu | gpu \\[default: gpu on CUDA, else cpu]", TRAINING)] = None,
     config_file: Annotated[Optional[Path], opt("TOML file of settings (flags win)", TRAINING, "--config")] = None,
     n_layer: Annotated[Optional[int], opt("Transformer blocks")] = None,
@@ -60,17 +66,52 @@ def train(
     keep_checkpoints: Annotated[Optional[int], opt("Step checkpoints kept (plus best)", SCHEDULE)] = None,
     column: Annotated[Optional[list[str]], opt("CSV column to train on (repeatable; joined as 'A: B')", DATA)] = None,
     encoding: Annotated[Optional[str], opt("Text encoding of the corpus \\[default: utf-8]", DATA)] = None,
-    val_fraction: Annotated[Optional[float], opt("Share of the text held out for validation \\[default: 0.1]", DATA)] = None,
+    val_fraction: Annotated[
+        Optional[float], opt("Share of the text held out for validation \\[default: 0.1]", DATA)
+    ] = None,
     run_name: Annotated[Optional[str], opt("Run folder name \\[default: <dataset>-<YYYYmmdd-HHMMSS>]", DATA)] = None,
     resume: Annotated[Optional[str], opt("Continue the run of this name from its latest checkpoint", DATA)] = None,
     overwrite: Annotated[bool, opt("Replace an existing run of the same name", DATA, "--overwrite")] = False,
-    headless: Annotated[bool, opt("Plain log lines instead of the dashboard (automatic without a TTY)", DATA, "--headless")] = False,
-    detach: Annotated[bool, opt("Train in the background, free of this terminal (output: RUN/train.log); watch with `moe-tui watch`", DATA, "--detach")] = False,
-    on_hangup: Annotated[Optional[str], opt("keep | stop: what losing the terminal does \\[default: keep with the dashboard, stop with plain lines]", DATA)] = None,
-    nproc: Annotated[Optional[int], opt("Processes to train on, data parallel (through torchrun; --batch-size is global) \\[default: 1]", TRAINING)] = None,
-    expert_parallel: Annotated[bool, opt("With several processes, give each its share of the experts instead of all of them", TRAINING, "--expert-parallel")] = False,
-    track: Annotated[Optional[list[str]], opt("Also send the run to tensorboard | mlflow | wandb | trackio (repeatable; each needs its extra: pip install 'moe-tui[NAME]')", TRACKING)] = None,
-    track_project: Annotated[Optional[str], opt("Project (experiment) name in the trackers \\[default: moe-tui]", TRACKING)] = None,
+    headless: Annotated[
+        bool, opt("Plain log lines instead of the dashboard (automatic without a TTY)", DATA, "--headless")
+    ] = False,
+    detach: Annotated[
+        bool,
+        opt(
+            "Train in the background, free of this terminal (output: RUN/train.log); watch with `moe-tui watch`",
+            DATA,
+            "--detach",
+        ),
+    ] = False,
+    on_hangup: Annotated[
+        Optional[str],
+        opt(
+            "keep | stop: what losing the terminal does \\[default: keep with the dashboard, stop with plain lines]",
+            DATA,
+        ),
+    ] = None,
+    nproc: Annotated[
+        Optional[int],
+        opt("Processes to train on, data parallel (through torchrun; --batch-size is global) \\[default: 1]", TRAINING),
+    ] = None,
+    expert_parallel: Annotated[
+        bool,
+        opt(
+            "With several processes, give each its share of the experts instead of all of them",
+            TRAINING,
+            "--expert-parallel",
+        ),
+    ] = False,
+    track: Annotated[
+        Optional[list[str]],
+        opt(
+            "Also send the run to tensorboard | mlflow | wandb | trackio (repeatable; each needs its extra: pip install 'moe-tui[NAME]')",
+            TRACKING,
+        ),
+    ] = None,
+    track_project: Annotated[
+        Optional[str], opt("Project (experiment) name in the trackers \\[default: moe-tui]", TRACKING)
+    ] = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -80,14 +121,21 @@ def train(
     session = TrainingSession(request_from_flags(ctx.params))
     if session.world > 1:
         if on_hangup == "keep":
-            raise UserError("--on-hangup keep needs a single process: torchrun stops every process when its "
-                            "terminal goes; use --on-hangup stop (the default with --nproc), or start the run "
-                            "in tmux or under nohup")
+            raise UserError(
+                "--on-hangup keep needs a single process: torchrun stops every process when its "
+                "terminal goes; use --on-hangup stop (the default with --nproc), or start the run "
+                "in tmux or under nohup"
+            )
         on_hangup = "stop"  # each process saves, and all exit 129
     if detach and not is_detached_child():  # this process starts the trainer and returns; the child has both
         raise typer.Exit(start_detached(list(invocation.ARGS)))
-    use_dashboard = (session.ranks.leader and not (headless or detach) and sys.stdout.isatty()
-                     and sys.stdin.isatty() and importlib.util.find_spec("textual") is not None)
+    use_dashboard = (
+        session.ranks.leader
+        and not (headless or detach)
+        and sys.stdout.isatty()
+        and sys.stdin.isatty()
+        and importlib.util.find_spec("textual") is not None
+    )
     torch_threads = _reserve_torch_threads() if use_dashboard else None  # before any torch work here
     plan = session.prepare(progress=_download_progress())
     if session.launching:  # this process starts the ranks, each of which runs this command again
@@ -115,14 +163,25 @@ def request_from_flags(flags: dict[str, Any]) -> TrainRequest:
         settings["columns"] = list(flags["column"])
     if flags["track"] is not None:
         settings["track"] = list(flags["track"])
-    return TrainRequest(flags["dataset"], flags["preset"], flags["config_file"], settings, flags["run_name"],
-                        flags["resume"], flags["overwrite"], flags["data_dir"], flags["runs_dir"], flags["nproc"],
-                        flags["expert_parallel"])
+    return TrainRequest(
+        flags["dataset"],
+        flags["preset"],
+        flags["config_file"],
+        settings,
+        flags["run_name"],
+        flags["resume"],
+        flags["overwrite"],
+        flags["data_dir"],
+        flags["runs_dir"],
+        flags["nproc"],
+        flags["expert_parallel"],
+    )
 
 
 def _on_live(session: TrainingSession, detach: bool):
     """With --detach, once training is about to start: rank 0 says where it runs and moves its output to
     train.log; the other ranks move theirs once rank 0 trains."""
+
     def on_live(run) -> None:
         if detach and session.ranks.leader:
             runs_dir = session.request.runs_dir
@@ -150,8 +209,13 @@ def _download_progress():
 
     def update(done: int, total: int | None) -> None:
         if "bar" not in state:
-            state["bar"] = Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                                    console=console, transient=True)
+            state["bar"] = Progress(
+                *Progress.get_default_columns(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=console,
+                transient=True,
+            )
             state["task"] = state["bar"].add_task("downloading", total=total)
             state["bar"].start()
         state["bar"].update(state["task"], completed=done)
@@ -159,5 +223,3 @@ def _download_progress():
             state.pop("bar").stop()
 
     return update
-
-

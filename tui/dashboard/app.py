@@ -4,7 +4,7 @@
     Dashboard(sources=[RunFollower(...)])   # `moe-tui watch RUN ...`: a viewer of runs anywhere
 
 Each source (see `sources.py`) hands over its new events four times a second; they are folded into
-that run's `DashboardState`, and the panels whose part of the state changed are redrawn, so a fast
+that run's `RunView`, and the panels whose part of the state changed are redrawn, so a fast
 trainer never floods a slow SSH link. Commands go back through the source in focus: to this
 process's trainer directly, or over a live trainer's control channel. Several runs overlay their
 validation curves in the loss chart; the other panels show the run in focus.
@@ -25,32 +25,45 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from moe_core.errors import UserError
-from moe_core.events import Event
+from moe_core.events import Event, State
 from moe_core.model.sampling import SampleRequest
-
-from tui.dashboard.experts_screen import ExpertsScreen
 from moe_core.signals import signal_exit_code, signal_reason
+from tui.dashboard.experts_screen import ExpertsScreen
+from tui.dashboard.run_view import CHART, EXPERTS, LOG, SAMPLES, STATUS, RunView
 from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
 from tui.dashboard.sources import LocalTrainer
-from tui.dashboard.widgets import DashboardState, EventsLog, ExpertPanel, LossChart, SamplesPanel, StatusBar
-from tui.dashboard.widgets.state import CHART, EXPERTS, LOG, SAMPLES, STATUS
+from tui.dashboard.widgets.experts import ExpertPanel
+from tui.dashboard.widgets.loss_chart import LossChart
+from tui.dashboard.widgets.panels import EventsLog, SamplesPanel
+from tui.dashboard.widgets.status import StatusBar
 
 DRAIN_SECONDS = 0.25  # UI refresh period: a few updates a second, whatever the training speed
 ANSWER_POLL_SECONDS = 0.05  # while a command waits for the trainer's answer
 CHART_SECONDS = 1.0  # the loss chart and expert bars redraw at most this often (the status line: every drain)
 
 # Actions that send a command to the trainer, and the states in which the trainer can take them.
+RUNNING, PAUSED, FINISHED, ERROR = State.RUNNING, State.PAUSED, State.FINISHED, State.ERROR
+BUSY = (State.STARTING, RUNNING, State.EVALUATING, State.SAVING, State.SAMPLING)  # training, or about to
 TRAINER_ACTIONS = {
-    "pause": ("starting", "running", "evaluating", "saving", "sampling"),
-    "resume": ("paused",),
-    "sample": ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished"),
-    "save": ("running", "paused", "finished"),  # never in "error": that would save the broken weights
-    "evaluate": ("running", "paused", "finished"),
-    "stop_run": ("starting", "running", "paused", "evaluating", "saving", "sampling", "finished", "error"),
+    "pause": BUSY,
+    "resume": (PAUSED,),
+    "sample": (*BUSY, PAUSED, FINISHED),
+    "save": (RUNNING, PAUSED, FINISHED),  # never in ERROR: that would save the broken weights
+    "evaluate": (RUNNING, PAUSED, FINISHED),
+    "stop_run": (*BUSY, PAUSED, FINISHED, ERROR),
 }
 
-DASHBOARD_ACTIONS = {*TRAINER_ACTIONS, "experts", "toggle_log_y", "toggle_window", "toggle_x", "next_run", "add_run",
-                     "help", "quit"}
+DASHBOARD_ACTIONS = {
+    *TRAINER_ACTIONS,
+    "experts",
+    "toggle_log_y",
+    "toggle_window",
+    "toggle_x",
+    "next_run",
+    "add_run",
+    "help",
+    "quit",
+}
 
 
 class Dashboard(App[int]):
@@ -75,19 +88,26 @@ class Dashboard(App[int]):
         Binding("ctrl+c", "interrupt", "Interrupt", show=False, priority=True),
     ]
 
-    def __init__(self, trainer=None, replay: Iterable[Event] = (), resume_hint: str = "",
-                 torch_threads: int | None = None, sources: list | None = None, bus=None,
-                 add_run=None) -> None:
+    def __init__(
+        self,
+        trainer=None,
+        replay: Iterable[Event] = (),
+        resume_hint: str = "",
+        torch_threads: int | None = None,
+        sources: list | None = None,
+        bus=None,
+        add_run=None,
+    ) -> None:
         super().__init__()
         self.local = LocalTrainer(trainer, bus, torch_threads, resume_hint) if trainer is not None else None
         self.sources = [self.local] if self.local else list(sources or [])
-        self.models = [DashboardState() for _ in self.sources] or [DashboardState()]
+        self.views = [RunView() for _ in self.sources] or [RunView()]
         self._generations = [source.generation for source in self.sources]
         self.focus_index = 0
         self.resume_hint = resume_hint
         self.add_run_source = add_run  # name -> a new source, for the `a` key of a viewer
         for event in replay:
-            self.models[0].apply(event)
+            self.views[0].apply(event)
         self._answer_watch = None  # a Timer, while a command waits for its answer
         self._charts_drawn_at = -CHART_SECONDS
         self._bindings_state = ""
@@ -98,9 +118,9 @@ class Dashboard(App[int]):
         self.last_request = SampleRequest(prompt="\n", max_new_tokens=200, temperature=0.8)
 
     @property
-    def model(self) -> DashboardState:
+    def view(self) -> RunView:
         """The state of the run in focus."""
-        return self.models[self.focus_index]
+        return self.views[self.focus_index]
 
     @property
     def source(self):
@@ -113,13 +133,13 @@ class Dashboard(App[int]):
     # -- layout and the event pump -------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield StatusBar(self.model, id="status")
+        yield StatusBar(self.view, id="status")
         yield Static(id="error-banner")
         with Grid(id="panels"):
-            yield LossChart(self.model, id="loss-chart")
-            yield ExpertPanel(self.model, id="experts")
-            yield SamplesPanel(self.model, "samples · newest first", id="samples")
-            yield EventsLog(self.model, "events", id="events")
+            yield LossChart(self.view, id="loss-chart")
+            yield ExpertPanel(self.view, id="experts")
+            yield SamplesPanel(self.view, "samples · newest first", id="samples")
+            yield EventsLog(self.view, "events", id="events")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -140,14 +160,14 @@ class Dashboard(App[int]):
             events = source.poll()
             if source.generation != self._generations[i]:  # its history was rewritten: start afresh
                 self._generations[i] = source.generation
-                self.models[i] = DashboardState()
+                self.views[i] = RunView()
                 if i == self.focus_index:
                     self._show_focus()
             for event in events:
-                self.models[i].apply(event)
-            self.models[i].observe_step(source.step)
-        if len(self.models) > 1 and any(m.changed & {CHART} for m in self.models):
-            self.model.changed.add(CHART)  # another run's curve moved
+                self.views[i].apply(event)
+            self.views[i].observe_step(source.step)
+        if len(self.views) > 1 and any(m.changed & {CHART} for m in self.views):
+            self.view.changed.add(CHART)  # another run's curve moved
         if self.local is not None and not self.local.live and self.local.outcome is not None:
             self._trainer_returned()
         if self.signal_received is not None and not self.stopping:
@@ -157,30 +177,30 @@ class Dashboard(App[int]):
     def _trainer_returned(self) -> None:
         if self.stopping:
             self.exit(self.exit_code, return_code=self.exit_code)
-        elif self.local.crash is not None and self.model.error is None:  # a bug, not a training failure
-            self.model.error = f"the training thread crashed: {self.local.crash!r}"
-            self.model.state = "error"
-            self.model.changed.add(STATUS)
+        elif self.local.crash is not None and self.view.error is None:  # a bug, not a training failure
+            self.view.error = f"the training thread crashed: {self.local.crash!r}"
+            self.view.state = State.ERROR
+            self.view.changed.add(STATUS)
         elif self.local.crash is None:  # stopped from outside (`moe-tui stop`, a viewer): nothing left to show
             self.exit(0, return_code=0)
 
     def refresh_panels(self) -> None:
-        changed = set(self.model.changed)
-        for model in self.models:  # the others' changes reach the screen through the chart's overlay only
-            model.changed.clear()
-        if self.model.state != self._bindings_state:  # keys that apply change with the state
-            self._bindings_state = self.model.state
+        changed = set(self.view.changed)
+        for view in self.views:  # the others' changes reach the screen through the chart's overlay only
+            view.changed.clear()
+        if self.view.state != self._bindings_state:  # keys that apply change with the state
+            self._bindings_state = self.view.state
             self.refresh_bindings()
         if STATUS in changed:
             self.query_one(StatusBar).refresh_from_state()
             banner = self.query_one("#error-banner", Static)
-            message = self.model.banner
+            message = self.view.banner
             if str(banner.content) != message:
                 banner.update(message)
                 banner.display = bool(message)
         charts = changed & {CHART, EXPERTS}
         if charts and time.monotonic() - self._charts_drawn_at < CHART_SECONDS:
-            self.model.changed |= charts  # drawn at a later drain: charts are the costly part
+            self.view.changed |= charts  # drawn at a later drain: charts are the costly part
         elif charts:
             self._charts_drawn_at = time.monotonic()
             if CHART in charts:
@@ -195,15 +215,16 @@ class Dashboard(App[int]):
     def _show_focus(self) -> None:
         """Point every panel at the run in focus (and the chart at all of them)."""
         for widget in (StatusBar, ExpertPanel, SamplesPanel, EventsLog):
-            self.query_one(widget).state = self.model
+            self.query_one(widget).view = self.view
         chart = self.query_one(LossChart)
-        chart.state = self.model
-        chart.overlay = [(source.name, model) for source, model in zip(self.sources, self.models)] \
-            if len(self.sources) > 1 else []
+        chart.view = self.view
+        chart.overlay = (
+            [(source.name, model) for source, model in zip(self.sources, self.views)] if len(self.sources) > 1 else []
+        )
         chart.update_titles()
         status = self.query_one(StatusBar)
         status.position = (self.focus_index + 1, len(self.sources)) if len(self.sources) > 1 else None
-        self.model.changed |= {STATUS, CHART, EXPERTS, SAMPLES, LOG}
+        self.view.changed |= {STATUS, CHART, EXPERTS, SAMPLES, LOG}
         self._bindings_state = ""
 
     # -- commands ------------------------------------------------------------------------------
@@ -219,7 +240,7 @@ class Dashboard(App[int]):
             return False  # S is a viewer's: in the training dashboard q stops training
         if action in TRAINER_ACTIONS:
             if action in ("pause", "resume"):  # one space key, two meanings: show the one that applies
-                paused = self.model.state == "paused"
+                paused = self.view.state == State.PAUSED
                 if (action == "resume") != paused:
                     return False
             source = self.source
@@ -227,21 +248,21 @@ class Dashboard(App[int]):
                 return None  # shown greyed out in the Footer, the key does nothing
             if action == "sample" and not source.live:
                 return True  # no live trainer: the viewer samples from the latest checkpoint itself
-            if not source.live or self.model.state not in TRAINER_ACTIONS[action]:
+            if not source.live or self.view.state not in TRAINER_ACTIONS[action]:
                 return None
             return True
         return True
 
     def _send(self, pending: str, command) -> None:
         command()
-        self.model.request(pending)
+        self.view.request(pending)
         self.refresh_panels()  # the key's effect shows now, not at the next drain
         if self._answer_watch is None:  # and the trainer's answer shows within 50 ms of arriving
             self._answer_watch = self.set_interval(ANSWER_POLL_SECONDS, self._drain_until_answered)
 
     def _drain_until_answered(self) -> None:
         self.drain()
-        if self.model.pending is None and self._answer_watch is not None:
+        if self.view.pending is None and self._answer_watch is not None:
             self._answer_watch.stop()
             self._answer_watch = None
 
@@ -273,10 +294,13 @@ class Dashboard(App[int]):
 
     def action_stop_run(self) -> None:
         source = self.source
-        message = (f"Stop training run {source.name}?\nIts trainer saves a checkpoint and exits; continue later "
-                   f"with\n{source.resume_hint}")
-        self.push_screen(ConfirmQuit(message, "Stop (y)"),
-                         lambda yes: yes and self._send("stopping", lambda: source.command("stop")))
+        message = (
+            f"Stop training run {source.name}?\nIts trainer saves a checkpoint and exits; continue later "
+            f"with\n{source.resume_hint}"
+        )
+        self.push_screen(
+            ConfirmQuit(message, "Stop (y)"), lambda yes: yes and self._send("stopping", lambda: source.command("stop"))
+        )
 
     def action_toggle_log_y(self) -> None:
         chart = self.query_one(LossChart)
@@ -305,7 +329,7 @@ class Dashboard(App[int]):
                 self.notify(str(err), severity="error", timeout=10)
                 return
             self.sources.append(source)
-            self.models.append(DashboardState())
+            self.views.append(RunView())
             self._generations.append(source.generation)
             self.focus_index = len(self.sources) - 1
             self._show_focus()
@@ -319,7 +343,7 @@ class Dashboard(App[int]):
         self.add_run_source(name, check_only=True)
 
     def action_experts(self) -> None:
-        self.push_screen(ExpertsScreen(self.model))
+        self.push_screen(ExpertsScreen(self.view))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -330,11 +354,13 @@ class Dashboard(App[int]):
         if self.local is None or not self.local.live:  # a viewer: training goes on without it
             self.exit(self.exit_code, return_code=self.exit_code)
             return
-        if self.model.state == "finished":
+        if self.view.state == State.FINISHED:
             message = "Quit? Training has finished; the final checkpoint is saved."
-        elif self.model.state == "error":
-            message = (f"Quit? Training stopped on an error and the last good checkpoint is kept;\n"
-                       f"continue from it with a lower learning rate:\n{self.resume_hint} --lr <lower>")
+        elif self.view.state == State.ERROR:
+            message = (
+                f"Quit? Training stopped on an error and the last good checkpoint is kept;\n"
+                f"continue from it with a lower learning rate:\n{self.resume_hint} --lr <lower>"
+            )
         else:
             message = f"Stop training and quit?\nA checkpoint is saved first; continue later with\n{self.resume_hint}"
         self.push_screen(ConfirmQuit(message), lambda yes: yes and self.stop_and_exit(0, "quit"))
@@ -348,7 +374,7 @@ class Dashboard(App[int]):
         """Ask this process's trainer to save and stop; the app exits when it has returned. A viewer
         just leaves."""
         self.stopping = True
-        self.exit_code = 1 if self.model.state == "error" and code == 0 else code
+        self.exit_code = 1 if self.view.state == State.ERROR and code == 0 else code
         if isinstance(self.screen, ModalScreen):
             self.pop_screen()
         if self.local is None or not self.local.live:

@@ -42,7 +42,7 @@ def heat_map(counts: torch.Tensor, chars: str, width: int) -> list[Text]:
     """Rows: experts; columns: the most frequent characters that fit; shade: lift."""
     frequency = counts.sum(dim=1)
     common = frequency >= 0.001 * frequency.sum()  # rarer characters' lift is noise
-    columns = [i for i in frequency.argsort(descending=True).tolist() if common[i]][:max(1, width - 4)]
+    columns = [i for i in frequency.argsort(descending=True).tolist() if common[i]][: max(1, width - 4)]
     lifted = lift(counts)
     lines = [Text("    " + "".join(shown(chars[i]) for i in columns), style="bold")]
     for e in range(counts.shape[1]):
@@ -54,8 +54,14 @@ def heat_map(counts: torch.Tensor, chars: str, width: int) -> list[Text]:
     return lines
 
 
-def describe_layer(event: ExpertChars, layer: int, previous: ExpertChars | None, width: int,
-                   entropy: float | None = None, keys: str = "") -> Text:
+def describe_layer(
+    event: ExpertChars,
+    layer: int,
+    previous: ExpertChars | None,
+    width: int,
+    entropy: float | None = None,
+    keys: str = "",
+) -> Text:
     counts = torch.tensor(event.counts[layer])
     layers = len(event.counts)
     experts = counts.shape[1]
@@ -64,22 +70,27 @@ def describe_layer(event: ExpertChars, layer: int, previous: ExpertChars | None,
         moved = routing_change(torch.tensor(previous.counts[layer]), counts)
         header.append(f" · moved {moved:.1%} since step {previous.step}", style="bold")
     about = f"router entropy {entropy:.2f} nats · " if entropy is not None else ""
-    body = [header,
-            Text(f"{about}I(char; expert) {mutual_information(counts):.2f} of {math.log(experts):.2f} nats",
-                 style="dim"),
-            *expert_table(counts, event.chars), Text(""),
-            Text("lift, how much more often than its share: ░ <1  ▒ 1-2  ▓ 2-4  █ ≥4", style="dim"),
-            *heat_map(counts, event.chars, width)]
+    body = [
+        header,
+        Text(f"{about}I(char; expert) {mutual_information(counts):.2f} of {math.log(experts):.2f} nats", style="dim"),
+        *expert_table(counts, event.chars),
+        Text(""),
+        Text("lift, how much more often than its share: ░ <1  ▒ 1-2  ▓ 2-4  █ ≥4", style="dim"),
+        *heat_map(counts, event.chars, width),
+    ]
     return Text("\n").join(body)
 
 
 class ExpertsScreen(ModalScreen[None]):
-    BINDINGS = [Binding("left", "layer(-1)", "Layer -"), Binding("right", "layer(1)", "Layer +"),
-                Binding("escape,r,q", "close", "Close")]
+    BINDINGS = [
+        Binding("left", "layer(-1)", "Layer -"),
+        Binding("right", "layer(1)", "Layer +"),
+        Binding("escape,r,q", "close", "Close"),
+    ]
 
-    def __init__(self, state) -> None:
+    def __init__(self, view) -> None:
         super().__init__()
-        self.state, self.shown_layer = state, 0
+        self.view, self.shown_layer = view, 0
 
     def compose(self) -> ComposeResult:
         with Vertical(id="experts-screen", classes="dialog"):
@@ -90,18 +101,24 @@ class ExpertsScreen(ModalScreen[None]):
         self.set_interval(1.0, self.draw)  # a new evaluation shows while the screen is open
 
     def draw(self) -> None:
-        event = self.state.expert_chars
+        event = self.view.expert_chars
         body = self.query_one("#experts-body", Static)
         if event is None:
-            body.update("which characters each expert takes is counted at each evaluation; none yet "
-                        "(press e for one now; runs recorded before moe-tui counted routes have none)")
+            body.update(
+                "which characters each expert takes is counted at each evaluation; none yet "
+                "(press e for one now; runs recorded before moe-tui counted routes have none)"
+            )
             return
         self.shown_layer %= len(event.counts)
-        routing = self.state.routing
-        entropy = routing.layers[self.shown_layer].entropy if routing and len(routing.layers) > self.shown_layer \
-            else None
-        body.update(describe_layer(event, self.shown_layer, self.state.previous_expert_chars, self.size.width - 4,
-                                   entropy, keys=" (← →)"))
+        routing = self.view.routing
+        entropy = (
+            routing.layers[self.shown_layer].entropy if routing and len(routing.layers) > self.shown_layer else None
+        )
+        body.update(
+            describe_layer(
+                event, self.shown_layer, self.view.previous_expert_chars, self.size.width - 4, entropy, keys=" (← →)"
+            )
+        )
 
     def action_layer(self, step: int) -> None:
         self.shown_layer += step

@@ -17,9 +17,10 @@ import torch
 from moe_core.config import Config
 from moe_core.data.batches import token_ids
 from moe_core.data.corpus import default_data_dir, load_corpus
+from moe_core.data.vocab import Vocab
+from moe_core.events import State
 from moe_core.store.runs import Run
 from moe_core.train.trainer import Trainer
-from moe_core.data.vocab import Vocab
 from tui.dashboard.app import Dashboard
 from tui.dashboard.sources import reserve_torch_threads
 from tui.headless import HeadlessReporter
@@ -40,8 +41,16 @@ def dashboard_overhead(config: Config, steps: int = 60, rounds: int = ROUNDS) ->
         vocab = Vocab.from_text(corpus.text)
         ids = token_ids(vocab, corpus.text)
         # Only training steps: no periodic eval, sample or checkpoint, and a minimal final one.
-        quiet = replace(config, max_iters=steps, log_interval=5, eval_interval=10**9, eval_iters=1,
-                        sample_interval=10**9, sample_tokens=0, ckpt_interval=10**9)
+        quiet = replace(
+            config,
+            max_iters=steps,
+            log_interval=5,
+            eval_interval=10**9,
+            eval_iters=1,
+            sample_interval=10**9,
+            sample_tokens=0,
+            ckpt_interval=10**9,
+        )
         plain, dashboard = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for round_ in range(rounds):
@@ -71,7 +80,7 @@ async def _train_under_the_dashboard(trainer: Trainer, threads: int) -> None:
     app = Dashboard(trainer, torch_threads=threads)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()  # the screen is up
-        while trainer.state != "finished":
+        while trainer.state != State.FINISHED:
             await asyncio.sleep(0.25)  # not pilot.pause(), which forces a screen update of its own
 
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from moe_core.events import Notice
-from tui.dashboard.app import Dashboard
+from moe_core.events import Notice, State
 from moe_core.signals import HANGUP, outcome_exit_code, signal_exit_code, signal_reason, stop_signals_handled
+from tui.dashboard.app import Dashboard
 from tui.exits import print_next_step, redirect_output
 from tui.headless import HeadlessReporter
 
@@ -31,8 +31,15 @@ HANGUP_GRACE_SECONDS = 3.0  # after the trainer has returned: time for the norma
 HANGUP_SAVE_TIMEOUT = 600.0  # a large model's checkpoint on a slow disk still gets this long
 
 
-def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_threads: int | None = None, bus=None,
-                  on_hangup: str = "keep", finalise: Callable[[], None] = lambda: None) -> int:
+def run_dashboard(
+    trainer,
+    resume_hint: str,
+    sample_hint: str = "",
+    torch_threads: int | None = None,
+    bus=None,
+    on_hangup: str = "keep",
+    finalise: Callable[[], None] = lambda: None,
+) -> int:
     """Train under the dashboard until the user quits; returns the process exit code. `finalise`
     (release the run's lease) runs before any forced exit after a hangup."""
     history = trainer.run_folder.events() if trainer.resumed else []
@@ -55,8 +62,15 @@ def run_dashboard(trainer, resume_hint: str, sample_hint: str = "", torch_thread
 
 def train_with_dashboard(running, torch_threads: int | None, on_hangup: str) -> int:
     """The dashboard as the training session's front end (moe_core/session/training.py)."""
-    code = run_dashboard(running.trainer, running.resume_hint, running.sample_hint, torch_threads, bus=running.bus,
-                         on_hangup=on_hangup, finalise=running.finalise)
+    code = run_dashboard(
+        running.trainer,
+        running.resume_hint,
+        running.sample_hint,
+        torch_threads,
+        bus=running.bus,
+        on_hangup=on_hangup,
+        finalise=running.finalise,
+    )
     running.bus.subscribe(_notice_on_stderr)  # the screen is gone: the trackers' last words go to the terminal
     running.tracking.close()
     return code
@@ -69,10 +83,9 @@ def _notice_on_stderr(event) -> None:
 
 def viewer_app(followers, runs_dir) -> Dashboard:
     """The dashboard over runs trained elsewhere, whose `a` key adds runs from `runs_dir`."""
+    from moe_core.hints import resume_command
     from moe_core.live.follow import RunFollower
     from moe_core.store.runs import Run
-
-    from moe_core.hints import resume_command
 
     def add_run(name: str, check_only: bool = False):
         follower = RunFollower(Run.open(runs_dir, name), resume_command(name, runs_dir))
@@ -104,8 +117,7 @@ def run_viewer(followers, runs_dir) -> int:
 
 
 @contextmanager
-def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hint: str,
-                    finalise: Callable[[], None]):
+def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hint: str, finalise: Callable[[], None]):
     """Route SIGHUP/SIGTERM/SIGINT as the table in this module's docstring says.
 
     The handler only sets flags, which the UI loop acts on at its next drain, except where the UI may
@@ -124,13 +136,16 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
             app.hung_up = True
             _silence_terminal()
             log = open(app.local.run.path / "train.log", "a", encoding="utf-8", buffering=1)
-            print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {app.local.name}",
-                  file=log)
+            print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {app.local.name}", file=log)
             app.local.bus.unsubscribe(app.local.queue_event)  # nobody drains the screen's queue any more
             app.local.bus.subscribe(HeadlessReporter(log, progress=False))
             app.local.bus.subscribe(_stop_when_done(app.local))
-            threading.Thread(target=_end_after_training, args=(app, log, resume_hint, sample_hint, finalise),
-                             name="hangup", daemon=True).start()
+            threading.Thread(
+                target=_end_after_training,
+                args=(app, log, resume_hint, sample_hint, finalise),
+                name="hangup",
+                daemon=True,
+            ).start()
             return
         first = app.signal_received is None
         app.signal_received = signum
@@ -144,11 +159,11 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
 
 def _stop_when_done(local):
     """Without a screen nobody can sample a finished run here: end the process when training ends."""
-    if local.trainer.state in ("finished", "error"):
+    if local.trainer.state in (State.FINISHED, State.ERROR):
         local.stop("no screen")
 
     def subscriber(event) -> None:
-        if getattr(event, "state", None) in ("finished", "error"):
+        if getattr(event, "state", None) in (State.FINISHED, State.ERROR):
             local.stop("no screen")
 
     return subscriber
@@ -156,7 +171,13 @@ def _stop_when_done(local):
 
 def _code_after_hangup(app: Dashboard) -> int:
     trainer = app.local.trainer
-    outcome = "stopped" if app.signal_received is not None else "error" if trainer.state == "error" else "finished"
+    outcome = (
+        State.STOPPED
+        if app.signal_received is not None
+        else State.ERROR
+        if trainer.state == State.ERROR
+        else State.FINISHED
+    )
     return outcome_exit_code(outcome, trainer.unsaved, app.signal_received)
 
 

@@ -69,8 +69,13 @@ class SampleDialog(ModalScreen["SampleRequest | None"]):
                 yield Label("temperature")
                 yield Input(f"{last.temperature:g}", id="temperature", compact=True, type="number")
                 yield Label("top-k")
-                yield Input("" if last.top_k is None else str(last.top_k), id="top-k", compact=True, type="integer",
-                            placeholder="all")
+                yield Input(
+                    "" if last.top_k is None else str(last.top_k),
+                    id="top-k",
+                    compact=True,
+                    type="integer",
+                    placeholder="all",
+                )
             yield Static("", id="sample-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Sample (enter)", variant="primary", id="go", compact=True)
@@ -98,7 +103,8 @@ class SampleDialog(ModalScreen["SampleRequest | None"]):
                 prompt=encode_prompt(self.query_one("#prompt", Input).value),
                 max_new_tokens=_number(value["length"], int, "length"),
                 temperature=_number(value["temperature"], float, "temperature"),
-                top_k=_number(value["top-k"], int, "top-k") if value["top-k"] else None)
+                top_k=_number(value["top-k"], int, "top-k") if value["top-k"] else None,
+            )
             self.check(request)
         except UserError as err:
             self.query_one("#sample-error", Static).update(str(err))

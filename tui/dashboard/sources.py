@@ -16,8 +16,8 @@ from queue import Empty, SimpleQueue
 import torch
 
 from moe_core.bus import EventBus
-from moe_core.hints import resume_command
 from moe_core.events import Event
+from moe_core.hints import resume_command
 from moe_core.live.follow import RunFollower
 from moe_core.model.sampling import SampleRequest
 
@@ -70,8 +70,13 @@ class LocalTrainer:
 
     def command(self, verb: str) -> None:
         control = self.trainer.control
-        {"pause": control.pause, "resume": control.resume, "save": control.save, "eval": control.evaluate,
-         "stop": control.stop}[verb]()
+        {
+            "pause": control.pause,
+            "resume": control.resume,
+            "save": control.save,
+            "eval": control.evaluate,
+            "stop": control.stop,
+        }[verb]()
 
     def stop(self, reason: str) -> None:
         self.trainer.control.stop(reason)

@@ -10,8 +10,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from moe_core.events import LayerRouting
-
-from tui.dashboard.widgets.state import DashboardState
+from tui.dashboard.run_view import RunView
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 HEIGHTS = " ▁▂▃▄▅▆▇█"
@@ -30,24 +29,29 @@ def hbar(fraction: float, width: int) -> str:
 
 
 class ExpertPanel(Widget):
-    COMPONENT_CLASSES = {"expert-panel--over", "expert-panel--under", "expert-panel--even",
-                         "expert-panel--ideal", "expert-panel--label"}
+    COMPONENT_CLASSES = {
+        "expert-panel--over",
+        "expert-panel--under",
+        "expert-panel--even",
+        "expert-panel--ideal",
+        "expert-panel--label",
+    }
 
-    def __init__(self, state: DashboardState, **kwargs) -> None:
+    def __init__(self, view: RunView, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.state = state
+        self.view = view
 
     def on_mount(self) -> None:
         self.border_title = "experts · token share"
 
     def refresh_from_state(self) -> None:
-        routing = self.state.routing
+        routing = self.view.routing
         if routing is not None and routing.layers:
             self.border_subtitle = f"ideal {100 / len(routing.layers[0].expert_fraction):.3g}% · step {routing.step}"
         self.refresh()
 
     def render(self) -> Text:
-        routing = self.state.routing
+        routing = self.view.routing
         if routing is None or not routing.layers:
             return Text("waiting for router statistics…", style=self.get_component_rich_style("expert-panel--label"))
         layers = routing.layers
@@ -60,8 +64,13 @@ class ExpertPanel(Widget):
         return self._strips(layers, width, height)
 
     def _style_for(self, share: float, ideal: float):
-        part = ("expert-panel--over" if share > ideal * (1 + BALANCED_WITHIN) else
-                "expert-panel--under" if share < ideal * (1 - BALANCED_WITHIN) else "expert-panel--even")
+        part = (
+            "expert-panel--over"
+            if share > ideal * (1 + BALANCED_WITHIN)
+            else "expert-panel--under"
+            if share < ideal * (1 - BALANCED_WITHIN)
+            else "expert-panel--even"
+        )
         return self.get_component_rich_style(part, partial=True)
 
     def _bars(self, layers: list[LayerRouting], width: int) -> Text:
@@ -80,10 +89,15 @@ class ExpertPanel(Widget):
                 bar = hbar(share / scale, bar_w)
                 # The 1/E marker: a thin line where the bar does not reach, a dark notch where it does.
                 tick = "│" if bar[marker] == " " else "┃"
-                lines.append(Text.assemble((f"e{e}".rjust(name_w - 1) + " ", label),
-                                           (bar[:marker], self._style_for(share, ideal)), (tick, ideal_style),
-                                           (bar[marker + 1:], self._style_for(share, ideal)),
-                                           (f"{share:6.1%}", label)))
+                lines.append(
+                    Text.assemble(
+                        (f"e{e}".rjust(name_w - 1) + " ", label),
+                        (bar[:marker], self._style_for(share, ideal)),
+                        (tick, ideal_style),
+                        (bar[marker + 1 :], self._style_for(share, ideal)),
+                        (f"{share:6.1%}", label),
+                    )
+                )
         return Text("\n").join(lines)
 
     def _strips(self, layers: list[LayerRouting], width: int, height: int) -> Text:
@@ -106,7 +120,6 @@ class ExpertPanel(Widget):
             lines.append(row)
         if height > len(layers) + 1:
             # Short enough for an 80-column screen; the ideal share itself is in the border.
-            legend = Text(f"block per expert; {HEIGHTS[4]} = ideal", style=label, no_wrap=True,
-                          overflow="ellipsis")
+            legend = Text(f"block per expert; {HEIGHTS[4]} = ideal", style=label, no_wrap=True, overflow="ellipsis")
             lines += [Text(""), legend]
         return Text("\n").join(lines)

@@ -12,9 +12,9 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from tui.dashboard.history import bucket_means
+from tui.dashboard.run_view import RunView
 from tui.dashboard.widgets.braille import BrailleCanvas
-from tui.dashboard.widgets.history import bucket_means
-from tui.dashboard.widgets.state import DashboardState
 from tui.dashboard.widgets.status import format_duration
 
 RECENT_FRACTION = 0.25  # the recent window: the last quarter of the steps so far...
@@ -35,17 +35,22 @@ RUN_MARKS = "●■▲◆★✚"  # runs overlaid: a mark and a colour each, so 
 
 
 class LossChart(Widget):
-    COMPONENT_CLASSES = {"loss-chart--train", "loss-chart--eval-train", "loss-chart--val", "loss-chart--axis",
-                         *(f"loss-chart--run{i}" for i in range(len(RUN_MARKS)))}
+    COMPONENT_CLASSES = {
+        "loss-chart--train",
+        "loss-chart--eval-train",
+        "loss-chart--val",
+        "loss-chart--axis",
+        *(f"loss-chart--run{i}" for i in range(len(RUN_MARKS))),
+    }
 
     log_y = reactive(False)
     recent = reactive(False)
     by_time = reactive(False)
 
-    def __init__(self, state: DashboardState, **kwargs) -> None:
+    def __init__(self, view: RunView, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.state = state
-        self.overlay: list[tuple[str, DashboardState]] = []  # several runs: their validation curves
+        self.view = view
+        self.overlay: list[tuple[str, RunView]] = []  # several runs: their validation curves
 
     def on_mount(self) -> None:
         self.update_titles()
@@ -66,8 +71,9 @@ class LossChart(Widget):
         modes = ["log-y" if self.log_y else "linear", "recent" if self.recent else "whole run"]
         if self.overlay:
             modes = ["val", "log-y" if self.log_y else "linear", "by time" if self.by_time else "by step"]
-            self.border_subtitle = "  ".join(f"{RUN_MARKS[i % len(RUN_MARKS)]} {name}"
-                                             for i, (name, _) in enumerate(self.overlay))
+            self.border_subtitle = "  ".join(
+                f"{RUN_MARKS[i % len(RUN_MARKS)]} {name}" for i, (name, _) in enumerate(self.overlay)
+            )
         else:
             self.border_subtitle = "━ train  ○ eval train  ● val  ◉ both"
         self.border_title = f"loss, nats/char · {' · '.join(modes)}"
@@ -75,35 +81,40 @@ class LossChart(Widget):
     def window_start(self) -> float | None:
         if not self.recent:
             return None
-        start = self.state.run.start_step if self.state.run else 0
-        done = self.state.step - start
-        return self.state.step - max(RECENT_MIN_STEPS, done * RECENT_FRACTION)
+        start = self.view.run.start_step if self.view.run else 0
+        done = self.view.step - start
+        return self.view.step - max(RECENT_MIN_STEPS, done * RECENT_FRACTION)
 
     def render(self) -> Text:
         width, height = self.content_size.width, self.content_size.height
         if self.overlay:
             return self._draw_overlay(width - LABEL_WIDTH - 1, height - 1)
         since = self.window_start()
-        train = self.state.train_loss.points(since)
-        evals_t = self.state.eval_train.points(since)
-        evals_v = self.state.eval_val.points(since)
+        train = self.view.train_loss.points(since)
+        evals_t = self.view.eval_train.points(since)
+        evals_v = self.view.eval_val.points(since)
         if not (train[0] or evals_v[0]):
             return Text("waiting for the first steps…", style=self.get_component_rich_style("loss-chart--axis"))
         plot_w, plot_h = width - LABEL_WIDTH - 1, height - 1
         if plot_w < 8 or plot_h < 2:
-            latest = self.state.smoothed_loss
+            latest = self.view.smoothed_loss
             return Text(f"loss {latest:.4f}" if latest is not None else "")
         return self._draw(train, evals_t, evals_v, plot_w, plot_h)
 
     def _draw(self, train, evals_t, evals_v, plot_w: int, plot_h: int) -> Text:
         canvas = BrailleCanvas(plot_w, plot_h)
         xs, ys = bucket_means(*train, canvas.dot_width)
-        to_dot, (x_lo, x_hi), (y_lo, y_hi) = self._scale(canvas, xs + evals_t[0] + evals_v[0],
-                                                         ys + evals_t[1] + evals_v[1])
+        to_dot, (x_lo, x_hi), (y_lo, y_hi) = self._scale(
+            canvas, xs + evals_t[0] + evals_v[0], ys + evals_t[1] + evals_v[1]
+        )
 
-        canvas.polyline([to_dot(x, y) for x, y in zip(xs, ys)],
-                        self.get_component_rich_style("loss-chart--train", partial=True))
-        for (steps, values), char, part in ((evals_t, "○", "loss-chart--eval-train"), (evals_v, "●", "loss-chart--val")):
+        canvas.polyline(
+            [to_dot(x, y) for x, y in zip(xs, ys)], self.get_component_rich_style("loss-chart--train", partial=True)
+        )
+        for (steps, values), char, part in (
+            (evals_t, "○", "loss-chart--eval-train"),
+            (evals_v, "●", "loss-chart--val"),
+        ):
             style = self.get_component_rich_style(part, partial=True)
             for x, y in zip(steps, values):
                 dot = to_dot(x, y)
@@ -137,8 +148,9 @@ class LossChart(Widget):
             if r in (0, plot_h - 1) or (plot_h >= 5 and r == plot_h // 2):
                 y_mid = y_hi - (y_hi - y_lo) * (r * 4 + 1.5) / canvas.dot_height  # the row's centre
                 label = f"{self._unscale(y_mid):.3g}"
-            rows.append(Text.assemble((label[:LABEL_WIDTH].rjust(LABEL_WIDTH), axis),
-                                      ("┤" if label else "│", axis), row))
+            rows.append(
+                Text.assemble((label[:LABEL_WIDTH].rjust(LABEL_WIDTH), axis), ("┤" if label else "│", axis), row)
+            )
         gap = max(1, plot_w - len(left) - len(right))
         rows.append(Text.assemble((" " * LABEL_WIDTH + "└" + left + "─" * gap + right, axis)))
         return Text("\n").join(rows)
@@ -158,13 +170,12 @@ class LossChart(Widget):
             canvas.polyline(dots, style)
             for dot in dots:
                 canvas.mark(*dot, RUN_MARKS[i % len(RUN_MARKS)], style)
-        return self._frame(canvas, plot_h, y_lo, y_hi,
-                           *(format_duration(v) if self.by_time else format_step(v) for v in (x_lo, x_hi)))
+        return self._frame(
+            canvas, plot_h, y_lo, y_hi, *(format_duration(v) if self.by_time else format_step(v) for v in (x_lo, x_hi))
+        )
 
     def _y(self, value: float) -> float:
         return math.log10(max(value, 1e-9)) if self.log_y else value
 
     def _unscale(self, y: float) -> float:
-        return 10 ** y if self.log_y else y
-
-
+        return 10**y if self.log_y else y

@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from tui.dashboard.widgets.state import DashboardState
+from tui.dashboard.run_view import RunView
 
 LOG_LEVEL_MARKS = {"info": "·", "eval": "≈", "checkpoint": "✓", "warning": "!", "error": "✗"}
 
@@ -17,9 +17,9 @@ class TextPanel(VerticalScroll):
 
     COMPONENT_CLASSES = {"text-panel--heading", "text-panel--dim", "text-panel--warning", "text-panel--error"}
 
-    def __init__(self, state: DashboardState, title: str, **kwargs) -> None:
+    def __init__(self, view: RunView, title: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.state = state
+        self.view = view
         self.border_title = title
         self.body = Static(classes="panel-body")
 
@@ -38,10 +38,10 @@ class TextPanel(VerticalScroll):
 
 class SamplesPanel(TextPanel):
     def build(self) -> Text:
-        if not self.state.samples:
+        if not self.view.samples:
             return Text("samples appear every --sample-interval steps; press s for one now", style=self.style("dim"))
         parts = []
-        for sample in self.state.samples:
+        for sample in self.view.samples:
             origin = "yours" if sample.requested else "periodic"
             heading = Text(f"step {sample.step} · {origin} · T={sample.temperature:g}", style=self.style("heading"))
             body = Text(sample.text.strip("\n") or "(empty)")
@@ -51,11 +51,15 @@ class SamplesPanel(TextPanel):
 
 class EventsLog(TextPanel):
     def build(self) -> Text:
-        if not self.state.log:
+        if not self.view.log:
             return Text("no events yet", style=self.style("dim"))
         lines = []
-        for line in self.state.log:
+        for line in self.view.log:
             style = self.style(line.level) if line.level in ("warning", "error") else None
-            lines.append(Text.assemble((f"{line.step:>6} ", self.style("dim")),
-                                       (f"{LOG_LEVEL_MARKS.get(line.level, '·')} {line.text}", style)))
+            lines.append(
+                Text.assemble(
+                    (f"{line.step:>6} ", self.style("dim")),
+                    (f"{LOG_LEVEL_MARKS.get(line.level, '·')} {line.text}", style),
+                )
+            )
         return Text("\n").join(lines)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widget import Widget
 
-from tui.dashboard.widgets.state import DashboardState
+from moe_core.events import State
+from tui.dashboard.run_view import RunView
 
-STATE_LABELS = {"starting": "STARTING", "running": "RUNNING", "paused": "PAUSED", "evaluating": "EVALUATING",
-                "saving": "SAVING", "sampling": "SAMPLING", "finished": "FINISHED", "error": "ERROR",
-                "stopped": "STOPPED", "gone": "GONE"}
+STATE_LABELS = {state: state.value.upper() for state in State}  # and a pending request's own, upper-cased
 
 
 def format_duration(seconds: float) -> str:
@@ -20,19 +19,30 @@ def format_duration(seconds: float) -> str:
 
 
 def format_count(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n / 1e3:.1f}k" if n >= 1e3 \
+    return (
+        f"{n / 1e6:.2f}M"
+        if n >= 1e6
+        else f"{n / 1e3:.0f}k"
+        if n >= 1e4
+        else f"{n / 1e3:.1f}k"
+        if n >= 1e3
         else f"{n:.0f}"
+    )
 
 
 class StatusBar(Widget):
     """Two lines, redrawn in place (a Static's update() would re-lay the whole screen out each time)."""
 
-    COMPONENT_CLASSES = {"status-bar--name", "status-bar--dim", "status-bar--pending",
-                         *(f"status-bar--{state}" for state in STATE_LABELS)}
+    COMPONENT_CLASSES = {
+        "status-bar--name",
+        "status-bar--dim",
+        "status-bar--pending",
+        *(f"status-bar--{state}" for state in STATE_LABELS),
+    }
 
-    def __init__(self, state: DashboardState, **kwargs) -> None:
+    def __init__(self, view: RunView, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.state = state
+        self.view = view
         self.position: tuple[int, int] | None = None  # (run in focus, runs on screen) when watching several
 
     def refresh_from_state(self) -> None:
@@ -43,14 +53,16 @@ class StatusBar(Widget):
         return Text("\n").join([fit(self._identity(), width), fit(self._progress(), width)])
 
     def _identity(self) -> list[Text]:
-        s, dim = self.state, self.get_component_rich_style("status-bar--dim", partial=True)
+        s, dim = self.view, self.get_component_rich_style("status-bar--dim", partial=True)
         if s.run is None:
             return [Text("starting…", style=dim)]
         r = s.run
         parts = [Text(f"[{self.position[0]}/{self.position[1]}] ", dim)] if self.position else []
-        parts += [Text(r.run_name, self.get_component_rich_style("status-bar--name", partial=True)),
-                 Text(f" · {r.dataset} · {r.device}", dim),
-                 Text(f" · {format_count(r.params_total)} params ({format_count(r.params_active)} active)")]
+        parts += [
+            Text(r.run_name, self.get_component_rich_style("status-bar--name", partial=True)),
+            Text(f" · {r.dataset} · {r.device}", dim),
+            Text(f" · {format_count(r.params_total)} params ({format_count(r.params_active)} active)"),
+        ]
         if s.smoothed_loss is not None:
             parts.append(Text(f" · loss {s.smoothed_loss:.3f}"))
         if s.last_eval is not None:
@@ -59,9 +71,13 @@ class StatusBar(Widget):
         return parts
 
     def _progress(self) -> list[Text]:
-        s, dim = self.state, self.get_component_rich_style("status-bar--dim", partial=True)
-        parts = [Text(f" {STATE_LABELS.get(s.state, s.state.upper())} ",
-                      self.get_component_rich_style(f"status-bar--{s.state}", partial=True))]
+        s, dim = self.view, self.get_component_rich_style("status-bar--dim", partial=True)
+        parts = [
+            Text(
+                f" {STATE_LABELS.get(s.state, s.state.upper())} ",
+                self.get_component_rich_style(f"status-bar--{s.state}", partial=True),
+            )
+        ]
         if s.pending:
             parts.append(Text(f" {s.pending}…", self.get_component_rich_style("status-bar--pending", partial=True)))
         parts.append(Text(f" step {s.step}/{s.max_iters}"))

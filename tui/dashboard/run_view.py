@@ -10,10 +10,21 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from moe_core.events import (CheckpointSaved, EvalMetrics, Event, ExpertChars, Notice, ResourceUsage, RouterStats,
-                             RunStarted, Sample, StateChanged, StepMetrics)
-
-from tui.dashboard.widgets.history import SeriesBuffer
+from moe_core.events import (
+    CheckpointSaved,
+    EvalMetrics,
+    Event,
+    ExpertChars,
+    Notice,
+    ResourceUsage,
+    RouterStats,
+    RunStarted,
+    Sample,
+    State,
+    StateChanged,
+    StepMetrics,
+)
+from tui.dashboard.history import SeriesBuffer
 
 SAMPLES_KEPT = 20
 LOG_LINES_KEPT = 200
@@ -30,10 +41,10 @@ class LogLine:
     text: str
 
 
-class DashboardState:
+class RunView:
     def __init__(self) -> None:
         self.run: RunStarted | None = None
-        self.state = "starting"
+        self.state: State = State.STARTING
         self.state_message = ""
         self.step = 0
         self.metrics: StepMetrics | None = None
@@ -66,7 +77,7 @@ class DashboardState:
     @property
     def eta_seconds(self) -> float | None:
         """Remaining steps at the run's mean pace so far (evals and samples included)."""
-        if self.step <= 0 or self.elapsed <= 0 or self.state in ("finished", "error", "stopped", "gone"):
+        if self.step <= 0 or self.elapsed <= 0 or self.state.ended:
             return None
         return max(0, self.max_iters - self.step) * self.elapsed / self.step
 
@@ -116,8 +127,11 @@ class DashboardState:
         self.eval_train.append(e.step, e.train_loss)
         self.eval_val.append(e.step, e.val_loss)
         self.eval_val_time.append(e.elapsed, e.val_loss)
-        self.note("eval", f"eval train {e.train_loss:.3f} val {e.val_loss:.3f} "
-                          f"({e.val_bpc:.2f} bpc){' best' if best else ''}", e.step)
+        self.note(
+            "eval",
+            f"eval train {e.train_loss:.3f} val {e.val_loss:.3f} ({e.val_bpc:.2f} bpc){' best' if best else ''}",
+            e.step,
+        )
         self.changed |= {STATUS, CHART}
 
     def _on_RouterStats(self, e: RouterStats) -> None:
@@ -143,16 +157,16 @@ class DashboardState:
 
     def _on_StateChanged(self, e: StateChanged) -> None:
         self.state, self.state_message = e.state, e.message
-        self.gone = e.message if e.state == "gone" else None
-        if e.state == "gone":
+        self.gone = e.message if e.state == State.GONE else None
+        if e.state == State.GONE:
             self.note("error", e.message, self.step)
-        if e.state in ("gone", "finished", "stopped", "error"):
+        if e.state.ended:
             self.usage = None  # no process to measure
-        if e.state not in ("sampling", "saving", "evaluating"):  # those pass; the answer is the state after
+        if e.state not in (State.SAMPLING, State.SAVING, State.EVALUATING):  # those pass; the answer is the state after
             self.pending = None
-        if e.state == "error":
+        if e.state == State.ERROR:
             self.error = e.message or "training failed"
-        if e.state in ("finished", "stopped"):
+        if e.state in (State.FINISHED, State.STOPPED):
             self.note("info", f"{e.state}{': ' + e.message if e.message else ''}", self.step)
         self.changed.add(STATUS)
 
