@@ -1,4 +1,4 @@
-"""What the README says of the dashboard's keys that test_dashboard.py does not drive: `?` and `e`, the
+"""What the README and docs/watching.md say of the dashboard's keys that test_dashboard.py does not drive: `?` and `e`, the
 evaluating, saving and sampling states on the status line, and the sample dialog's temperature and
 top-k, used while training is paused. Pilot tests on a tiny real trainer, as in test_dashboard.py."""
 

@@ -455,7 +455,7 @@ def free_port() -> int:
 
 
 def two_machines(args: list[str], runs: Path, cwds: tuple[Path, Path]) -> list[subprocess.Popen]:
-    """README's multi-node command, both "machines" on this one: a torchrun per node, one process each."""
+    """docs/parallel.md's multi-node command, both "machines" on this one: a torchrun per node, one process each."""
     port = free_port()
     return [
         subprocess.Popen(

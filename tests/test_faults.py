@@ -170,7 +170,7 @@ def test_a_stop_signal_saves_prints_the_resume_command_and_exits_128_plus_n(sig,
     newest, _ = intact_or_count_corrupt(runs / "sig")
     assert newest >= stopped_at  # the steps since the last log line are saved too
     print(f"\n{sig.name}: exited {proc.returncode} {seconds:.2f}s after the signal, saved step {newest}")
-    assert seconds < 10, "the README says within about 1 s of the signal (on this test model)"
+    assert seconds < 10, "docs/runs.md says within about 1 s of the signal (on this test model)"
     if sig == signal.SIGINT:
         resumed = start_moe_tui(["train", "--resume", "sig", "--max-iters", str(newest + 10)], runs)
         out, err = resumed.communicate(timeout=120)

@@ -1,5 +1,6 @@
-"""README claims that no other test checked, each on the real program: how a run stops and fails
-("Nothing lost"), what a run folder and a checkpoint hold ("Runs and checkpoints"), and NO_COLOR."""
+"""Claims of the docs that no other test checked, each on the real program: how a run stops and fails
+(docs/runs.md, "Nothing lost"), what a run folder and a checkpoint hold (docs/runs.md, "Runs and
+checkpoints"), and NO_COLOR (docs/watching.md)."""
 
 from __future__ import annotations
 
