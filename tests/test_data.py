@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.data.corpus import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
 from moe_core.data import corpus as data
+from moe_core.data.corpus import CORPORA, Corpus, file_sha256, load_corpus, named_corpus_status
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 
