@@ -260,7 +260,7 @@ def test_a_finished_run_is_watched_from_its_files_and_sampled_here(env, trainers
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.view.state == "finished")
             assert app.view.step == 20 and len(app.view.eval_val.points(None)[0]) == 2
-            assert app.check_action("pause", ()) is None and app.check_action("sample", ())
+            assert app.screen.check_action("pause", ()) is None and app.screen.check_action("sample", ())
             follower.sample(SampleRequest("Bart:", 20, temperature=0.0))
             await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
             assert next(s for s in app.view.samples if s.requested).text.startswith("Bart:")

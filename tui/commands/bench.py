@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from moe_core.errors import UserError
 
 
 def bench(
+    *,
     preset: Annotated[str, typer.Option(help="Model to measure: seed | cpu | gpu")] = "seed",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "cpu",
     steps: Annotated[int, typer.Option(help="Training steps per timed repeat")] = 10,
@@ -24,10 +26,6 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")] = False,
 ) -> None:
     """Measure speed here: fast layers vs the textbook ones, MFU, KV-cache sampling, dashboard overhead."""
-    import json
-
-    from moe_core.train.bench import describe_machine, matmul_peak, sample_speed, train_speed
-
     for flag, value, least in (
         ("--steps", steps, 1),
         ("--repeats", repeats, 1),
@@ -35,6 +33,17 @@ def bench(
     ):
         if value < least:
             raise UserError(f"{flag} must be {'a positive integer' if least else '0 or more'}, got {value}")
+    result = measure(preset, device, steps, repeats, compile, dashboard_steps)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        Console().print(result_table(result))
+
+
+def measure(preset: str, device: str, steps: int, repeats: int, compile: bool, dashboard_steps: int) -> dict:
+    """Every figure `bench` reports, by name (its --json object)."""
+    from moe_core.train.bench import describe_machine, matmul_peak, sample_speed, train_speed
+
     config = build_config(preset, {}, {"device": device, "compile": compile})
     where = resolve_device(device)
     # A line per phase on stderr, so a minute of measuring is not a silent one; stdout stays the result.
@@ -52,8 +61,7 @@ def bench(
     peak = matmul_peak(where)
     say("bench: sampling speed, KV cache vs recomputing the window ...")
     sampling = sample_speed(config, device=where)
-    mfu = train.fast_tokens_per_sec * train.flops_per_token / peak
-    result = {
+    return {
         "preset": preset,
         "device": where,
         "compile": compile,
@@ -62,7 +70,7 @@ def bench(
         "train_speedup": round(train.speedup, 3),
         "flops_per_token": train.flops_per_token,
         "matmul_peak_gflops": round(peak / 1e9, 2),
-        "mfu": round(mfu, 4),
+        "mfu": round(train.fast_tokens_per_sec * train.flops_per_token / peak, 4),
         "sample_chars_per_sec": round(sampling.cached_chars_per_sec, 1),
         "reference_sample_chars_per_sec": round(sampling.reference_chars_per_sec, 1),
         "sample_speedup": round(sampling.speedup, 2),
@@ -72,38 +80,41 @@ def bench(
         "dashboard_overhead": plain and round(max(0.0, 1 - watched / plain), 4),
         "machine": describe_machine(where),
     }
-    if json_out:
-        print(json.dumps(result))
-        return
-    machine = result["machine"]
+
+
+def result_table(r: dict) -> Table:
+    """`measure`'s figures as the table `bench` prints: moe-tui beside the textbook reference."""
+    machine = r["machine"]
     table = Table(
         "measure",
         "moe-tui",
         "textbook reference",
         "ratio",
-        title=f"moe-tui bench: {preset} preset on {where}",
+        title=f"moe-tui bench: {r['preset']} preset on {r['device']}",
         caption=f"{machine['processor']}, {machine['capability']}, {machine['threads']} torch threads, "
         f"torch {machine['torch']}",
     )
     table.add_row(
         "training tokens/s",
-        f"{train.fast_tokens_per_sec:,.0f}",
-        f"{train.reference_tokens_per_sec:,.0f}",
-        f"{train.speedup:.2f}x",
+        f"{r['train_tokens_per_sec']:,.0f}",
+        f"{r['reference_tokens_per_sec']:,.0f}",
+        f"{r['train_speedup']:.2f}x",
     )
-    table.add_row("model FLOPs utilisation", f"{mfu:.1%}", "", f"of {peak / 1e9:,.1f} GFLOP/s matmul peak")
+    table.add_row(
+        "model FLOPs utilisation", f"{r['mfu']:.1%}", "", f"of {r['matmul_peak_gflops']:,.1f} GFLOP/s matmul peak"
+    )
     table.add_row(
         "sampling chars/s",
-        f"{sampling.cached_chars_per_sec:,.0f}",
-        f"{sampling.reference_chars_per_sec:,.0f}",
-        f"{sampling.speedup:.1f}x",
+        f"{r['sample_chars_per_sec']:,.0f}",
+        f"{r['reference_sample_chars_per_sec']:,.0f}",
+        f"{r['sample_speedup']:.1f}x",
     )
-    table.add_row("time to first char", f"{sampling.first_char_ms:.1f} ms", "", "")
-    if plain:
+    table.add_row("time to first char", f"{r['first_char_ms']:.1f} ms", "", "")
+    if r["headless_tokens_per_sec"]:
         table.add_row(
             "training tokens/s, dashboard vs plain reporter",
-            f"{watched:,.0f}",
-            f"{plain:,.0f}",
-            f"{result['dashboard_overhead']:.1%} overhead",
+            f"{r['dashboard_tokens_per_sec']:,.0f}",
+            f"{r['headless_tokens_per_sec']:,.0f}",
+            f"{r['dashboard_overhead']:.1%} overhead",
         )
-    Console().print(table)
+    return table

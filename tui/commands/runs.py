@@ -23,6 +23,7 @@ runs_app = typer.Typer(help="List runs, or show one with `moe-tui runs show RUN`
 
 def sample(
     run: Annotated[str, typer.Argument(help="Run name (see `moe-tui runs`)")],
+    *,
     prompt: Annotated[
         str, typer.Option(help="Text to continue; the output starts with it", show_default="a newline")
     ] = "\n",

@@ -30,6 +30,7 @@ def train(
             show_default=False,
         ),
     ] = None,
+    *,
     preset: Annotated[Optional[str], opt("seed | cpu | gpu \\[default: gpu on CUDA, else cpu]", TRAINING)] = None,
     config_file: Annotated[Optional[Path], opt("TOML file of settings (flags win)", TRAINING, "--config")] = None,
     n_layer: Annotated[Optional[int], opt("Transformer blocks")] = None,

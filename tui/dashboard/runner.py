@@ -34,7 +34,8 @@ HANGUP_SAVE_TIMEOUT = 600.0  # a large model's checkpoint on a slow disk still g
 def run_dashboard(
     trainer,
     resume_hint: str,
-    sample_hint: str = "",
+    sample_hint: str,
+    *,
     torch_threads: int | None = None,
     bus=None,
     on_hangup: str = "keep",
@@ -44,7 +45,6 @@ def run_dashboard(
     (release the run's lease) runs before any forced exit after a hangup."""
     history = trainer.run_folder.events() if trainer.resumed else []
     app = Dashboard(trainer, replay=history, resume_hint=resume_hint, torch_threads=torch_threads, bus=bus)
-    sample_hint = sample_hint or f"moe-tui sample {trainer.run_folder.name}"
     with stop_on_signals(app, on_hangup, resume_hint, sample_hint, finalise):
         try:
             app.run()
@@ -66,7 +66,7 @@ def train_with_dashboard(running, torch_threads: int | None, on_hangup: str) -> 
         running.trainer,
         running.resume_hint,
         running.sample_hint,
-        torch_threads,
+        torch_threads=torch_threads,
         bus=running.bus,
         on_hangup=on_hangup,
         finalise=running.finalise,
