@@ -30,6 +30,7 @@ from tui.dashboard import overhead
 from tui.dashboard.app import Dashboard
 from tui.dashboard.history import SeriesBuffer, bucket_means
 from tui.dashboard.overhead import dashboard_overhead
+from tui.dashboard.screens import ConfirmQuit
 from tui.dashboard.sources import reserve_torch_threads
 from tui.dashboard.widgets.panels import SamplesPanel
 from tui.dashboard.widgets.status import StatusBar
@@ -163,6 +164,29 @@ def test_c_writes_a_checkpoint_and_q_saves_and_exits(tmp_path, shared_dir, fast_
     assert app.return_code == 0 and trainer.state == "stopped"
     last = trainer.run_folder.checkpoint("latest")
     assert last.name == f"step-{trainer.step_num:08d}"  # the final step was saved on the way out
+
+
+def test_ctrl_q_asks_as_q_does_and_the_trainer_saves_before_the_exit(tmp_path, shared_dir, fast_keys):
+    """Textual's own quit key must not leave the trainer running behind a closed screen."""
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.view.step >= 3)
+            await pilot.press("ctrl+q")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmQuit))
+            await pilot.press("n")
+            await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmQuit))
+            assert app.return_code is None and app.local.live  # asked, declined: training goes on
+            await pilot.press("ctrl+q")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmQuit))
+            await pilot.press("y")
+            await wait_until(pilot, lambda: app.return_code is not None)
+        return app
+
+    assert asyncio.run(scenario()).return_code == 0
+    assert trainer.state == "stopped" and not trainer.unsaved
 
 
 def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_keys):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from moe_core.events import State
+from moe_core.hints import watch_command
 
 
 def print_next_step(trainer, resume_hint: str, sample_hint: str, stream=None) -> None:
@@ -60,4 +61,7 @@ def redirect_output(log: Path) -> None:
 def move_output_after_hangup(run) -> None:
     """The terminal is gone and training goes on: its lines go to the run's train.log, as if detached."""
     redirect_output(run.path / "train.log")
-    print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {run.name}", flush=True)
+    print(
+        f"terminal lost (SIGHUP); training goes on; reattach with: {watch_command(run.name, run.path.parent)}",
+        flush=True,
+    )

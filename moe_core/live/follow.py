@@ -67,9 +67,7 @@ class RunFollower:
             return
         self._last_heard, self._silence_reported, self._status_shown = time.monotonic(), False, None
         hello = client.hello
-        self._local.put(
-            StateChanged(State(hello.get("state", State.RUNNING)), f"attached to process {hello.get('pid')}")
-        )
+        self._local.put(StateChanged(_known_state(hello.get("state")), f"attached to process {hello.get('pid')}"))
         self._local.put(ResourceUsage(int(hello.get("step", 0)), 0.0, 0))
 
     # -- events in -----------------------------------------------------------------------------
@@ -208,3 +206,11 @@ class RunFollower:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def _known_state(value) -> State:
+    """A trainer's state from its greeting; one this version does not know (a newer trainer's) reads as running."""
+    try:
+        return State(value)
+    except ValueError:
+        return State.RUNNING

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from moe_core.atomic import atomic_write_text
 from moe_core.errors import UserError
+from moe_core.hints import stop_command, watch_command
 from moe_core.store.runs import Run
 
 CONTROL_DIR, LOCK_FILE, SOCKET_FILE, PROCESS_FILE = "control", "lock", "socket", "process.json"
@@ -103,8 +104,8 @@ class RunLease:
 def already_live_message(run: Run, pid: int | None) -> str:
     who = f"process {pid}" if pid else "another process"
     return (
-        f"run '{run.name}' is being trained by {who} right now; watch it with `moe-tui watch {run.name}` "
-        f"or stop it with `moe-tui stop {run.name}`"
+        f"run '{run.name}' is being trained by {who} right now; watch it with `{watch_command(run.name, run.path.parent)}` "
+        f"or stop it with `{stop_command(run.name, run.path.parent)}`"
     )
 
 

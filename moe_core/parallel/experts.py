@@ -186,7 +186,7 @@ class ExpertParallel:
     def whole_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The model's weights and `training_state` as one process would have them, every expert and
+        """The model's weights and training state (`Learner.state_dict()`) as one process would have them, every expert and
         its moments gathered on rank 0's host memory, one tensor at a time (the other ranks send theirs
         and get their own state back, unchanged)."""
         experts = self.whole_experts(to_host=True)

@@ -12,6 +12,21 @@ from rich.table import Table
 from moe_core.config import build_config, resolve_device
 from moe_core.errors import UserError
 
+ROUNDED = {
+    "train_tokens_per_sec": 1,
+    "reference_tokens_per_sec": 1,
+    "train_speedup": 3,
+    "matmul_peak_gflops": 2,
+    "mfu": 4,
+    "sample_chars_per_sec": 1,
+    "reference_sample_chars_per_sec": 1,
+    "sample_speedup": 2,
+    "first_char_ms": 2,
+    "headless_tokens_per_sec": 1,
+    "dashboard_tokens_per_sec": 1,
+    "dashboard_overhead": 4,
+}  # digits kept in --json
+
 
 def bench(
     *,
@@ -35,13 +50,13 @@ def bench(
             raise UserError(f"{flag} must be {'a positive integer' if least else '0 or more'}, got {value}")
     result = measure(preset, device, steps, repeats, compile, dashboard_steps)
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps({k: round(v, ROUNDED[k]) if k in ROUNDED and v else v for k, v in result.items()}))
     else:
         Console().print(result_table(result))
 
 
 def measure(preset: str, device: str, steps: int, repeats: int, compile: bool, dashboard_steps: int) -> dict:
-    """Every figure `bench` reports, by name (its --json object)."""
+    """Every figure `bench` reports, by name (its --json object, unrounded)."""
     from moe_core.train.bench import describe_machine, matmul_peak, sample_speed, train_speed
 
     config = build_config(preset, {}, {"device": device, "compile": compile})
@@ -65,19 +80,19 @@ def measure(preset: str, device: str, steps: int, repeats: int, compile: bool, d
         "preset": preset,
         "device": where,
         "compile": compile,
-        "train_tokens_per_sec": round(train.fast_tokens_per_sec, 1),
-        "reference_tokens_per_sec": round(train.reference_tokens_per_sec, 1),
-        "train_speedup": round(train.speedup, 3),
+        "train_tokens_per_sec": train.fast_tokens_per_sec,
+        "reference_tokens_per_sec": train.reference_tokens_per_sec,
+        "train_speedup": train.speedup,
         "flops_per_token": train.flops_per_token,
-        "matmul_peak_gflops": round(peak / 1e9, 2),
-        "mfu": round(train.fast_tokens_per_sec * train.flops_per_token / peak, 4),
-        "sample_chars_per_sec": round(sampling.cached_chars_per_sec, 1),
-        "reference_sample_chars_per_sec": round(sampling.reference_chars_per_sec, 1),
-        "sample_speedup": round(sampling.speedup, 2),
-        "first_char_ms": round(sampling.first_char_ms, 2),
-        "headless_tokens_per_sec": plain and round(plain, 1),
-        "dashboard_tokens_per_sec": watched and round(watched, 1),
-        "dashboard_overhead": plain and round(max(0.0, 1 - watched / plain), 4),
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": train.fast_tokens_per_sec * train.flops_per_token / peak,
+        "sample_chars_per_sec": sampling.cached_chars_per_sec,
+        "reference_sample_chars_per_sec": sampling.reference_chars_per_sec,
+        "sample_speedup": sampling.speedup,
+        "first_char_ms": sampling.first_char_ms,
+        "headless_tokens_per_sec": plain,
+        "dashboard_tokens_per_sec": watched,
+        "dashboard_overhead": plain and max(0.0, 1 - watched / plain),
         "machine": describe_machine(where),
     }
 

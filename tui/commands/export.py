@@ -14,6 +14,7 @@ import typer
 from moe_core.config import validate
 from moe_core.errors import UserError
 from moe_core.events import Event, Notice, Sample
+from moe_core.hints import resume_command, stop_command
 from moe_core.live.lease import read_status
 from moe_core.store.runs import Run, default_runs_dir
 from moe_core.track import Tracking, check_trackers, trackers, where_written
@@ -38,8 +39,8 @@ def export(
     r = Run.open(runs_dir or default_runs_dir(), run)
     if read_status(r).state in ("live", "starting"):
         raise UserError(
-            f"run '{r.name}' is training now; export it once it has stopped (`moe-tui stop {r.name}` "
-            f"stops it, and `moe-tui train --resume {r.name} --track {to}` would go on tracked)"
+            f"run '{r.name}' is training now; export it once it has stopped (`{stop_command(r.name, r.path.parent)}` "
+            f"stops it, and `{resume_command(r.name, r.path.parent)} --track {to}` would go on tracked)"
         )
     config = r.load_config()
     if track_project is not None:

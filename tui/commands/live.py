@@ -13,15 +13,15 @@ from typing import Annotated, Optional
 import typer
 
 from moe_core.errors import UserError
-from moe_core.hints import resume_command
+from moe_core.hints import resume_command, stop_command
 from moe_core.live.client import TrainerGone, live_client
 from moe_core.live.lease import PROCESS_FILE, is_live, process_gone, read_status
 from moe_core.store.checkpoint import step_checkpoints
 from moe_core.store.runs import Run, default_runs_dir, list_run_names
 from tui.options import RunsDir
 
-STOP_TIMEOUT_SECONDS = 600.0
-STARTING_SECONDS = 60.0  # a trainer holds the lock while it loads data and builds the model, then records itself  # a large model's checkpoint on a slow disk still gets this long
+STOP_TIMEOUT_SECONDS = 600.0  # a large model's checkpoint on a slow disk still gets this long
+STARTING_SECONDS = 60.0  # a trainer holds the lock while it loads data and builds the model, then records itself
 
 
 def watch(
@@ -77,7 +77,7 @@ def stop(run: Annotated[str, typer.Argument(help="Run name (see `moe-tui runs`)"
     if status.state == "starting":
         raise UserError(
             f"run '{run}' has been starting for {STARTING_SECONDS:.0f} s without a trainer "
-            f"recording itself; try `moe-tui stop {run}` again shortly"
+            f"recording itself; try `{stop_command(run, runs_dir)}` again shortly"
         )
     if status.state != "live":
         ended = f" at step {status.step}" if status.step is not None else ""

@@ -164,19 +164,8 @@ def request_from_flags(flags: dict[str, Any]) -> TrainRequest:
         settings["columns"] = list(flags["column"])
     if flags["track"] is not None:
         settings["track"] = list(flags["track"])
-    return TrainRequest(
-        flags["dataset"],
-        flags["preset"],
-        flags["config_file"],
-        settings,
-        flags["run_name"],
-        flags["resume"],
-        flags["overwrite"],
-        flags["data_dir"],
-        flags["runs_dir"],
-        flags["nproc"],
-        flags["expert_parallel"],
-    )
+    named = ("dataset", "preset", "config_file", "run_name", "resume", "overwrite", "data_dir", "runs_dir", "nproc")
+    return TrainRequest(settings=settings, expert_parallel=flags["expert_parallel"], **{k: flags[k] for k in named})
 
 
 def _on_live(session: TrainingSession, detach: bool):

@@ -50,7 +50,7 @@ class Dashboard(App[int]):
         add_run=None,
     ) -> None:
         super().__init__()
-        self.local = LocalTrainer(trainer, bus, torch_threads, resume_hint) if trainer is not None else None
+        self.local = LocalTrainer(trainer, bus, torch_threads) if trainer is not None else None
         self.sources = [self.local] if self.local else list(sources or [])
         self.views = [RunView() for _ in self.sources] or [RunView()]
         self._generations = [source.generation for source in self.sources]
@@ -134,6 +134,11 @@ class Dashboard(App[int]):
             self.exit(0, return_code=0)
 
     # -- how the process ends ------------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        """Textual's own quit key (ctrl+q) asks as `q` does: quitting stops this process's trainer."""
+        if not isinstance(self.screen, ModalScreen):
+            await self.dashboard.action_quit()
 
     def action_interrupt(self) -> None:
         """Ctrl-C: no question asked (the terminal sends it as a key, not as SIGINT)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_core.events import Notice, State
+from moe_core.hints import resume_command, watch_command
 from moe_core.signals import HANGUP, outcome_exit_code, signal_exit_code, signal_reason, stop_signals_handled
 from tui.dashboard.app import Dashboard
 from tui.exits import print_next_step, redirect_output
@@ -83,7 +84,6 @@ def _notice_on_stderr(event) -> None:
 
 def viewer_app(followers, runs_dir) -> Dashboard:
     """The dashboard over runs trained elsewhere, whose `a` key adds runs from `runs_dir`."""
-    from moe_core.hints import resume_command
     from moe_core.live.follow import RunFollower
     from moe_core.store.runs import Run
 
@@ -136,7 +136,11 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
             app.hung_up = True
             _silence_terminal()
             log = open(app.local.run.path / "train.log", "a", encoding="utf-8", buffering=1)
-            print(f"terminal lost (SIGHUP); training goes on; reattach with: moe-tui watch {app.local.name}", file=log)
+            run = app.local.run
+            print(
+                f"terminal lost (SIGHUP); training goes on; reattach with: {watch_command(run.name, run.path.parent)}",
+                file=log,
+            )
             app.local.bus.unsubscribe(app.local.queue_event)  # nobody drains the screen's queue any more
             app.local.bus.subscribe(HeadlessReporter(log, progress=False))
             app.local.bus.subscribe(_stop_when_done(app.local))

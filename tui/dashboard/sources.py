@@ -17,19 +17,16 @@ import torch
 
 from moe_core.bus import EventBus
 from moe_core.events import Event
-from moe_core.hints import resume_command
-from moe_core.live.follow import RunFollower
 from moe_core.model.sampling import SampleRequest
 
-__all__ = ["LocalTrainer", "RunFollower", "reserve_torch_threads"]
+__all__ = ["LocalTrainer", "reserve_torch_threads"]
 
 
 class LocalTrainer:
     generation = 0  # this process rewrote the history before training started, never during
 
-    def __init__(self, trainer, bus: EventBus | None = None, torch_threads: int | None = None, resume_hint: str = ""):
+    def __init__(self, trainer, bus: EventBus | None = None, torch_threads: int | None = None):
         self.trainer, self.torch_threads = trainer, torch_threads
-        self.resume_hint = resume_hint or resume_command(trainer.run_folder.name, trainer.run_folder.path.parent)
         self.name, self.vocab, self.run = trainer.run_folder.name, trainer.vocab, trainer.run_folder
         self.bus = bus or (trainer.on_event if isinstance(trainer.on_event, EventBus) else EventBus())
         trainer.on_event = self.bus
