@@ -41,6 +41,7 @@ class Config:
     top_k: int = 2
     router: str = "topk"
     capacity_factor: float = 0.0
+    router_noise: float = 1.0  # scale of a noisy_topk router's learned noise (0 = none); live
     dropout: float = 0.0
     init: str = "kaiming"
     moe_impl: str = "fast"  # "reference" = the textbook per-expert mask loop (for learning and bench)
@@ -95,6 +96,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "top_k",
         "router",
         "capacity_factor",
+        "router_noise",
         "dropout",
         "init",
         "moe_impl",
@@ -127,11 +129,31 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "tracking": ("track", "track_project"),
 }
 
+# Keys a run takes while it trains (`moe-tui set`, moe_core/train/settings.py), in the order the
+# dashboard's dialog lists them: none changes the model's shape or its data.
+LIVE_KEYS = (
+    "lr",
+    "min_lr_ratio",
+    "warmup_iters",
+    "max_iters",
+    "weight_decay",
+    "grad_clip",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "capacity_factor",
+    "router_noise",
+    "dropout",
+    "eval_interval",
+    "sample_interval",
+    "ckpt_interval",
+)
+
 # Keys that may change when a run is resumed: they alter neither the model nor the data.
 RESUMABLE_KEYS = (
     frozenset(SECTIONS["schedule"])
     | frozenset(SECTIONS["tracking"])
-    | {"max_iters", "lr", "min_lr_ratio", "device", "compile", "grad_clip", "preset"}
+    | frozenset(LIVE_KEYS)
+    | {"device", "compile", "preset"}
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -337,6 +359,7 @@ def validate(c: Config) -> None:
         f"--top-k {c.top_k} is larger than --num-experts {c.num_experts}; use --top-k {c.num_experts} or fewer",
     )
     need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
+    need(c.router_noise >= 0, f"--router-noise must be >= 0 (0 = none), got {c.router_noise}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be between 0 and 1, got {c.min_lr_ratio}")
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")

@@ -118,6 +118,17 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
+class SettingsChanged:
+    """A setting of a live run changed between steps `step` and `step + 1` (moe_core/train/settings.py)."""
+
+    step: int
+    key: str
+    old: float
+    new: float
+    source: str = ""  # who asked: "moe-tui set", "dashboard" or "viewer" (", again after a resume")
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something the user should know: a warning or an error, with its text."""
 
@@ -175,6 +186,7 @@ Event = Union[
     Sample,
     CheckpointSaved,
     StateChanged,
+    SettingsChanged,
     Notice,
     ResourceUsage,
 ]

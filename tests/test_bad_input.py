@@ -282,6 +282,13 @@ CASES = {
     "export with an empty tracker project": Case(
         TRACK, ["export", "tiny", "--to", "tensorboard", "--track-project", ""]
     ),
+    "set without KEY=VALUE": Case(LIVE, ["set", "tiny", "lr"]),
+    "set an unknown setting": Case(LIVE, ["set", "tiny", "learning_rate=1e-3"]),
+    "set a setting that changes the model": Case(LIVE, ["set", "tiny", "n_layer=3"]),
+    "set a value train would refuse": Case(LIVE, ["set", "tiny", "dropout=1.5"]),
+    "set a setting to a word": Case(LIVE, ["set", "tiny", "lr=fast"]),
+    "set a run that is not training": Case(LIVE, ["set", "tiny", "lr=1e-3"]),
+    "set an unknown run": Case(LIVE, ["set", "ghost", "lr=1e-3"]),
 }
 
 
@@ -450,6 +457,13 @@ OFFENDING = {
     "experts that do not split over the processes": ["--num-experts 4", "3 processes"],
     "expert parallelism with the textbook experts": ["--moe-impl reference", "--moe-impl fast"],
     "expert parallelism compiled": ["--compile", "--expert-parallel"],
+    "set without KEY=VALUE": ["'lr'", "KEY=VALUE"],
+    "set an unknown setting": ["'learning_rate'"],
+    "set a setting that changes the model": ["n_layer"],
+    "set a value train would refuse": ["--dropout", "1.5"],
+    "set a setting to a word": ["lr", "'fast'"],
+    "set a run that is not training": ["'tiny'", "not training"],
+    "set an unknown run": ["'ghost'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

@@ -86,6 +86,8 @@ def test_resume_continues_from_the_latest_checkpoint(trained, capsys):
     changed = "resumed from step-00000030 with changed settings: lr 0.003 -> 0.001, max_iters 30 -> 40"
     assert f"info: {changed}" in out
     assert changed in (trained / "metrics.jsonl").read_text()
+    noted = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if changed in line]
+    assert [record["step"] for record in noted] == [30]  # said at the checkpoint's step, not at 0
 
 
 def test_sample_streams_text_that_starts_with_the_prompt(trained, capsys):

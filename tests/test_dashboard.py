@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from textual.widgets import Input
 
 from moe_core.bus import EventBus
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
+from moe_core.model.dropout import Dropout
 from moe_core.store import checkpoint as checkpoint_module
 from moe_core.train.trainer import Trainer
 from tests.conftest import TINY
@@ -30,7 +32,7 @@ from tui.dashboard import overhead
 from tui.dashboard.app import Dashboard
 from tui.dashboard.history import SeriesBuffer, bucket_means
 from tui.dashboard.overhead import dashboard_overhead
-from tui.dashboard.screens import ConfirmQuit
+from tui.dashboard.screens import ConfirmQuit, SettingsDialog
 from tui.dashboard.sources import reserve_torch_threads
 from tui.dashboard.widgets.panels import SamplesPanel
 from tui.dashboard.widgets.status import StatusBar
@@ -187,6 +189,32 @@ def test_ctrl_q_asks_as_q_does_and_the_trainer_saves_before_the_exit(tmp_path, s
 
     assert asyncio.run(scenario()).return_code == 0
     assert trainer.state == "stopped" and not trainer.unsaved
+
+
+def test_o_changes_settings_between_two_steps_and_the_chart_marks_where(tmp_path, shared_dir, fast_keys):
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.view.step >= 3)
+            await pilot.press("o")
+            await wait_until(pilot, lambda: isinstance(app.screen, SettingsDialog))
+            assert "lr=0.003" in str(app.screen.query_one("#settings-now").content)
+            await pilot.press(*"n_layer=3", "enter")  # a shape: refused in the dialog, nothing sent
+            assert "n_layer cannot change" in str(app.screen.query_one("#settings-error").content)
+            app.screen.query_one("#settings", Input).value = "lr=0.001 dropout=0.1"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: len(app.view.settings_steps) == 2)
+            changed = [line.text for line in app.view.log if line.level == "setting"]
+            assert changed == ["dropout 0 → 0.1 (dashboard)", "lr 0.003 → 0.001 (dashboard)"]
+            await pilot.press("ctrl+c")
+            await wait_until(pilot, lambda: app.return_code is not None)
+
+    asyncio.run(scenario())
+    assert trainer.config.lr == 0.001 and trainer.config.dropout == 0.1
+    assert all(m.p == 0.1 for m in trainer.model.modules() if isinstance(m, Dropout))
+    assert "lr = 0.001" in trainer.run_folder.config_path.read_text()
 
 
 def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_keys):

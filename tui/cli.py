@@ -18,6 +18,7 @@ from tui.commands.export import export
 from tui.commands.live import stop, watch
 from tui.commands.report import report
 from tui.commands.runs import datasets, runs_app, sample
+from tui.commands.set import set_
 from tui.commands.train import train
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.command(no_args_is_help=False)(train)
 app.command()(watch)
 app.command()(stop)
+app.command(name="set")(set_)
 app.command()(sample)
 app.add_typer(runs_app, name="runs")
 app.command()(datasets)

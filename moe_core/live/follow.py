@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 
+from moe_core.config import Config
 from moe_core.errors import UserError
 from moe_core.events import Event, Notice, ResourceUsage, Sample, State, StateChanged, from_line, from_record
 from moe_core.hints import resume_command
@@ -179,6 +180,20 @@ class RunFollower:
             return
         try:
             self.client.send(verb)
+        except TrainerGone:
+            pass  # the next poll finds the connection closed and says so
+
+    def settings(self) -> Config:
+        """The run's settings now: its config.toml, which a live trainer rewrites at each change."""
+        return self.run.load_config()
+
+    def change_settings(self, changes: dict) -> None:
+        """Sent to the live trainer, which checks them again and logs what it took (or why not)."""
+        if self.client is None:
+            self._local.put(Notice("warning", f"settings: no live trainer for run {self.name}", self.last_step))
+            return
+        try:
+            self.client.send("set", changes=changes, source="viewer")
         except TrainerGone:
             pass  # the next poll finds the connection closed and says so
 

@@ -4,8 +4,9 @@
                         "state": "running", "step": 40}
                        {"type": "event", "event": {...}}          a live event (see events.LIVE_ONLY)
                        {"type": "reply", "cmd": "pause", "ok": true}   or "ok": false, "error": "..."
-    client -> server   {"v": 1, "cmd": "pause" | "resume" | "save" | "eval" | "stop" | "sample", ...}
-                       sample takes prompt, max_new_tokens, temperature, top_k, top_p, seed
+    client -> server   {"v": 1, "cmd": "pause" | "resume" | "save" | "eval" | "stop" | "sample" | "set", ...}
+                       sample takes prompt, max_new_tokens, temperature, top_k, top_p, seed;
+                       set takes changes ({"lr": 0.001, ...}) and source (who asks, for the log)
 
 The server never executes anything it is sent: a line is parsed into one of the verbs above, or
 answered with an error.
@@ -41,7 +42,7 @@ VERSION = _version()  # told in the greeting, so that a viewer of another versio
 MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
 MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
 SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)
-VERBS = ("pause", "resume", "save", "eval", "stop", "sample")
+VERBS = ("pause", "resume", "save", "eval", "stop", "sample", "set")
 SAMPLE_FIELDS = {
     "prompt": str,
     "max_new_tokens": int,
@@ -73,6 +74,8 @@ def parse_command(line: bytes, vocab: Vocab) -> tuple[str, Any]:
     verb = message.get("cmd")
     if verb not in VERBS:
         raise ProtocolError(f"unknown command {verb!r}; known: {', '.join(VERBS)}")
+    if verb == "set":
+        return verb, _settings_arguments(message)
     if verb != "sample":
         return verb, None
     fields = {k: v for k, v in message.items() if k in SAMPLE_FIELDS}
@@ -88,6 +91,19 @@ def parse_command(line: bytes, vocab: Vocab) -> tuple[str, Any]:
     except UserError as err:
         raise ProtocolError(f"sample: {err}") from None
     return verb, request
+
+
+def _settings_arguments(message: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A set command's (changes, source): names and numbers only; the trainer checks their values."""
+    changes, source = message.get("changes"), message.get("source", "viewer")
+    if not isinstance(changes, dict) or not changes or len(changes) > 32:
+        raise ProtocolError("set: changes must be an object of one or more settings")
+    for key, value in changes.items():
+        if not isinstance(key, str) or not isinstance(value, (int, float, str)) or isinstance(value, bool):
+            raise ProtocolError(f"set: {key!r} has the wrong type")
+    if not isinstance(source, str) or len(source) > 64:
+        raise ProtocolError("set: source must be a short string")
+    return changes, source
 
 
 def sample_arguments(request: SampleRequest) -> dict[str, Any]:

@@ -194,6 +194,16 @@ class ControlServer:
             self.control.stop("stop requested by a viewer")
         elif verb == "sample":
             self.control.sample(argument)
+        elif verb == "set":
+            if self.state == "error":  # the weights in memory are not trusted: resume instead
+                self._reply(
+                    viewer,
+                    verb,
+                    f"run '{self.run.name}' failed; its settings cannot change now; resume "
+                    "it with the new settings (`moe-tui train --resume NAME --lr ...`)",
+                )
+                return
+            self.control.set(*argument)
         else:
             ACTIONS[verb](self.control)
         self._reply(viewer, verb, None)

@@ -21,6 +21,10 @@ _LEVELS = 1 << 15  # random values per element: 0 .. 32767
 class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
+        self.set_rate(p)
+
+    def set_rate(self, p: float) -> None:
+        """The drop probability, also between two steps of a live run (`moe-tui set RUN dropout=...`)."""
         self.p = p
         self.threshold = round(p * _LEVELS)  # values below it are dropped
         self.scale = 1.0 / (1.0 - self.threshold / _LEVELS)

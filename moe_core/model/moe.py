@@ -154,12 +154,14 @@ class Router(nn.Module):
         self.gate = nn.Linear(n_embd, num_experts, bias=False)
         # Noise scale softplus(W_noise x) lets the model learn how much to explore per token.
         self.noise = nn.Linear(n_embd, num_experts, bias=False) if noisy else None
+        self.noise_scale = 1.0  # config.router_noise: how much of the learned noise is added (0 = none)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, C) -> logits (N, E), gate weights (N, k), expert indices (N, k)."""
         logits = self.gate(x)
-        if self.noise is not None and self.training:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        if self.noise is not None and self.training and self.noise_scale > 0:
+            noise = torch.randn_like(logits) * F.softplus(self.noise(x))
+            logits = logits + (noise if self.noise_scale == 1.0 else noise * self.noise_scale)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         return logits, F.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype), top_idx
 

@@ -196,6 +196,8 @@ class MoETransformer(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        for moe in self.moe_layers():
+            moe.router.noise_scale = config.router_noise
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, vocab_size)
         self.apply(self._init_weights)
@@ -225,6 +227,19 @@ class MoETransformer(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [block.moe for block in self.blocks]
+
+    def set_live(self, config: Config) -> None:
+        """Take the settings a live run may change and the layers hold: dropout, expert capacity and
+        router noise (moe_core/train/settings.py)."""
+        self.config = config
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.set_rate(config.dropout)
+            elif isinstance(module, nn.Dropout):
+                module.p = config.dropout
+        for moe in self.moe_layers():
+            moe.capacity_factor = config.capacity_factor
+            moe.router.noise_scale = config.router_noise
 
     def num_params(self) -> tuple[int, int]:
         """Total parameters, and those a token actually uses (its top-k experts, not all E)."""

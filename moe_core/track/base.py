@@ -26,6 +26,7 @@ from moe_core.events import (
     RouterStats,
     RunStarted,
     Sample,
+    SettingsChanged,
     State,
     StateChanged,
     StepMetrics,
@@ -110,7 +111,7 @@ def run_params(config: Config, started: RunStarted | None) -> dict[str, Any]:
     return params
 
 
-SENT = (StepMetrics, EvalMetrics, RouterStats, Sample)  # the events `send` turns into scalars and text
+SENT = (StepMetrics, EvalMetrics, RouterStats, Sample, SettingsChanged)  # what `send` turns into scalars and text
 
 
 def send(tracker: Tracker, event: Event) -> None:
@@ -157,6 +158,9 @@ def send(tracker: Tracker, event: Event) -> None:
         tracker.scalars(event.step, {k: v for k, v in values.items() if math.isfinite(v)})
         for i, layer in enumerate(event.layers):
             tracker.expert_shares(event.step, i, layer.expert_fraction)
+    elif isinstance(event, SettingsChanged):  # a setting changed while training: its value from then on
+        tracker.scalars(event.step, {f"settings/{event.key}": float(event.new)})
+        tracker.add_text(event.step, "settings/changes", f"{event.key} {event.old} -> {event.new} ({event.source})")
     elif isinstance(event, Sample):
         tracker.add_text(event.step, "samples/requested" if event.requested else "samples/periodic", event.text)
 

@@ -9,6 +9,7 @@ trainer through its `load_state_dict()`. Neither touches the trainer's attribute
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,9 +18,11 @@ from typing import Any, Callable, Protocol
 
 from moe_core.config import RESUMABLE_KEYS, Config
 from moe_core.errors import UserError
+from moe_core.events import SettingsChanged
 from moe_core.store.checkpoint import load_checkpoint, restore_set_aside, step_checkpoints
 from moe_core.store.runs import Run
 from moe_core.train.checkpoint_writer import Snapshot
+from moe_core.train.settings import pending_after
 
 # Keys that define the model's shape or its data: a checkpoint only fits a config with the same ones.
 SHAPE_KEYS = (
@@ -66,15 +69,17 @@ def snapshot(run: Run, config: Config, state: dict[str, Any], best: bool, rank_r
     return Snapshot.take(folder, state["model"], training, manifest, step, best, config.keep_checkpoints)
 
 
-def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> None:
+def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> tuple[dict[str, Any], list[SettingsChanged]]:
     """Load the run's newest intact checkpoint into `trainer`, after repairing what a crash can leave
-    behind, and drop the metrics logged after it (they will be logged again)."""
+    behind, and drop the metrics logged after it (they will be logged again). Returns the live settings
+    in effect at that checkpoint where they changed after it, and those changes, to be made again at
+    their steps (moe_core/train/settings.py)."""
     for name in restore_set_aside(run.checkpoints):
         note("info", f"restored checkpoint {name} from the copy set aside by an interrupted save")
-    step = 0
+    step, at_step, pending = 0, {}, []
     if step_checkpoints(run.checkpoints):
         folder = run.checkpoint("latest", on_skip=lambda why: note("warning", why))
-        state = read_resumable(folder, config, note)
+        state, manifest = read_resumable(folder, config)
         try:
             trainer.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -83,8 +88,11 @@ def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> None:
                 "resume with the run's own settings or start a new run"
             ) from None
         step = int(state["training"]["step"])
+        at_step, pending = pending_after(step, run.events(), config)  # before the rewind cuts them from the log
+        _note_changed(folder, manifest, dataclasses.replace(config, **at_step), note)  # at the checkpoint's step
     else:
         note("info", "the run stopped before its first checkpoint; training starts again from step 0")
+        at_step, pending = pending_after(0, run.events(), config)
     try:
         dropped = run.rewind(step)
     except OSError as err:
@@ -97,11 +105,12 @@ def resume(trainer: Stateful, run: Run, config: Config, note: Note) -> None:
             f"dropped {dropped} metrics line(s) logged after step {step} "
             "(or torn by the interruption); they will be logged again",
         )
+    return at_step, pending
 
 
-def read_resumable(folder, config: Config, note: Note) -> dict[str, Any]:
-    """A step checkpoint as a trainer's `state_dict()`, after checking that it fits `config`; notes the
-    settings that changed since it was saved."""
+def read_resumable(folder, config: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A step checkpoint as a trainer's `state_dict()`, and its manifest, after checking that it fits
+    `config`."""
     weights, training, manifest = load_checkpoint(folder, verify=False)  # `Run.checkpoint()` checked it
     saved_shape = manifest.get("shape", {})
     differ = [k for k in SHAPE_KEYS if k in saved_shape and saved_shape[k] != getattr(config, k)]
@@ -116,6 +125,11 @@ def read_resumable(folder, config: Config, note: Note) -> dict[str, Any]:
             f"checkpoint {folder} was saved by an older moe-tui, with one tensor per expert: "
             "`moe-tui sample` still reads it, but training cannot resume from it; start a new run"
         )
+    return {"model": weights, "training": training}, manifest
+
+
+def _note_changed(folder, manifest: dict[str, Any], config: Config, note: Note) -> None:
+    """Say which settings a resume changes from those the checkpoint was saved with."""
     before = manifest.get("config", {})
     changed = [
         f"{k} {before[k]} -> {getattr(config, k)}"
@@ -124,4 +138,3 @@ def read_resumable(folder, config: Config, note: Note) -> dict[str, Any]:
     ]
     if changed:
         note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
-    return {"model": weights, "training": training}

@@ -37,6 +37,10 @@ class Control:
     def evaluate(self) -> None:
         self._commands.put(("eval", None))
 
+    def set(self, changes: dict[str, object], source: str = "") -> None:
+        """Change settings of the live run between two steps (checked there: moe_core/train/settings.py)."""
+        self._commands.put(("set", (dict(changes), source)))
+
     def next(self, wait: float | None) -> tuple[str, object] | None:
         try:
             return self._commands.get(timeout=wait) if wait else self._commands.get_nowait()

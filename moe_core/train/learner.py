@@ -5,17 +5,18 @@ torch.distributed.checkpoint's Stateful). The loop around it is moe_core/train/t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from moe_core.config import Config, resolve_device
+from moe_core.config import LIVE_KEYS, Config, resolve_device
 from moe_core.data.batches import Batches, evaluation_batches, split_ids
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
-from moe_core.events import EvalMetrics, ExpertChars
+from moe_core.events import EvalMetrics, ExpertChars, SettingsChanged
 from moe_core.model.routes import RouteCounter
 from moe_core.model.sampling import SampleRequest, complete
 from moe_core.model.transformer import MoETransformer
@@ -64,6 +65,7 @@ class Learner:
         self.elapsed = 0.0  # training wall time, pauses excluded
         self.last_saved_step = -1
         self.rank_rng: list | None = None  # every rank's random streams, from the checkpoint resumed
+        self.pending_settings: list[SettingsChanged] = []  # logged after the checkpoint resumed: made again
         self.expert_parallel: ExpertParallel | None = None
         self.window = StepWindow(ranks)  # the steps since the last log line
 
@@ -107,6 +109,7 @@ class Learner:
         self.optimizer.load_state_dict(training["optimizer"])
         for group in self.optimizer.param_groups:  # a resumed run may ask for a new --lr
             group["initial_lr"] = self.config.lr
+        self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay  # and a new --weight-decay
         torch.set_rng_state(training["rng"])
         if self.device.startswith("cuda") and "cuda_rng" in training:
             torch.cuda.set_rng_state(training["cuda_rng"])
@@ -117,16 +120,31 @@ class Learner:
         self.last_saved_step = self.step_num  # it came from a checkpoint
         self.rank_rng = training.get("rank_rng")  # with several processes: every rank's own streams
 
+    def apply_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Take settings that leave the model's shape alone (checked: moe_core/train/settings.py) between
+        two steps; returns their old values. The learning rate, its schedule, the clip, the loss weights
+        and the intervals are read from the config at each step; the layers and the optimizer hold the rest."""
+        old = {key: getattr(self.config, key) for key in changes}
+        self.config = dataclasses.replace(self.config, **changes)
+        self.model.set_live(self.config)
+        self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay  # the matrices' group
+        return old
+
     def _take_leaders_state(self) -> None:
         """Rank 0's weights and state (fresh, or just resumed) on every rank: only rank 0 reads the run folder."""
         if not self.ranks.parallel:
             return
-        leaders = (self.state_dict(), self.last_saved_step, self.rank_rng) if self.ranks.leader else None
-        state, last_saved, rank_rng = self.ranks.from_leader(on_cpu(leaders))
+        live = {key: getattr(self.config, key) for key in LIVE_KEYS}  # after a resume: those in effect then
+        leaders = (self.state_dict(), self.last_saved_step, self.rank_rng, live, self.pending_settings)
+        state, last_saved, rank_rng, live, pending = self.ranks.from_leader(
+            on_cpu(leaders) if self.ranks.leader else None
+        )
         if self.ranks.leader:
             return
         self.load_state_dict(state)
         self.last_saved_step = last_saved
+        self.apply_settings(live)
+        self.pending_settings = pending
         # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice of
         # the batch would get the same masks. Rank 0 goes on with the run's; on a fresh start rank r seeds
         # from it and r. Step checkpoints keep every rank's stream, so a resume on as many processes draws

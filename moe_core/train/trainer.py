@@ -32,6 +32,7 @@ from moe_core.events import (
     Notice,
     RunStarted,
     Sample,
+    SettingsChanged,
     State,
     StateChanged,
     StepMetrics,
@@ -41,7 +42,7 @@ from moe_core.model.sampling import SampleRequest
 from moe_core.parallel.experts import ExpertParallel
 from moe_core.parallel.ranks import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from moe_core.store.runs import Run
-from moe_core.train import checkpointing
+from moe_core.train import checkpointing, settings
 from moe_core.train.checkpoint_writer import CheckpointWriter, Snapshot
 from moe_core.train.control import Control
 from moe_core.train.learner import Learner
@@ -91,7 +92,8 @@ class Trainer(Learner):
         trainer = cls(config, run, vocab, ids, on_event, ranks, device)
         trainer.resumed = resume
         if resume and ranks.leader:  # the others get rank 0's state: only it reads the run folder
-            checkpointing.resume(trainer, run, config, trainer.note)
+            at_step, trainer.pending_settings = checkpointing.resume(trainer, run, config, trainer.note)
+            trainer.apply_settings(at_step)
         trainer._take_leaders_state()
         if expert_parallel:  # every rank holds the whole model now: each keeps its share of the experts
             trainer.expert_parallel = ExpertParallel(ranks, config, trainer.model, trainer.optimizer)
@@ -202,6 +204,8 @@ class Trainer(Learner):
             if kind in ("pause", "resume", "toggle") and not self._done:
                 self._paused = {"pause": True, "resume": False, "toggle": not self._paused}[kind]
                 self.set_state(State.PAUSED if self._paused else State.RUNNING)
+            elif kind == "set":
+                self._serve_settings(*arg)
             else:
                 self._serve(kind, arg)
             return None
@@ -215,6 +219,9 @@ class Trainer(Learner):
         return None
 
     def _train_one(self) -> None:
+        while self.pending_settings and self.pending_settings[0].step <= self.step_num:  # after a resume
+            change = self.pending_settings.pop(0)
+            self._change_settings({change.key: change.new}, f"{change.source}, again after a resume")
         c = self.config
         t0 = time.perf_counter()
         self.step()
@@ -304,6 +311,48 @@ class Trainer(Learner):
                 self.set_state(previous)
             if previous not in (State.PAUSED, State.FINISHED, State.ERROR):
                 self.elapsed += time.perf_counter() - t0
+
+    def _serve_settings(self, changes: dict, source: str) -> None:
+        """A `set` command: refused after a failure, or with a value `train` would refuse (a warning);
+        a longer `max_iters` sets a finished run training again."""
+        if self.state == State.ERROR:
+            self.emit(
+                Notice(
+                    "warning",
+                    "settings not changed: training failed; resume from the last checkpoint "
+                    "with the new settings instead",
+                    self.step_num,
+                )
+            )
+            return
+        try:
+            self._change_settings(changes, source)
+        except UserError as err:
+            self.emit(Notice("warning", f"settings not changed: {err}", self.step_num))
+            return
+        if self._done and self.state == State.FINISHED and self.step_num < self.config.max_iters:
+            self._done = False
+            self.set_state(State.PAUSED if self._paused else State.RUNNING)
+
+    def _change_settings(self, changes: dict, source: str) -> None:
+        """Take new settings between two steps: every rank alike, each change an event, and the run's
+        config.toml the current values, so that a resume goes on with them."""
+        changes = settings.checked_changes(self.config, changes)
+        old = self.apply_settings(changes)
+        for key, new in changes.items():
+            self.emit(SettingsChanged(self.step_num, key, old[key], new, source))
+        if self.ranks.leader and changes:
+            try:
+                self.run_folder.save_config(self.config)
+            except OSError as err:
+                self.emit(
+                    Notice(
+                        "warning",
+                        f"could not write {self.run_folder.config_path.name} ({err}): a resume "
+                        "would start with the settings before this change",
+                        self.step_num,
+                    )
+                )
 
     def _sample(self, arg: object) -> None:
         self.set_state(State.SAMPLING)

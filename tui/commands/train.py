@@ -43,6 +43,7 @@ def train(
     dense: Annotated[bool, opt("Dense baseline: one expert, same width", MODEL, "--dense")] = False,
     router: Annotated[Optional[str], opt("topk | noisy_topk")] = None,
     capacity_factor: Annotated[Optional[float], opt("Expert capacity factor (0 = dropless)")] = None,
+    router_noise: Annotated[Optional[float], opt("Scale of noisy_topk's learned noise (0 = none)")] = None,
     aux_loss_coef: Annotated[Optional[float], opt("Load-balancing loss weight")] = None,
     z_loss_coef: Annotated[Optional[float], opt("Router z-loss weight")] = None,
     init: Annotated[Optional[str], opt("kaiming | xavier | normal")] = None,

@@ -20,6 +20,7 @@ from moe_core.events import (
     RouterStats,
     RunStarted,
     Sample,
+    SettingsChanged,
     State,
     StateChanged,
     StepMetrics,
@@ -36,7 +37,7 @@ STATUS, CHART, EXPERTS, SAMPLES, LOG = "status", "chart", "experts", "samples", 
 
 @dataclass(frozen=True)
 class LogLine:
-    level: str  # "info" | "eval" | "checkpoint" | "warning" | "error"
+    level: str  # "info" | "eval" | "checkpoint" | "setting" | "warning" | "error"
     step: int
     text: str
 
@@ -66,6 +67,7 @@ class RunView:
         self._ema_weight = 0.0  # for the bias correction of the EMA's first points
         self.samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
         self.log: deque[LogLine] = deque(maxlen=LOG_LINES_KEPT)
+        self.settings_steps: deque[int] = deque(maxlen=LOG_LINES_KEPT)  # where the loss chart marks a change
         self.changed: set[str] = {STATUS, CHART, EXPERTS, SAMPLES, LOG}
 
     # -- derived figures -----------------------------------------------------------------------
@@ -105,6 +107,11 @@ class RunView:
         verb = f"resumed at step {e.start_step}" if e.resumed else "started"
         self.note("info", f"run {e.run_name} {verb} on {e.device}")
         self.changed |= {STATUS, CHART}
+
+    def _on_SettingsChanged(self, e: SettingsChanged) -> None:
+        self.settings_steps.append(e.step)
+        self.note("setting", f"{e.key} {e.old:g} → {e.new:g} ({e.source})", e.step)
+        self.changed.add(CHART)
 
     def observe_step(self, step: int) -> None:
         """The trainer's own step counter, read between events: StepMetrics come every log interval."""

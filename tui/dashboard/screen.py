@@ -17,9 +17,10 @@ from textual.widgets import Footer, Static
 from moe_core.errors import UserError
 from moe_core.events import State
 from moe_core.model.sampling import SampleRequest
+from moe_core.train.settings import checked_changes
 from tui.dashboard.experts_screen import ExpertsScreen
 from tui.dashboard.run_view import CHART, EXPERTS, LOG, SAMPLES, STATUS, RunView
-from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog
+from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog, SettingsDialog
 from tui.dashboard.widgets.experts import ExpertPanel
 from tui.dashboard.widgets.loss_chart import LossChart
 from tui.dashboard.widgets.panels import EventsLog, SamplesPanel
@@ -37,26 +38,28 @@ TRAINER_ACTIONS = {
     "sample": (*BUSY, PAUSED, FINISHED),
     "save": (RUNNING, PAUSED, FINISHED),  # never in ERROR: that would save the broken weights
     "evaluate": (RUNNING, PAUSED, FINISHED),
+    "settings": (*BUSY, PAUSED, FINISHED),  # never in ERROR: resume with the new settings instead
     "stop_run": (*BUSY, PAUSED, FINISHED, ERROR),
 }
 
 
 class DashboardScreen(Screen):
-    BINDINGS = [
+    BINDINGS = [  # the Footer shows them in this order, as many as fit: the chart's own toggles last
         Binding("space", "pause", "Pause"),
         Binding("space", "resume", "Resume"),  # the Footer shows whichever of the two applies
         Binding("s", "sample", "Sample"),
         Binding("c", "save", "Save"),
         Binding("e", "evaluate", "Eval"),
+        Binding("o", "settings", "Settings"),
         Binding("r", "experts", "Experts"),
+        Binding("S", "stop_run", "Stop run"),
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
         Binding("x", "toggle_x", "Step/time"),
         Binding("n", "next_run", "Next run"),
         Binding("a", "add_run", "Add run"),
-        Binding("S", "stop_run", "Stop run"),
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help", key_display="?"),
     ]
 
     def __init__(self) -> None:
@@ -184,6 +187,16 @@ class DashboardScreen(Screen):
                 self.send("sampling", lambda: source.sample(request))
 
         self.app.push_screen(SampleDialog(self.app.last_request, self._check_request), sample)
+
+    def action_settings(self) -> None:
+        source = self.app.source
+
+        def change(changes: dict | None) -> None:
+            if changes and not self.app.stopping:
+                source.change_settings(changes)
+
+        current = source.settings()
+        self.app.push_screen(SettingsDialog(current, lambda raw: checked_changes(current, raw)), change)
 
     def _check_request(self, request: SampleRequest) -> None:
         request.check()

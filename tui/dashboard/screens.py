@@ -1,4 +1,4 @@
-"""Modal screens over the dashboard: quit confirmation, the sample dialog and the help screen."""
+"""Modal screens over the dashboard: quit confirmation, the sample and settings dialogs, the help screen."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from moe_core.config import LIVE_KEYS, Config
 from moe_core.errors import UserError
 from moe_core.model.sampling import SampleRequest
+from moe_core.train.settings import parse_assignments
 
 
 class ConfirmQuit(ModalScreen[bool]):
@@ -157,6 +159,7 @@ HELP = """\
 [b]s[/b]       sample now: prompt, length, temperature, top-k
 [b]c[/b]       save a checkpoint now
 [b]e[/b]       evaluate now (train and validation loss)
+[b]o[/b]       settings: change lr, loss weights, dropout, intervals... live
 [b]r[/b]       what the experts learn: each one's characters, per layer
 [b]l[/b]       loss chart: linear / logarithmic y axis
 [b]w[/b]       loss chart: whole run / the recent quarter of the steps
@@ -168,7 +171,8 @@ HELP = """\
 [b]tab[/b]     next panel; arrows and page keys scroll it
 [b]?[/b]       this help
 
-[b]Loss[/b]: ━ smoothed train loss, ○ eval train, ● validation, ◉ both (nats/char).
+[b]Loss[/b]: ━ smoothed train loss, ○ eval train, ● validation, ◉ both (nats/char);
+▼ along the top: a setting changed there.
 [b]Experts[/b]: each expert's share of its layer's routed tokens; │ marks
 the ideal 1/E. cv: coefficient of variation of the shares (0 = balanced);
 dropped: share of assignments over capacity. Small terminals show one row
@@ -185,3 +189,48 @@ class HelpScreen(ModalScreen[None]):
     def on_key(self, event) -> None:
         event.stop()
         self.dismiss(None)
+
+
+class SettingsDialog(ModalScreen["dict | None"]):
+    """The `o` key: the live settings with their values now, and one line of KEY=VALUE changes."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, current: Config, check: Callable[[dict], dict]) -> None:
+        super().__init__()
+        self.current = current
+        self.check = check  # the changes, typed and checked; raises UserError
+
+    def compose(self) -> ComposeResult:
+        now = "  ".join(f"{key}={getattr(self.current, key):g}" for key in LIVE_KEYS)
+        with Vertical(id="settings-dialog", classes="dialog"):
+            yield Label("Change settings between two steps (KEY=VALUE ...)", classes="dialog-title")
+            yield Static(now, id="settings-now")
+            yield Input(id="settings", compact=True, placeholder="e.g. lr=1e-3 aux_loss_coef=0.02")
+            yield Static("", id="settings-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Apply (enter)", variant="primary", id="go", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#settings", Input).focus()
+
+    def on_input_submitted(self) -> None:
+        self.submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "go":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def submit(self) -> None:
+        try:
+            changes = self.check(parse_assignments(self.query_one("#settings", Input).value.split()))
+        except UserError as err:
+            self.query_one("#settings-error", Static).update(str(err))
+            return
+        self.dismiss(changes)

@@ -16,6 +16,7 @@ from queue import Empty, SimpleQueue
 import torch
 
 from moe_core.bus import EventBus
+from moe_core.config import Config
 from moe_core.events import Event
 from moe_core.model.sampling import SampleRequest
 
@@ -80,6 +81,13 @@ class LocalTrainer:
 
     def sample(self, request: SampleRequest) -> None:
         self.trainer.control.sample(request)
+
+    def settings(self) -> Config:
+        """The settings the trainer runs with now."""
+        return self.trainer.config
+
+    def change_settings(self, changes: dict) -> None:
+        self.trainer.control.set(changes, "dashboard")
 
 
 def reserve_torch_threads() -> int:

@@ -40,6 +40,7 @@ class LossChart(Widget):
         "loss-chart--eval-train",
         "loss-chart--val",
         "loss-chart--axis",
+        "loss-chart--setting",
         *(f"loss-chart--run{i}" for i in range(len(RUN_MARKS))),
     }
 
@@ -120,6 +121,11 @@ class LossChart(Widget):
                 dot = to_dot(x, y)
                 both = char == "●" and canvas.mark_at(*dot) == "○"  # train and val evals in one cell
                 canvas.mark(*dot, "◉" if both else char, style)
+        style = self.get_component_rich_style("loss-chart--setting", partial=True)
+        for step in self.view.settings_steps:  # a setting changed here: marked along the top
+            if x_lo <= step <= x_hi:
+                fx = (step - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 1.0
+                canvas.mark(round(fx * (canvas.dot_width - 1)), 0, "▼", style)
 
         return self._frame(canvas, plot_h, y_lo, y_hi, format_step(x_lo), format_step(x_hi))
 

@@ -9,7 +9,7 @@ from textual.widgets import Static
 
 from tui.dashboard.run_view import RunView
 
-LOG_LEVEL_MARKS = {"info": "·", "eval": "≈", "checkpoint": "✓", "warning": "!", "error": "✗"}
+LOG_LEVEL_MARKS = {"info": "·", "eval": "≈", "checkpoint": "✓", "setting": "▼", "warning": "!", "error": "✗"}
 
 
 class TextPanel(VerticalScroll):

@@ -1,0 +1,114 @@
+"""Steering a run while it trains: `moe-tui set` changes its settings between two steps, on real
+processes; a run killed with SIGKILL after a change resumes to the very weights of a run that never
+stopped; the dashboard's `o` key does the same from the screen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moe_core.live.client import live_client
+from moe_core.live.lease import read_status
+from moe_core.store.checkpoint import MODEL_FILE
+from moe_core.store.runs import Run
+from tests.conftest import REPO, TINY, as_flags, shared_data_dir, start_moe_tui
+from tests.test_faults import records, wait_until
+
+# Dropout and router noise on: a change must land on the random streams exactly as it did first.
+STEER = {
+    **TINY,
+    "router": "noisy_topk",
+    "dropout": 0.05,
+    "lr_schedule": "constant",
+    "max_iters": 150,
+    "eval_interval": 50,
+    "ckpt_interval": 50,
+    "sample_tokens": 0,
+}
+CHANGE = ["lr=0.001", "aux_loss_coef=0.05", "dropout=0.2"]
+
+
+def moe_tui(runs: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs)}
+    return subprocess.run(
+        [sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def steps_logged(run: Path) -> int:
+    return max((r["step"] for r in records(run, "StepMetrics")), default=0)
+
+
+def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_path):
+    runs = tmp_path / "runs"
+    killed = runs / "killed"
+    started = moe_tui(runs, "train", "simpsons", *as_flags(STEER), "--run-name", "killed", "--detach")
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: steps_logged(killed) >= 60, 120, "training past its first checkpoint")
+
+    done = moe_tui(runs, "set", "killed", *CHANGE)
+    assert done.returncode == 0, done.stderr
+    made = [line for line in done.stdout.splitlines() if " at step " in line]
+    assert [line.split()[0] for line in made] == ["lr", "aux_loss_coef", "dropout"], done.stdout
+    changed_at = int(made[0].split(" at step ")[1].split()[0])
+    assert "lr 0.003 -> 0.001" in made[0] and changed_at >= 60
+    os.kill(read_status(Run.open(runs, "killed")).pid, signal.SIGKILL)  # before the next checkpoint, at 100
+    wait_until(lambda: read_status(Run.open(runs, "killed")).state == "crashed", 60, "the trainer to die")
+    assert "lr = 0.001" in (killed / "config.toml").read_text()  # the current values, for the resume
+
+    resumed = moe_tui(runs, "train", "--resume", "killed", "--headless")
+    assert resumed.returncode == 0, resumed.stderr
+    # Resumed from step 50, the change logged after it is made again at its step, once.
+    again = records(killed, "SettingsChanged")
+    assert [(r["step"], r["key"], r["new"]) for r in again] == [
+        (changed_at, "lr", 0.001),
+        (changed_at, "aux_loss_coef", 0.05),
+        (changed_at, "dropout", 0.2),
+    ]
+    assert all(r["source"] == "moe-tui set, again after a resume" for r in again), again
+
+    # The run that never stopped: the same flags to the step of the change, then those settings on.
+    assert moe_tui(runs, "train", "simpsons", *as_flags({**STEER, "max_iters": changed_at}), "--run-name", "straight",
+                   "--headless").returncode == 0  # fmt: skip
+    rest = moe_tui(runs, "train", "--resume", "straight", "--max-iters", "150", "--lr", "0.001",
+                   "--aux-loss-coef", "0.05", "--dropout", "0.2", "--headless")  # fmt: skip
+    assert rest.returncode == 0, rest.stderr
+    ours = load_file(killed / "checkpoints" / "step-00000150" / MODEL_FILE)
+    theirs = load_file(runs / "straight" / "checkpoints" / "step-00000150" / MODEL_FILE)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_paused_run_takes_a_change_before_its_next_step(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start_moe_tui(
+        ["train", "simpsons", *as_flags({**TINY, "max_iters": 100_000}), "--run-name", "live", "--headless"], runs
+    )
+    live, run = runs / "live", Run.open(runs, "live") if (runs / "live").exists() else None
+    try:
+        wait_until(lambda: steps_logged(live) >= 10, 120, "training")
+        run = Run.open(runs, "live")
+        client = live_client(run)
+        client.send("pause")
+        assert client.wait_for(lambda m: m.get("event", {}).get("state") == "paused", timeout=30) is not None
+        client.close()
+        paused_at = live_client(run).hello["step"]  # a new greeting: the step it stands at
+        done = moe_tui(runs, "set", "live", "warmup_iters=5", "eval_interval=7")
+        assert done.returncode == 0, done.stderr
+        assert [(r["step"], r["key"]) for r in records(live, "SettingsChanged")] == [
+            (paused_at, "warmup_iters"),
+            (paused_at, "eval_interval"),
+        ]
+        client = live_client(run)
+        client.send("resume")
+        client.close()
+        wait_until(lambda: any(r["step"] % 7 == 0 for r in records(live, "EvalMetrics")), 120, "an eval at 7k")
+        assert "eval_interval = 7" in (live / "config.toml").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
