@@ -112,3 +112,50 @@ def test_a_paused_run_takes_a_change_before_its_next_step(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
+
+
+# Each rank notes, through a sitecustomize module on PYTHONPATH, the step at which it takes a change.
+RECORD_CHANGES = """
+import os
+if os.environ.get("RANK") is not None:
+    from moe_core.train import learner
+    apply = learner.Learner.apply_settings
+    def noted(self, changes):
+        if changes:
+            with open(os.environ["MOE_TUI_CHANGES"], "a") as f:
+                f.write(f"{os.environ['RANK']} {self.step_num} {','.join(sorted(changes))} {self.config.lr}\\n")
+        return apply(self, changes)
+    learner.Learner.apply_settings = noted
+"""
+
+
+def test_with_two_processes_every_rank_takes_a_change_between_the_same_two_steps(tmp_path):
+    """Data parallel: the change travels with the commands the ranks agree on."""
+    from tests.test_distributed import DP_FLAGS, environment
+
+    runs, hooks, noted = tmp_path / "runs", tmp_path / "hooks", tmp_path / "changes.txt"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(RECORD_CHANGES)
+    env = {**environment(runs), "PYTHONPATH": str(hooks), "MOE_TUI_CHANGES": str(noted)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+
+    started = run("train", "simpsons", *DP_FLAGS, "--max-iters", "100000", "--run-name", "two", "--nproc", "2",
+                  "--detach")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    wait_until(lambda: steps_logged(runs / "two") >= 10, 120, "two processes training")
+    done = run("set", "two", "lr=0.0005", "aux_loss_coef=0.5")
+    assert done.returncode == 0, done.stderr
+    changed_at = int(done.stdout.split(" at step ")[1].split()[0])
+    assert run("stop", "two").returncode == 0
+    # Each rank took both between the same two steps; rank 0 alone logged them.
+    assert sorted(noted.read_text().splitlines()) == [
+        f"0 {changed_at} aux_loss_coef,lr 0.003",
+        f"1 {changed_at} aux_loss_coef,lr 0.003",
+    ]
+    assert [(r["step"], r["key"]) for r in records(runs / "two", "SettingsChanged")] == [
+        (changed_at, "lr"),
+        (changed_at, "aux_loss_coef"),
+    ]

@@ -80,6 +80,12 @@ def _wait_for_changes(run: Run, offset: int, keys: set[str]) -> list[SettingsCha
                 made.append(event)
         if {event.key for event in made} == keys:
             return made
+        status = read_status(run)
+        if status.state != "live":
+            raise UserError(
+                f"run '{run.name}' ended ({status.describe()}) before it took the change; resume it with the new "
+                f"settings: `{resume_command(run.name, run.path.parent)} --lr ...`"
+            )
         time.sleep(0.05)
     raise UserError(
         f"run '{run.name}' did not take the change within {ANSWER_SECONDS:.0f} s; it may be busy (an evaluation "

@@ -143,7 +143,7 @@ class Learner:
             return
         self.load_state_dict(state)
         self.last_saved_step = last_saved
-        self.apply_settings(live)
+        self.apply_settings({key: value for key, value in live.items() if getattr(self.config, key) != value})
         self.pending_settings = pending
         # Dropout and router noise draw from torch's stream: each rank needs its own, or every slice of
         # the batch would get the same masks. Rank 0 goes on with the run's; on a fresh start rank r seeds
