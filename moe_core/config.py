@@ -272,8 +272,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     return flat
 
 
-def write_toml(config: Config, path: Path) -> None:
-    """Write the resolved config grouped into sections (a tiny writer: values are simple)."""
+def write_toml(config: Config, path: Path, comment: str = "") -> None:
+    """Write the resolved config grouped into sections (a tiny writer: values are simple); `comment`, a
+    line under the heading (a fork's origin, say)."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
@@ -285,7 +286,7 @@ def write_toml(config: Config, path: Path) -> None:
         return repr(v)
 
     values = config.to_dict()
-    lines = ["# moe-tui run config (resolved: preset + config file + flags)"]
+    lines = ["# moe-tui run config (resolved: preset + config file + flags)"] + ([f"# {comment}"] if comment else [])
     for section, keys in SECTIONS.items():
         lines += ["", f"[{section}]"] + [f"{k} = {fmt(values[k])}" for k in keys]
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -289,6 +289,12 @@ CASES = {
     "set a setting to a word": Case(LIVE, ["set", "tiny", "lr=fast"]),
     "set a run that is not training": Case(LIVE, ["set", "tiny", "lr=1e-3"]),
     "set an unknown run": Case(LIVE, ["set", "ghost", "lr=1e-3"]),
+    "fork an unknown run": Case(RUN, ["train", "--fork", "ghost", *SHORT]),
+    "fork a step with no checkpoint": Case(RUN, ["train", "--fork", "tiny@15", *SHORT]),
+    "fork with a setting that changes the model": Case(RUN, ["train", "--fork", "tiny@20", "--n-layer", "3", *SHORT]),
+    "fork onto another dataset": Case(RUN, ["train", "shakespeare", "--fork", "tiny", *SHORT]),
+    "fork and resume at once": Case(RUN, ["train", "--fork", "tiny", "--resume", "tiny", *SHORT]),
+    "fork spelled wrong": Case(RUN, ["train", "--fork", "tiny@latest", *SHORT]),
 }
 
 
@@ -464,6 +470,12 @@ OFFENDING = {
     "set a setting to a word": ["lr", "'fast'"],
     "set a run that is not training": ["'tiny'", "not training"],
     "set an unknown run": ["'ghost'"],
+    "fork an unknown run": ["'ghost'"],
+    "fork a step with no checkpoint": ["'tiny'", "step 15", "tiny@10"],
+    "fork with a setting that changes the model": ["--n-layer"],
+    "fork onto another dataset": ["dataset"],
+    "fork and resume at once": ["--resume", "--fork"],
+    "fork spelled wrong": ["'tiny@latest'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

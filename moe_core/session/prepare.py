@@ -23,6 +23,7 @@ from moe_core.data.corpus import Corpus, default_data_dir, load_corpus
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.hints import resume_command
+from moe_core.session.fork import Fork, plan_fork
 from moe_core.store.runs import Run, default_runs_dir
 from moe_core.track import check_trackers
 
@@ -39,6 +40,7 @@ class TrainRequest:
     settings: dict[str, Any] = field(default_factory=dict)  # Config keys given explicitly (flags)
     run_name: str | None = None
     resume: str | None = None  # the name of a run to continue
+    fork: str | None = None  # RUN, RUN@STEP or RUN@best: a new run from that checkpoint (moe_core/session/fork.py)
     overwrite: bool = False
     data_dir: Path | None = None
     runs_dir: Path | None = None
@@ -61,6 +63,7 @@ class Plan:
     device: str  # resolved: cpu, cuda or mps
     resuming: bool
     changed: dict[str, Any]  # on a resume, the settings that differ from the run's saved ones
+    fork: Fork | None = None  # a fork: its parent's checkpoint goes into the new run before training
 
     def token_ids(self) -> torch.Tensor:
         return token_ids(self.vocab, self.text)
@@ -69,8 +72,12 @@ class Plan:
 def prepare(request: TrainRequest, leader: bool = True, progress: Progress | None = None) -> Plan:
     """Check and read what `request` trains; refuses with a UserError. Writes nothing, except that a new
     run's folder name is taken (`Run.prepare`) on the leader."""
+    if request.resume and request.fork:
+        raise UserError("--resume continues a run and --fork starts a new one from another; pick one")
     if request.resume:
         return _resumed(request, progress)
+    if request.fork:
+        return _forked(request, leader, progress)
     values = {**request.settings, **({"dataset": request.dataset} if request.dataset is not None else {})}
     config = build_config(request.preset, read_toml(request.config_file) if request.config_file else {}, values)
     check_trackers(config.track)
@@ -110,6 +117,25 @@ def _resumed(request: TrainRequest, progress: Progress | None) -> Plan:
             "differ); restore the original file or start a new run"
         )
     return Plan(config, run, vocab, corpus.text, device, resuming=True, changed=allowed)
+
+
+def _forked(request: TrainRequest, leader: bool, progress: Progress | None) -> Plan:
+    if request.overwrite:
+        raise UserError("--fork starts a new run from another; --overwrite has nothing to replace: drop it")
+    if request.dataset is not None or request.preset is not None or request.config_file is not None:
+        raise UserError("a fork trains on its parent's data with its parent's model; drop the dataset, --preset "
+                        "and --config, and give only the settings to change (e.g. --lr)")  # fmt: skip
+    fork, config = plan_fork(request.fork, request.runs_dir, request.settings)
+    device = resolve_device(config.device)
+    check_trackers(config.track)
+    corpus = _corpus(config, request, progress)
+    vocab = fork.parent.load_vocab()
+    if Vocab.from_text(corpus.text) != vocab:
+        raise UserError(f"the text of '{config.dataset}' has changed since run '{fork.parent.name}' started (its "
+                        "characters differ); restore the original file to fork it")  # fmt: skip
+    name = request.run_name or f"{fork.parent.name}-fork{fork.step}"
+    run = Run.prepare(request.runs_dir, name, overwrite=False) if leader else Run(request.runs_dir / name)
+    return Plan(config, run, vocab, corpus.text, device, resuming=True, changed={}, fork=fork)
 
 
 def _corpus(config: Config, request: TrainRequest, progress: Progress | None) -> Corpus:

@@ -135,6 +135,9 @@ class TrainingSession:
     def _lead(self, front_end: FrontEnd, on_live: Callable[[Run], None]) -> int:
         """One process, or rank 0 of several: the run folder, its lease, the front end."""
         plan, run = self.plan, self.plan.run
+        if plan.fork is not None:  # a new run that starts as a resumed one, from its parent's checkpoint
+            run.initialise(plan.config, plan.vocab)
+            plan.fork.start(run)
         try:
             lease = RunLease.acquire(run) if plan.resuming else None  # before the trainer rewinds the run's files
         except UserError:

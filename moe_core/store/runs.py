@@ -107,7 +107,22 @@ class Run:
         return cls(path)
 
     def save_config(self, config: Config) -> None:
-        write_toml(config, self.config_path)
+        lineage = self.lineage()
+        origin = f"forked from run {lineage['parent']} at step {lineage['step']}" if lineage else ""
+        write_toml(config, self.config_path, origin)
+
+    lineage_path = property(lambda self: self.path / "fork.json")
+
+    def record_lineage(self, lineage: dict[str, Any]) -> None:
+        """Where a forked run came from: its parent, the step, the settings it changed."""
+        atomic_write_text(self.lineage_path, json.dumps(lineage, indent=1) + "\n")
+
+    def lineage(self) -> dict[str, Any] | None:
+        """The fork's parent, step and changed settings; None for a run trained from scratch."""
+        try:
+            return json.loads(self.lineage_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def load_config(self) -> Config:
         return Config(**read_toml(self.config_path))
@@ -225,6 +240,8 @@ class Run:
             elif kind == "EvalMetrics":
                 best = info["best_val"]
                 info["best_val"] = record["val_loss"] if best is None else min(best, record["val_loss"])
+        lineage = self.lineage()
+        info["parent"] = f"{lineage['parent']}@{lineage['step']}" if lineage else None
         stamp = max((p.stat().st_mtime for p in self.path.rglob("*") if p.is_file()), default=None)
         info["updated"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
         return info

@@ -87,7 +87,7 @@ def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
         console.print(f"no runs in {Path(ctx.obj).resolve()} yet; start one with `moe-tui train`")
         return
     table = Table(
-        "name", "state", "dataset", "step", "best val", "params (active)", "updated", title=f"runs in {ctx.obj}"
+        "name", "from", "state", "dataset", "step", "best val", "params (active)", "updated", title=f"runs in {ctx.obj}"
     )
     for name in names:
         run = Run(Path(ctx.obj) / name)
@@ -95,7 +95,7 @@ def runs(ctx: typer.Context, runs_dir: RunsDir = None) -> None:
         best = f"{s['best_val']:.4f}" if s["best_val"] is not None else "-"
         params = f"{s['params'] / 1e6:.2f}M ({s['active'] / 1e6:.2f}M)" if s["params"] else "-"
         step = f"{s['step']}/{s['max_iters']}" if s["max_iters"] else str(s["step"])
-        table.add_row(name, run_state(run), s["dataset"], step, best, params, s["updated"])
+        table.add_row(name, s["parent"] or "-", run_state(run), s["dataset"], step, best, params, s["updated"])
     console.print(table)
 
 
@@ -122,6 +122,9 @@ def runs_show(
     )
     if s["params"]:
         console.print(f"parameters {s['params']:,} total, {s['active']:,} active per token")
+    if lineage := r.lineage():
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in lineage["changed"].items())
+        console.print(f"forked from {lineage['parent']} at step {lineage['step']} ({changes or 'no setting changed'})")
     console.print(r.config_path.read_text(encoding="utf-8"), markup=False, highlight=False)
     from moe_core.store.checkpoint import step_checkpoints
 

@@ -73,6 +73,10 @@ def train(
     ] = None,
     run_name: Annotated[Optional[str], opt("Run folder name \\[default: <dataset>-<YYYYmmdd-HHMMSS>]", DATA)] = None,
     resume: Annotated[Optional[str], opt("Continue the run of this name from its latest checkpoint", DATA)] = None,
+    fork: Annotated[
+        Optional[str],
+        opt("Start a new run from another's checkpoint: RUN, RUN@STEP or RUN@best (with live settings changed)", DATA),
+    ] = None,
     overwrite: Annotated[bool, opt("Replace an existing run of the same name", DATA, "--overwrite")] = False,
     headless: Annotated[
         bool, opt("Plain log lines instead of the dashboard (automatic without a TTY)", DATA, "--headless")
@@ -165,7 +169,18 @@ def request_from_flags(flags: dict[str, Any]) -> TrainRequest:
         settings["columns"] = list(flags["column"])
     if flags["track"] is not None:
         settings["track"] = list(flags["track"])
-    named = ("dataset", "preset", "config_file", "run_name", "resume", "overwrite", "data_dir", "runs_dir", "nproc")
+    named = (
+        "dataset",
+        "preset",
+        "config_file",
+        "run_name",
+        "resume",
+        "fork",
+        "overwrite",
+        "data_dir",
+        "runs_dir",
+        "nproc",
+    )
     return TrainRequest(settings=settings, expert_parallel=flags["expert_parallel"], **{k: flags[k] for k in named})
 
 
