@@ -76,6 +76,15 @@ class Config:
     # experiment tracking (moe_core/track): where the run is sent besides its own folder
     track: list[str] = field(default_factory=list)
     track_project: str = "moe-tui"
+    # the guard (moe_core/train/guard.py): rules on the figures a run reports, and what a trip does
+    guard: bool = True
+    on_alert: str = ""  # warn | pause | stop; "" = the front end's default (pause on a screen, else warn)
+    guard_windows: int = 5  # log lines an expert must stay dead (or a layer collapsed) to trip
+    guard_dead_share: float = 0.1  # an expert below this fraction of its fair share 1/E is dead
+    guard_entropy: float = 0.3  # router entropy below this fraction of ln E: the layer has collapsed
+    guard_spike: float = 3.0  # a window's loss this many times its running mean: a spike
+    guard_slow: float = 2.0  # a window's step time this many times the median: slowing down
+    guard_val_rises: int = 3  # evaluations in a row with a rising validation loss
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +136,18 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "data": ("dataset", "columns", "encoding", "val_fraction", "preset"),
     "tracking": ("track", "track_project"),
+    "guard": (
+        "guard",
+        "on_alert",
+        "guard_windows",
+        "guard_dead_share",
+        "guard_entropy",
+        "guard_spike",
+        "guard_slow",
+        "guard_val_rises",
+    ),
 }
+ALERT_ACTIONS = ("warn", "pause", "stop")
 
 # Keys a run takes while it trains (`moe-tui set`, moe_core/train/settings.py), in the order the
 # dashboard's dialog lists them: none changes the model's shape or its data.
@@ -152,6 +172,7 @@ LIVE_KEYS = (
 RESUMABLE_KEYS = (
     frozenset(SECTIONS["schedule"])
     | frozenset(SECTIONS["tracking"])
+    | frozenset(SECTIONS["guard"])
     | frozenset(LIVE_KEYS)
     | {"device", "compile", "preset"}
 )
@@ -361,6 +382,15 @@ def validate(c: Config) -> None:
     )
     need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
     need(c.router_noise >= 0, f"--router-noise must be >= 0 (0 = none), got {c.router_noise}")
+    need(
+        c.on_alert in ("", *ALERT_ACTIONS), f"--on-alert must be one of {', '.join(ALERT_ACTIONS)}, got {c.on_alert!r}"
+    )
+    for name in ("guard_windows", "guard_val_rises"):
+        need(getattr(c, name) > 0, f"{name} must be a positive integer, got {getattr(c, name)}")
+    for name in ("guard_dead_share", "guard_entropy"):
+        need(0 <= getattr(c, name) < 1, f"{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("guard_spike", "guard_slow"):
+        need(getattr(c, name) > 1, f"{name} must be above 1 (a multiple of the usual), got {getattr(c, name)}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be between 0 and 1, got {c.min_lr_ratio}")
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")

@@ -129,6 +129,17 @@ class SettingsChanged:
 
 
 @dataclass(frozen=True)
+class Alert:
+    """A rule of the guard tripped (moe_core/train/guard.py): what it saw, and what the run did about it."""
+
+    step: int
+    rule: str  # dead_expert, collapse, loss_spike, non_finite, slow_step, val_rising
+    message: str
+    action: str  # warn, pause or stop
+    since: int = 0  # the first step of the streak that tripped it: the run was fine before
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something the user should know: a warning or an error, with its text."""
 
@@ -187,6 +198,7 @@ Event = Union[
     CheckpointSaved,
     StateChanged,
     SettingsChanged,
+    Alert,
     Notice,
     ResourceUsage,
 ]

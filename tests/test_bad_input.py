@@ -295,6 +295,8 @@ CASES = {
     "fork onto another dataset": Case(RUN, ["train", "shakespeare", "--fork", "tiny", *SHORT]),
     "fork and resume at once": Case(RUN, ["train", "--fork", "tiny", "--resume", "tiny", *SHORT]),
     "fork spelled wrong": Case(RUN, ["train", "--fork", "tiny@latest", *SHORT]),
+    "unknown --on-alert": Case(CLI, ["train", "simpsons", "--on-alert", "panic", *SHORT]),
+    "unknown --guard": Case(CLI, ["train", "simpsons", "--guard", "maybe", *SHORT]),
 }
 
 
@@ -476,6 +478,8 @@ OFFENDING = {
     "fork onto another dataset": ["dataset"],
     "fork and resume at once": ["--resume", "--fork"],
     "fork spelled wrong": ["'tiny@latest'"],
+    "unknown --on-alert": ["--on-alert", "'panic'"],
+    "unknown --guard": ["--guard", "'maybe'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

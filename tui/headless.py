@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moe_core.events import (
+    Alert,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -25,6 +26,7 @@ from moe_core.events import (
 )
 from moe_core.signals import HANGUP, outcome_exit_code, signal_reason, stop_signals_handled
 from tui.exits import move_output_after_hangup, print_next_step
+from tui.notify import notification
 
 
 def format_params(n: int) -> str:
@@ -82,6 +84,10 @@ class HeadlessReporter:
             return f"sample @ step {event.step}:\n    {body}"
         if isinstance(event, CheckpointSaved):
             return f"saved {'best ' if event.best else ''}checkpoint at step {event.step} -> {event.path}"
+        if isinstance(event, Alert):
+            if self.console.is_terminal:
+                self.console.file.write(notification("moe-tui", event.message))
+            return f"alert ({event.rule}): {event.message}; the run {event.action}s"
         if isinstance(event, Notice):
             return f"{event.level}: {event.message}"
         if isinstance(event, StateChanged) and event.state in (State.FINISHED, State.STOPPED):

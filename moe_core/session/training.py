@@ -30,6 +30,7 @@ from moe_core.session.prepare import Plan, Progress, TrainRequest, prepare
 from moe_core.signals import HANGUP, outcome_exit_code, signal_reason, stop_signals_handled
 from moe_core.store.runs import Run
 from moe_core.track import Tracking
+from moe_core.train.guard import Guard
 from moe_core.train.trainer import Trainer
 
 
@@ -101,14 +102,18 @@ class TrainingSession:
 
     # -- training ------------------------------------------------------------------------------
 
-    def train(self, front_end: FrontEnd, on_live: Callable[[Run], None] = lambda run: None) -> int:
+    def train(
+        self, front_end: FrontEnd, on_live: Callable[[Run], None] = lambda run: None, on_alert: str = "warn"
+    ) -> int:
         """Join the other ranks, lead or follow, and return the exit code; with several ranks this process
         ends here. `on_live(run)` runs once the trainer is built, before training starts (on rank 0, once
-        the run is leased)."""
+        the run is leased). `on_alert`: what a guard alert does unless the run's settings say (the front
+        end's default)."""
         ranks = self.ranks
         try:
             self.device = parallel.start(ranks, self.plan.device, self.plan.config.batch_size)
-            code = self._follow(on_live) if ranks.parallel and not ranks.leader else self._lead(front_end, on_live)
+            leading = not (ranks.parallel and not ranks.leader)
+            code = self._lead(front_end, on_live, on_alert) if leading else self._follow(on_live)
             code = ranks.same_exit_code(code)
         except (LostRank, RankFailed) as err:
             # A rank that died is named by `--nproc`'s launcher, which knows which it was; one that hangs is not.
@@ -132,7 +137,7 @@ class TrainingSession:
             expert_parallel=self.request.expert_parallel,
         )
 
-    def _lead(self, front_end: FrontEnd, on_live: Callable[[Run], None]) -> int:
+    def _lead(self, front_end: FrontEnd, on_live: Callable[[Run], None], on_alert: str) -> int:
         """One process, or rank 0 of several: the run folder, its lease, the front end."""
         plan, run = self.plan, self.plan.run
         if plan.fork is not None:  # a new run that starts as a resumed one, from its parent's checkpoint
@@ -161,6 +166,8 @@ class TrainingSession:
         lease.activate()
         on_live(run)
         with LiveTraining(trainer, lease, EventBus()) as live, Tracking(plan.config, run, live.bus) as tracking:
+            if plan.config.guard:  # a subscriber like the others: it reads the events, asks the loop to act
+                live.bus.subscribe(Guard(plan.config, trainer.control, plan.config.on_alert or on_alert))
             return front_end(
                 Running(
                     trainer, live, tracking, self.resume_hint(run.name), sample_command(run.name, self.request.runs_dir)

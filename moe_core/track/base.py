@@ -20,6 +20,7 @@ from moe_core.atomic import atomic_write_text
 from moe_core.config import Config
 from moe_core.events import (
     LIVE_ONLY,
+    Alert,
     EvalMetrics,
     Event,
     Notice,
@@ -83,6 +84,10 @@ class Tracker:
             text = TEXTS_APART.join(texts)
         self.text(step, key, text)
 
+    def alert(self, step: int, title: str, text: str) -> None:
+        """A guard alert: as text under "alerts" unless the backend has alerts of its own (W&B)."""
+        self.add_text(step, "alerts", f"{title}: {text}")
+
     def close(self, outcome: str) -> None:
         """End the tracked run: outcome is finished, stopped or error."""
         raise NotImplementedError
@@ -111,7 +116,14 @@ def run_params(config: Config, started: RunStarted | None) -> dict[str, Any]:
     return params
 
 
-SENT = (StepMetrics, EvalMetrics, RouterStats, Sample, SettingsChanged)  # what `send` turns into scalars and text
+SENT = (
+    StepMetrics,
+    EvalMetrics,
+    RouterStats,
+    Sample,
+    SettingsChanged,
+    Alert,
+)  # what `send` turns into scalars and text
 
 
 def send(tracker: Tracker, event: Event) -> None:
@@ -161,6 +173,8 @@ def send(tracker: Tracker, event: Event) -> None:
     elif isinstance(event, SettingsChanged):  # a setting changed while training: its value from then on
         tracker.scalars(event.step, {f"settings/{event.key}": float(event.new)})
         tracker.add_text(event.step, "settings/changes", f"{event.key} {event.old} -> {event.new} ({event.source})")
+    elif isinstance(event, Alert):
+        tracker.alert(event.step, f"moe-tui guard: {event.rule} ({event.action})", event.message)
     elif isinstance(event, Sample):
         tracker.add_text(event.step, "samples/requested" if event.requested else "samples/periodic", event.text)
 

@@ -66,6 +66,11 @@ class WandB(Tracker):
 
         self.wb.log({key: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)  # as makeMoE logs its samples
 
+    def alert(self, step: int, title: str, text: str) -> None:
+        super().alert(step, title, text)  # in the run's history too: an offline run has no alerts to send
+        if not self.wb.offline:
+            self.wb.alert(title=title, text=text)
+
     def close(self, outcome: str) -> None:
         self.wb.finish(exit_code=1 if outcome == State.ERROR else 0)
 

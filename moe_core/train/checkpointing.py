@@ -13,7 +13,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from moe_core.config import RESUMABLE_KEYS, Config
@@ -138,3 +141,20 @@ def _note_changed(folder, manifest: dict[str, Any], config: Config, note: Note) 
     ]
     if changed:
         note("info", f"resumed from {folder.name} with changed settings: {', '.join(changed)}")
+
+
+LAST_GOOD = "last-good"
+
+
+def keep_last_good(run: Run, before: int) -> Path | None:
+    """Copy the newest step checkpoint taken at or before step `before` to checkpoints/last-good, out of
+    --keep-checkpoints' reach: what the guard keeps of a run from before it went wrong. None if none."""
+    for step, folder in step_checkpoints(run.checkpoints):
+        if step <= before:
+            target, tmp = run.checkpoints / LAST_GOOD, run.checkpoints / f".tmp-{LAST_GOOD}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            return folder
+    return None

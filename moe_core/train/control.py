@@ -6,6 +6,7 @@ import queue
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from moe_core.events import Alert
     from moe_core.model.sampling import SampleRequest
 
 
@@ -36,6 +37,10 @@ class Control:
 
     def evaluate(self) -> None:
         self._commands.put(("eval", None))
+
+    def alert(self, alert: Alert) -> None:
+        """A rule of the guard tripped: the loop logs it and warns, pauses or stops, between two steps."""
+        self._commands.put(("alert", alert))
 
     def set(self, changes: dict[str, object], source: str = "") -> None:
         """Change settings of the live run between two steps (checked there: moe_core/train/settings.py)."""

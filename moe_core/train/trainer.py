@@ -26,6 +26,7 @@ from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import (
     LIVE_ONLY,
+    Alert,
     CheckpointSaved,
     Event,
     EventSink,
@@ -206,6 +207,8 @@ class Trainer(Learner):
                 self.set_state(State.PAUSED if self._paused else State.RUNNING)
             elif kind == "set":
                 self._serve_settings(*arg)
+            elif kind == "alert":
+                return self._raise_alert(arg)
             else:
                 self._serve(kind, arg)
             return None
@@ -311,6 +314,26 @@ class Trainer(Learner):
                 self.set_state(previous)
             if previous not in (State.PAUSED, State.FINISHED, State.ERROR):
                 self.elapsed += time.perf_counter() - t0
+
+    def _raise_alert(self, alert: Alert) -> State | None:
+        """Log the guard's alert, then warn, pause or stop as it asks (a stop saves first, as any stop)."""
+        self.emit(alert)
+        if alert.action == "warn" or self.state == State.ERROR or self._done:
+            return None
+        self._report_writes(wait=True)
+        if self.ranks.leader:
+            kept = checkpointing.keep_last_good(self.run_folder, alert.since)
+            if kept is not None:
+                self.emit(
+                    Notice("info", f"kept {kept.name} as checkpoints/last-good: from before the alert", self.step_num)
+                )
+        if alert.action == "stop":
+            self._checkpoint_quietly()
+            self.set_state(State.STOPPED, f"guard: {alert.message}")
+            return State.STOPPED
+        self._paused = True
+        self.set_state(State.PAUSED, f"guard: {alert.message}")
+        return None
 
     def _serve_settings(self, changes: dict, source: str) -> None:
         """A `set` command: refused after a failure, or with a value `train` would refuse (a warning);

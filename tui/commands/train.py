@@ -118,6 +118,13 @@ def train(
     track_project: Annotated[
         Optional[str], opt("Project (experiment) name in the trackers \\[default: moe-tui]", TRACKING)
     ] = None,
+    guard: Annotated[
+        Optional[str], opt("on | off: watch for dead experts, collapse, spikes, slow steps \\[default: on]", TRACKING)
+    ] = None,
+    on_alert: Annotated[
+        Optional[str],
+        opt("warn | pause | stop when the guard trips \\[default: pause on a screen or detached, else warn]", TRACKING),
+    ] = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -156,12 +163,19 @@ def train(
         from tui.headless import run_headless
 
         front_end = lambda running: run_headless(running, on_hangup or "stop")  # noqa: E731
-    raise typer.Exit(session.train(front_end, _on_live(session, detach)))
+    # What a guard alert does unless --on-alert says: on a screen, or detached (watch it to decide), pause and
+    # wait for the user; plain lines in a pipe (CI, nohup) warn, for a paused run there would wait forever.
+    on_alert = "pause" if use_dashboard or detach else "warn"
+    raise typer.Exit(session.train(front_end, _on_live(session, detach), on_alert))
 
 
 def request_from_flags(flags: dict[str, Any]) -> TrainRequest:
     """The flags of `train` as what the session trains: the Config keys given, and the rest."""
     flags = {k: None if v == () else v for k, v in flags.items()}  # Click's () for a repeatable flag not given
+    if flags["guard"] is not None:
+        if flags["guard"] not in ("on", "off"):
+            raise UserError(f"--guard must be on or off, got {flags['guard']!r}")
+        flags["guard"] = flags["guard"] == "on"
     settings = {k: v for k, v in flags.items() if v is not None and k in Config.__dataclass_fields__}
     if flags["dense"]:
         settings.update(num_experts=1, top_k=1)

@@ -28,6 +28,7 @@ from moe_core.signals import signal_exit_code, signal_reason
 from tui.dashboard.run_view import CHART, STATUS, RunView
 from tui.dashboard.screen import DashboardScreen
 from tui.dashboard.sources import LocalTrainer
+from tui.notify import notification
 
 DRAIN_SECONDS = 0.25  # UI refresh period: a few updates a second, whatever the training speed
 
@@ -60,6 +61,7 @@ class Dashboard(App[int]):
         for event in replay:
             self.views[0].apply(event)
         self.dashboard = DashboardScreen()
+        self._alerts_rung = sum(view.alerts_seen for view in self.views)  # replayed ones ring no bell
         self.exit_code = 0
         self.stopping = False
         self.signal_received: int | None = None  # set by the signal handler, acted on by `drain`
@@ -108,6 +110,7 @@ class Dashboard(App[int]):
             for event in events:
                 self.views[i].apply(event)
             self.views[i].observe_step(source.step)
+        self._ring_for_new_alerts()
         if len(self.views) > 1 and any(m.changed & {CHART} for m in self.views):
             self.view.changed.add(CHART)  # another run's curve moved
         if self.local is not None and not self.local.live and self.local.outcome is not None:
@@ -115,6 +118,19 @@ class Dashboard(App[int]):
         if self.signal_received is not None and not self.stopping:
             self.stop_and_exit(signal_exit_code(self.signal_received), signal_reason(self.signal_received))
         self.dashboard.refresh_panels()
+
+    def _ring_for_new_alerts(self) -> None:
+        """A new guard alert on any run: the bell, a desktop notification, a toast."""
+        seen = sum(view.alerts_seen for view in self.views)
+        if seen <= self._alerts_rung:
+            return
+        self._alerts_rung = seen
+        alert = max((v.alert for v in self.views if v.alert is not None), key=lambda a: a.step)
+        try:
+            self._driver.write(notification("moe-tui", alert.message))  # noqa: SLF001 - Textual's own output
+        except (AttributeError, OSError):
+            self.bell()
+        self.notify(alert.message, title=f"guard: {alert.rule}", severity="warning", timeout=15)
 
     def add_source(self, source) -> None:
         """Watch one more run (a viewer's `a` key), and put it in focus."""

@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from moe_core.events import (
+    Alert,
     CheckpointSaved,
     EvalMetrics,
     Event,
@@ -54,6 +55,8 @@ class RunView:
         self.best_val = math.inf
         self.routing: RouterStats | None = None
         self.error: str | None = None
+        self.alert: Alert | None = None  # the guard's last alert, shown while the run is held by it
+        self.alerts_seen = 0  # for the front ends' bell: one ring per new alert
         self.pending: str | None = None  # a command sent but not yet answered, e.g. "pausing"
         self.train_loss = SeriesBuffer()  # smoothed, per log interval
         self.eval_train = SeriesBuffer(1024)
@@ -88,7 +91,11 @@ class RunView:
         """The line shown above the panels, if any: an error, or a trainer that is gone."""
         if self.error is not None:
             return f"✗ {self.error}"
-        return f"✗ {self.gone}" if self.gone else ""
+        if self.gone:
+            return f"✗ {self.gone}"
+        if self.alert is not None and self.state != State.RUNNING:  # cleared once the user trains on
+            return f"! guard: {self.alert.message} (run {self.alert.action}d; fix with o, or resume with space)"
+        return ""
 
     @property
     def smoothed_loss(self) -> float | None:
@@ -175,6 +182,12 @@ class RunView:
             self.error = e.message or "training failed"
         if e.state in (State.FINISHED, State.STOPPED):
             self.note("info", f"{e.state}{': ' + e.message if e.message else ''}", self.step)
+        self.changed.add(STATUS)
+
+    def _on_Alert(self, e: Alert) -> None:
+        self.alert = e
+        self.alerts_seen += 1
+        self.note("warning", f"guard ({e.rule}, {e.action}): {e.message}", e.step)
         self.changed.add(STATUS)
 
     def _on_Notice(self, e: Notice) -> None:

@@ -1,0 +1,125 @@
+"""The guard: rules on the figures a run already reports, that pause (or stop, or flag) it before the
+experts collapse and the compute is wasted.
+
+It is a subscriber of the event bus on rank 0, like the reporter and the trackers: it reads each log
+line's `StepMetrics` and `RouterStats` and each `EvalMetrics`, costs the training step nothing (no
+extra device sync: the figures were already on the host), and asks the trainer, through its control
+queue, to raise an `Alert`; the trainer logs the alert and acts on it between two steps, on every rank.
+
+The rules, and why these defaults (all in the `[guard]` section of a config file):
+- dead expert: an expert's share of its layer's tokens stays under `guard_dead_share` (0.1) of the
+  fair share 1/E for `guard_windows` (5) log lines: one noisy window is normal early on, five are not.
+- collapse: a layer's router entropy stays under `guard_entropy` (0.3) of its maximum ln E for as long:
+  the router has stopped choosing, whatever the shares say.
+- loss spike: a log line's loss above `guard_spike` (3x) its running mean: noise moves it by tens of
+  per cent, divergence by multiples.
+- non-finite loss: the trainer stops on it already; the guard makes it an alert too.
+- slow steps: a log line's time per step above `guard_slow` (2x) the median so far: a thermal throttle,
+  swap, a noisy neighbour.
+- validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
+Each rule trips once, until its figure is back to normal.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+from moe_core.config import Config
+from moe_core.events import (
+    Alert,
+    EvalMetrics,
+    Event,
+    RouterStats,
+    RunStarted,
+    SettingsChanged,
+    State,
+    StateChanged,
+    StepMetrics,
+)
+from moe_core.train.control import Control
+
+WARMUP_WINDOWS = 5  # log lines before the loss and speed rules have a baseline
+
+
+class Guard:
+    def __init__(self, config: Config, control: Control, action: str):
+        self.config, self.control, self.action = config, control, action
+        self.tripped: set[str] = set()  # rules (per layer and expert) tripped and not yet back to normal
+        self._low: dict[tuple[int, int], int] = {}  # (layer, expert) -> log lines in a row under the share
+        self._flat: dict[int, int] = {}  # layer -> log lines in a row under the entropy
+        self._losses: deque[float] = deque(maxlen=50)
+        self._seconds: deque[float] = deque(maxlen=200)  # per step, per log line
+        self._vals: list[float] = []
+        self._step = 0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, (RunStarted, SettingsChanged)):  # a new baseline after a resume or a change
+            self._losses.clear()
+            self._seconds.clear()
+            self._vals.clear()
+        elif isinstance(event, StepMetrics):
+            self._on_steps(event)
+        elif isinstance(event, RouterStats):
+            self._on_routing(event)
+        elif isinstance(event, EvalMetrics):
+            self._on_eval(event)
+        elif isinstance(event, StateChanged) and event.state == State.ERROR and "non-finite" in event.message:
+            self._trip("non_finite", event.message, "stop")  # the trainer has stopped already
+
+    def _on_steps(self, e: StepMetrics) -> None:
+        self._step = e.step
+        c = self.config
+        if len(self._losses) >= WARMUP_WINDOWS:
+            mean = sum(self._losses) / len(self._losses)
+            self._check("loss_spike", e.loss > c.guard_spike * mean, e.step - c.log_interval,
+                        f"loss {e.loss:.3f} at step {e.step} is {e.loss / mean:.1f}x its running mean {mean:.3f}")  # fmt: skip
+        if math.isfinite(e.loss):
+            self._losses.append(e.loss)
+        if e.tokens_per_sec > 0:
+            per_step = 1.0 / e.tokens_per_sec
+            if len(self._seconds) >= WARMUP_WINDOWS:
+                median = statistics.median(self._seconds)
+                self._check("slow_step", per_step > c.guard_slow * median, e.step,
+                            f"steps take {per_step / median:.1f}x their median time (step {e.step})")  # fmt: skip
+            self._seconds.append(per_step)
+
+    def _on_routing(self, e: RouterStats) -> None:
+        c = self.config
+        for layer, routing in enumerate(e.layers):
+            fair = 1.0 / len(routing.expert_fraction)
+            for expert, share in enumerate(routing.expert_fraction):
+                key = (layer, expert)
+                self._low[key] = self._low.get(key, 0) + 1 if share < c.guard_dead_share * fair else 0
+                self._check(f"dead_expert/{layer}/{expert}", self._low[key] >= c.guard_windows, self._since(e, self._low[key]),
+                            f"expert {expert} of layer {layer} has taken under {c.guard_dead_share:.0%} of its fair "
+                            f"share for {self._low[key]} log lines (now {share:.1%}, fair {fair:.1%})")  # fmt: skip
+            ceiling = math.log(len(routing.expert_fraction))
+            flat = ceiling > 0 and routing.entropy < c.guard_entropy * ceiling
+            self._flat[layer] = self._flat.get(layer, 0) + 1 if flat else 0
+            self._check(f"collapse/{layer}", self._flat[layer] >= c.guard_windows, self._since(e, self._flat[layer]),
+                        f"layer {layer}'s router has collapsed: entropy {routing.entropy:.2f} nats, under "
+                        f"{c.guard_entropy:.0%} of ln E = {ceiling:.2f}, for {self._flat[layer]} log lines")  # fmt: skip
+
+    def _on_eval(self, e: EvalMetrics) -> None:
+        self._vals.append(e.val_loss)
+        n = self.config.guard_val_rises
+        rising = len(self._vals) > n and all(a < b for a, b in zip(self._vals[-n - 1 : -1], self._vals[-n:]))
+        self._check("val_rising", rising, e.step - n * self.config.eval_interval,
+                    f"validation loss rose {n} evaluations in a row, to {e.val_loss:.4f} at step {e.step}")  # fmt: skip
+
+    def _since(self, e: RouterStats, windows: int) -> int:
+        """The step where a streak of `windows` log lines began."""
+        return e.step - windows * self.config.log_interval
+
+    def _check(self, rule: str, bad: bool, since: int, message: str) -> None:
+        if not bad:
+            self.tripped.discard(rule)
+        elif rule not in self.tripped:
+            self._trip(rule, message, self.action, since)
+
+    def _trip(self, rule: str, message: str, action: str, since: int | None = None) -> None:
+        self.tripped.add(rule)
+        step = self._step
+        self.control.alert(Alert(step, rule.split("/")[0], message, action, step if since is None else max(0, since)))

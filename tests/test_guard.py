@@ -1,0 +1,130 @@
+"""The guard: its rules on the figures a run reports, the trainer acting on an alert, and the recipe of
+docs/steering.md on a real run (experts die without the balancing loss; the guard pauses the run;
+`moe-tui set` brings them back)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+from moe_core.config import Config
+from moe_core.events import Alert, EvalMetrics, LayerRouting, RouterStats, StateChanged, StepMetrics
+from moe_core.live.client import live_client
+from moe_core.store.runs import Run
+from moe_core.train.control import Control
+from moe_core.train.guard import Guard
+from tests.conftest import REPO, TINY, as_flags, shared_data_dir
+from tests.test_faults import records, wait_until
+from tests.test_training import make_trainer
+
+
+def alerts(control: Control) -> list[Alert]:
+    found = []
+    while (command := control.next(wait=None)) is not None:
+        found.append(command[1])
+    return found
+
+
+def routing(step: int, shares: list[float], entropy: float = 1.0) -> RouterStats:
+    return RouterStats(step, [LayerRouting(shares, 0.0, entropy)])
+
+
+def steps(step: int, loss: float, tokens_per_sec: float = 1000.0) -> StepMetrics:
+    return StepMetrics(step, loss, 1.0, 1.0, 1e-3, 1.0, tokens_per_sec, float(step))
+
+
+def test_each_rule_trips_once_per_streak_and_not_on_healthy_figures():
+    control = Control()
+    guard = Guard(Config(log_interval=10, eval_interval=100), control, "pause")
+    healthy = [0.3, 0.3, 0.2, 0.2]
+    for i in range(1, 21):  # noise, but every expert busy and the router choosing
+        guard(steps(10 * i, 2.0 - 0.01 * i, 1000 + 30 * (i % 3)))
+        guard(routing(10 * i, healthy, entropy=1.2))
+    assert alerts(control) == []
+
+    for i in range(21, 31):  # expert 3 fades out for 10 log lines: one alert, where the streak began
+        guard(routing(10 * i, [0.4, 0.3, 0.299, 0.001], entropy=1.2))
+    (dead,) = alerts(control)
+    assert (dead.rule, dead.action, dead.since) == ("dead_expert", "pause", 200)
+    assert "expert 3 of layer 0" in dead.message
+    guard(routing(310, healthy, entropy=1.2))  # back to normal: the rule may trip again later
+    assert "dead_expert/0/3" not in guard.tripped
+
+    for i in range(32, 37):  # the router stops choosing: entropy far under ln 4
+        guard(routing(10 * i, healthy, entropy=0.1))
+    assert [a.rule for a in alerts(control)] == ["collapse"]
+
+    guard(steps(370, 9.0))  # 4.5x the running mean
+    guard(steps(380, 1.8, tokens_per_sec=300))  # 3.5x slower per step than the median
+    assert [a.rule for a in alerts(control)] == ["loss_spike", "slow_step"]
+
+    for step, val in ((100, 2.0), (200, 2.1), (300, 2.2), (400, 2.3)):
+        guard(EvalMetrics(step, 1.5, val, 0.0))
+    (rising,) = alerts(control)
+    assert rising.rule == "val_rising" and "2.3000" in rising.message
+
+    guard(StateChanged("error", "loss or gradient norm became non-finite at step 390"))
+    assert [(a.rule, a.action) for a in alerts(control)] == [("non_finite", "stop")]
+
+
+def test_a_pausing_alert_keeps_the_last_checkpoint_from_before_the_streak(tmp_path, shared_dir):
+    trainer = make_trainer(tmp_path, shared_dir, max_iters=100_000, ckpt_interval=10, eval_interval=100_000,
+                           sample_interval=100_000)  # fmt: skip
+    step = trainer.step
+
+    def step_then_trip():
+        step()
+        if trainer.step_num == 35:
+            trainer.control.alert(Alert(35, "dead_expert", "expert 1 of layer 0 is dead", "pause", since=25))
+
+    trainer.step = step_then_trip
+    thread = threading.Thread(target=trainer.run)
+    thread.start()
+    wait_until(lambda: trainer.state == "paused", 60, "the guard's pause")
+    assert trainer.step_num == 35
+    kept = trainer.run_folder.checkpoints / "last-good"
+    assert json.loads((kept / "manifest.json").read_text())["step"] == 20  # the newest from before step 25
+    trainer.control.stop()
+    thread.join(timeout=60)
+    log = [json.loads(line) for line in trainer.run_folder.metrics_path.read_text().splitlines()]
+    assert [r["rule"] for r in log if r["event"] == "Alert"] == ["dead_expert"]
+
+
+# The recipe: eight experts, no balancing loss, a learning rate ten times too high.
+DYING = {**TINY, "num_experts": 8, "aux_loss_coef": 0, "lr": 0.03, "warmup_iters": 10, "max_iters": 100_000,
+         "eval_interval": 100_000, "sample_tokens": 0, "ckpt_interval": 50, "log_interval": 10}  # fmt: skip
+
+
+def test_the_guard_pauses_a_run_whose_experts_die_and_a_set_brings_them_back(tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs)}
+
+    def moe_tui(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    assert moe_tui("train", "simpsons", *as_flags(DYING), "--run-name", "dying", "--detach").returncode == 0
+    run, folder = Run.open(runs, "dying"), runs / "dying"
+    try:
+        wait_until(lambda: records(folder, "Alert"), 120, "the guard to trip")
+        (alert,) = records(folder, "Alert")
+        assert alert["rule"] == "dead_expert" and alert["action"] == "pause"  # detached: pause by default
+        found = re.search(r"expert (\d+) of layer (\d+)", alert["message"])
+        expert, layer = int(found[1]), int(found[2])
+        wait_until(lambda: live_client(run).hello["state"] == "paused", 30, "the run to pause")
+        assert moe_tui("set", "dying", "aux_loss_coef=0.1", "lr=0.003").returncode == 0
+        client = live_client(run)
+        client.send("resume")
+        client.close()
+
+        def revived() -> bool:
+            shares = [r["layers"][layer]["expert_fraction"][expert] for r in records(folder, "RouterStats")]
+            return shares[-1] > 0.1 / 8  # back over the guard's line for a dead expert
+
+        wait_until(revived, 120, "the dead expert to take tokens again")
+    finally:
+        moe_tui("stop", "dying")
