@@ -12,6 +12,8 @@ import asyncio
 import errno
 import json
 import os
+import subprocess
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -215,6 +217,39 @@ def test_o_changes_settings_between_two_steps_and_the_chart_marks_where(tmp_path
     assert trainer.config.lr == 0.001 and trainer.config.dropout == 0.1
     assert all(m.p == 0.1 for m in trainer.model.modules() if isinstance(m, Dropout))
     assert "lr = 0.001" in trainer.run_folder.config_path.read_text()
+
+
+def test_f_while_paused_forks_here_in_the_background_and_says_how_to_watch_it(
+    tmp_path, shared_dir, fast_keys, monkeypatch
+):
+    monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+
+    async def scenario():
+        app = Dashboard(trainer)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.view.step >= 3)
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.view.state == "paused")
+            paused_at = trainer.step_num
+            await pilot.press("f")
+            await wait_until(pilot, lambda: isinstance(app.screen, SettingsDialog))
+            app.screen.query_one("#settings", Input).value = "lr=0.001"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: any("moe-tui watch" in line.text or line.level == "error"
+                                                for line in app.view.log), timeout=120)  # fmt: skip
+            said = next(line.text for line in app.view.log if line.level in ("info", "error") and "fork" in line.text)
+            await pilot.press("ctrl+c")
+            await wait_until(pilot, lambda: app.return_code is not None)
+        return paused_at, said
+
+    paused_at, said = asyncio.run(scenario())
+    assert said.startswith(f"training run 'run-fork{paused_at}' in the background"), said
+    fork = tmp_path / f"run-fork{paused_at}"
+    assert json.loads((fork / "fork.json").read_text())["changed"] == {"lr": [0.003, 0.001]}
+    stopped = subprocess.run([sys.executable, "-m", "tui", "stop", fork.name, "--runs-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr
 
 
 def test_ctrl_c_saves_and_exits_130_without_asking(tmp_path, shared_dir, fast_keys):

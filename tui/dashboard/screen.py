@@ -19,6 +19,7 @@ from moe_core.events import State
 from moe_core.model.sampling import SampleRequest
 from moe_core.train.settings import checked_changes
 from tui.dashboard.experts_screen import ExpertsScreen
+from tui.dashboard.forking import start_fork
 from tui.dashboard.run_view import CHART, EXPERTS, LOG, SAMPLES, STATUS, RunView
 from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog, SettingsDialog
 from tui.dashboard.widgets.experts import ExpertPanel
@@ -39,6 +40,7 @@ TRAINER_ACTIONS = {
     "save": (RUNNING, PAUSED, FINISHED),  # never in ERROR: that would save the broken weights
     "evaluate": (RUNNING, PAUSED, FINISHED),
     "settings": (*BUSY, PAUSED, FINISHED),  # never in ERROR: resume with the new settings instead
+    "fork": (PAUSED,),  # from the step it stands at: saved first
     "stop_run": (*BUSY, PAUSED, FINISHED, ERROR),
 }
 
@@ -55,6 +57,7 @@ class DashboardScreen(Screen):
         Binding("S", "stop_run", "Stop run"),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f", "fork", "Fork"),
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
         Binding("x", "toggle_x", "Step/time"),
@@ -197,6 +200,27 @@ class DashboardScreen(Screen):
 
         current = source.settings()
         self.app.push_screen(SettingsDialog(current, lambda raw: checked_changes(current, raw)), change)
+
+    def action_fork(self) -> None:
+        """Fork here: save this step, ask for the settings to change, start the fork in the background."""
+        source, step = self.app.source, self.view.step
+        source.command("save")
+        current = source.settings()
+
+        def start(changes: dict | None) -> None:
+            if changes is not None:
+                name = f"{source.name}-fork{step}"
+                self.app.notify(f"starting {name} ...", title="fork", timeout=5)
+                start_fork(source.run, step, changes, name, lambda said: self.app.call_from_thread(self.forked, said))
+
+        title = f"Fork {source.name} at step {step}: settings to change (KEY=VALUE ..., or none)"
+        self.app.push_screen(SettingsDialog(current, lambda raw: checked_changes(current, raw), title), start)
+
+    def forked(self, said: str) -> None:
+        """What the fork's launch said: how to watch it, or why it did not start."""
+        failed = said.startswith("error:")
+        self.app.notify(said, title="fork", severity="error" if failed else "information", timeout=20)
+        self.view.note("error" if failed else "info", "; ".join(line.strip() for line in said.splitlines()))
 
     def _check_request(self, request: SampleRequest) -> None:
         request.check()

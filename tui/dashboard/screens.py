@@ -160,6 +160,7 @@ HELP = """\
 [b]c[/b]       save a checkpoint now
 [b]e[/b]       evaluate now (train and validation loss)
 [b]o[/b]       settings: change lr, loss weights, dropout, intervals... live
+[b]f[/b]       paused: fork here, a new run from this step with other settings
 [b]r[/b]       what the experts learn: each one's characters, per layer
 [b]l[/b]       loss chart: linear / logarithmic y axis
 [b]w[/b]       loss chart: whole run / the recent quarter of the steps
@@ -196,15 +197,15 @@ class SettingsDialog(ModalScreen["dict | None"]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, current: Config, check: Callable[[dict], dict]) -> None:
+    def __init__(self, current: Config, check: Callable[[dict], dict], title: str = "") -> None:
         super().__init__()
-        self.current = current
+        self.current, self.title = current, title or "Change settings between two steps (KEY=VALUE ...)"
         self.check = check  # the changes, typed and checked; raises UserError
 
     def compose(self) -> ComposeResult:
         now = "  ".join(f"{key}={getattr(self.current, key):g}" for key in LIVE_KEYS)
         with Vertical(id="settings-dialog", classes="dialog"):
-            yield Label("Change settings between two steps (KEY=VALUE ...)", classes="dialog-title")
+            yield Label(self.title, classes="dialog-title")
             yield Static(now, id="settings-now")
             yield Input(id="settings", compact=True, placeholder="e.g. lr=1e-3 aux_loss_coef=0.02")
             yield Static("", id="settings-error")
