@@ -3,14 +3,19 @@ changed it continues exactly as its parent did; its origin shows in `runs`, `run
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
 import torch
 from safetensors.torch import load_file
 
+from moe_core.live.follow import RunFollower
 from moe_core.store.checkpoint import MODEL_FILE
+from moe_core.store.runs import Run
 from tests.conftest import TINY, as_flags, cli
+from tui.dashboard.app import Dashboard
+from tui.dashboard.widgets.loss_chart import LossChart
 
 # Dropout and router noise on: the fork must take its parent's random streams, not only its weights.
 PARENT = {**TINY, "router": "noisy_topk", "dropout": 0.1, "max_iters": 60, "eval_interval": 20,
@@ -58,3 +63,22 @@ def test_a_fork_takes_its_parents_settings_as_they_were_at_its_step(env, capsys,
     code, out, err = cli(capsys, "train", "--fork", "tiny@20", "--max-iters", "25", "--headless")
     assert code == 0, err
     assert "lr = 0.003" in (env / "tiny-fork20" / "config.toml").read_text()
+
+
+def test_watch_overlays_a_parent_and_its_fork_each_from_where_it_began(env, capsys):
+    code, _, err = cli(capsys, "train", "simpsons", *as_flags(PARENT), "--run-name", "parent", "--headless")
+    assert code == 0, err
+    code, _, err = cli(capsys, "train", "--fork", "parent@20", "--lr", "0.001", "--run-name", "kid", "--headless")
+    assert code == 0, err
+
+    async def scenario():
+        app = Dashboard(sources=[RunFollower(Run(env / name)) for name in ("parent", "kid")])
+        async with app.run_test(size=(120, 40)) as pilot:
+            while not all(view.state == "finished" for view in app.views):
+                await pilot.pause(0.05)
+            chart = app.screen.query_one(LossChart)
+            return [view.eval_val.points(None)[0] for view in app.views], [name for name, _ in chart.overlay]
+
+    (parent_steps, kid_steps), overlaid = asyncio.run(scenario())
+    assert overlaid == ["parent", "kid"]
+    assert parent_steps == [20, 40, 60] and kid_steps == [40, 60]  # the fork's curve starts after step 20
