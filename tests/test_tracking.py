@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe_core.bus import EventBus
-from moe_core.events import Notice, Sample, StepMetrics
+from moe_core.events import Alert, Notice, Sample, StepMetrics
 from moe_core.store.runs import Run
 from moe_core.track import Tracker, Tracking, trackers
 from moe_core.track.base import TEXTS_APART, TrackerSink, TrackerState
@@ -529,3 +529,34 @@ def run_config():
     from moe_core.config import Config
 
     return Config()
+
+
+def test_a_live_change_and_a_guard_alert_reach_the_trackers(tmp_path, shared_dir):
+    """TensorBoard read back through its own reader: the new value as settings/KEY from its step on, the
+    change and the alert as text."""
+    need("tensorboard")
+    trainer = make_trainer(tmp_path, shared_dir, **{**SHORT, "track": ["tensorboard"], "max_iters": 30})
+    bus = EventBus()
+    trainer.on_event = bus
+    tracking = Tracking(trainer.config, trainer.run_folder, bus)
+    step = trainer.step
+
+    def step_then_steer():
+        step()
+        if trainer.step_num == 12:
+            trainer.control.set({"aux_loss_coef": 0.05}, "test")
+            trainer.control.alert(Alert(12, "loss_spike", "loss 9.0 is 4.5x its running mean", "warn", 12))
+
+    trainer.step = step_then_steer
+    assert trainer.run() == "finished"
+    tracking.close()
+    logdir = trainer.run_folder.path / "tensorboard"
+    assert tensorboard_scalars(logdir, "settings/aux_loss_coef") == [(12, pytest.approx(0.05))]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    texts.Reload()
+    tags = texts.Tags()["tensors"]
+    assert "settings/changes/text_summary" in tags and "alerts/text_summary" in tags, tags
+    said = texts.Tensors("alerts/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "loss_spike" in said and "4.5x its running mean" in said
