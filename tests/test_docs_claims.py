@@ -227,6 +227,21 @@ def test_the_manifest_holds_the_shape_its_hash_and_the_resumable_settings(traine
     assert [m["config_hash"] for m in manifests] == [shape_hash] * 3
     # The settings a resume may change, as the run had them (TINY, the cpu preset's defaults).
     assert manifest["config"] == {
+        "aux_loss_coef": 0.01,
+        "capacity_factor": 0.0,
+        "dropout": 0.0,
+        "guard": True,
+        "guard_dead_share": 0.1,
+        "guard_entropy": 0.3,
+        "guard_slow": 2.0,
+        "guard_spike": 3.0,
+        "guard_val_rises": 3,
+        "guard_windows": 5,
+        "on_alert": "",
+        "router_noise": 1.0,
+        "warmup_iters": 20,
+        "weight_decay": 0.1,
+        "z_loss_coef": 0.001,
         "ckpt_interval": 10,
         "compile": False,
         "device": "cpu",

@@ -60,7 +60,7 @@ def test_each_rule_trips_once_per_streak_and_not_on_healthy_figures():
 
     guard(steps(370, 9.0))  # 4.5x the running mean
     guard(steps(380, 1.8, tokens_per_sec=300))  # 3.5x slower per step than the median
-    assert [a.rule for a in alerts(control)] == ["loss_spike", "slow_step"]
+    assert [(a.rule, a.action) for a in alerts(control)] == [("loss_spike", "pause"), ("slow_step", "warn")]
 
     for step, val in ((100, 2.0), (200, 2.1), (300, 2.2), (400, 2.3)):
         guard(EvalMetrics(step, 1.5, val, 0.0))

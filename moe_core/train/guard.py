@@ -15,7 +15,7 @@ The rules, and why these defaults (all in the `[guard]` section of a config file
   per cent, divergence by multiples.
 - non-finite loss: the trainer stops on it already; the guard makes it an alert too.
 - slow steps: a log line's time per step above `guard_slow` (2x) the median so far: a thermal throttle,
-  swap, a noisy neighbour.
+  swap, a noisy neighbour. It only warns, whatever --on-alert says: the machine is slow, not the run.
 - validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
 Each rule trips once, until its figure is back to normal.
 """
@@ -81,7 +81,7 @@ class Guard:
             per_step = 1.0 / e.tokens_per_sec
             if len(self._seconds) >= WARMUP_WINDOWS:
                 median = statistics.median(self._seconds)
-                self._check("slow_step", per_step > c.guard_slow * median, e.step,
+                self._check("slow_step", per_step > c.guard_slow * median, e.step, "warn",
                             f"steps take {per_step / median:.1f}x their median time (step {e.step})")  # fmt: skip
             self._seconds.append(per_step)
 
@@ -113,11 +113,14 @@ class Guard:
         """The step where a streak of `windows` log lines began."""
         return e.step - windows * self.config.log_interval
 
-    def _check(self, rule: str, bad: bool, since: int, message: str) -> None:
+    def _check(self, rule: str, bad: bool, since: int, *said: str) -> None:
+        """Trip `rule` if `bad` and not tripped already; said: the message, or an action and the message
+        (slow steps only warn: the machine is the problem, not the run)."""
+        action, message = said if len(said) == 2 else (self.action, said[0])
         if not bad:
             self.tripped.discard(rule)
         elif rule not in self.tripped:
-            self._trip(rule, message, self.action, since)
+            self._trip(rule, message, action if self.action != "warn" else "warn", since)
 
     def _trip(self, rule: str, message: str, action: str, since: int | None = None) -> None:
         self.tripped.add(rule)
