@@ -71,6 +71,23 @@ def set_latency(runs: Path, sets: int, env: dict) -> tuple[list[int], list[float
     return lags, walls
 
 
+def guard_seconds_per_log_line(lines: int = 2000) -> float:
+    """The guard's own work per log line (a StepMetrics and a RouterStats of 4 layers of 8 experts), timed
+    in this process: what it adds to training, spread over the steps of a log interval."""
+    from moe_core.config import Config
+    from moe_core.events import LayerRouting, RouterStats, StepMetrics
+    from moe_core.train.control import Control
+    from moe_core.train.guard import Guard
+
+    guard = Guard(Config(num_experts=8, n_layer=4), Control(), "pause")
+    layers = [LayerRouting([0.125] * 8, 0.0, 1.9) for _ in range(4)]
+    start = time.perf_counter()
+    for i in range(lines):
+        guard(StepMetrics(10 * i, 2.0, 1.0, 1.0, 1e-3, 1.0, 20_000.0, float(i)))
+        guard(RouterStats(10 * i, layers))
+    return (time.perf_counter() - start) / lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -86,11 +103,16 @@ def main() -> None:
                 rates[guard].append(tokens_per_sec(runs, f"{guard}-{r}", args.steps, guard, env))
         lags, walls = set_latency(runs, args.sets, env)
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    per_line = guard_seconds_per_log_line()
+    step = 2048 / off  # the cpu preset's tokens per step, at the unguarded speed
+    direct = per_line / (10 * step)  # log lines every 10 steps
     result = {"guard_on_tokens_per_sec": round(on), "guard_off_tokens_per_sec": round(off),
               "guard_cost": round(1 - on / off, 4), "rounds": rates, "set_lag_steps": lags,
+              "guard_seconds_per_log_line": per_line, "guard_share_of_training": direct,
               "set_command_seconds": [round(w, 2) for w in walls]}  # fmt: skip
     print(json.dumps(result))
     print(f"guard: {on:,.0f} tok/s on, {off:,.0f} off: {1 - on / off:+.1%} cost (median of {args.rounds} rounds)")
+    print(f"guard, timed directly: {per_line * 1e6:.0f} us per log line, {direct:.3%} of the training time")
     print(f"set: the change lands {min(lags)}-{max(lags)} steps after the trainer's step when it was sent "
           f"(median {statistics.median(lags)}); `moe-tui set` takes {statistics.median(walls):.2f} s as a command")  # fmt: skip
 
