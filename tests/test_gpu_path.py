@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import moe_core.model.moe
-from moe_core.config import PRESETS, build_config
+from moe_core.config import build_config
 from moe_core.model.transformer import MoETransformer
+from moe_core.presets import PRESETS
 from tests.test_training import make_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

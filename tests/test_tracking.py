@@ -18,7 +18,8 @@ from moe_core.bus import EventBus
 from moe_core.events import Alert, Notice, Sample, StepMetrics
 from moe_core.store.runs import Run
 from moe_core.track import Tracker, Tracking, trackers
-from moe_core.track.base import TEXTS_APART, TrackerSink, TrackerState
+from moe_core.track.base import TEXTS_APART
+from moe_core.track.sink import TrackerSink, TrackerState
 from tests.conftest import cli
 from tests.test_training import make_trainer
 

@@ -21,7 +21,8 @@ from moe_core.config import Config
 from moe_core.errors import UserError
 from moe_core.events import Event, Notice
 from moe_core.store.runs import Run
-from moe_core.track.base import CLOSE_TIMEOUT, Tracker, TrackerSink, TrackerState, finish
+from moe_core.track.base import Tracker
+from moe_core.track.sink import CLOSE_TIMEOUT, TrackerSink, TrackerState, finish
 
 SAY_WAITING_AFTER = 2.0  # seconds of waiting for the trackers at the end before saying so
 

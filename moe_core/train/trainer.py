@@ -26,14 +26,12 @@ from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import (
     LIVE_ONLY,
-    Alert,
     CheckpointSaved,
     Event,
     EventSink,
     Notice,
     RunStarted,
     Sample,
-    SettingsChanged,
     State,
     StateChanged,
     StepMetrics,
@@ -43,14 +41,15 @@ from moe_core.model.sampling import SampleRequest
 from moe_core.parallel.experts import ExpertParallel
 from moe_core.parallel.ranks import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from moe_core.store.runs import Run
-from moe_core.train import checkpointing, settings
+from moe_core.train import checkpointing
 from moe_core.train.checkpoint_writer import CheckpointWriter, Snapshot
 from moe_core.train.control import Control
 from moe_core.train.learner import Learner
+from moe_core.train.steering import Steering
 from moe_core.train.step_log import NonFiniteLoss, router_stats
 
 
-class Trainer(Learner):
+class Trainer(Steering, Learner):
     def __init__(
         self,
         config: Config,
@@ -314,68 +313,6 @@ class Trainer(Learner):
                 self.set_state(previous)
             if previous not in (State.PAUSED, State.FINISHED, State.ERROR):
                 self.elapsed += time.perf_counter() - t0
-
-    def _raise_alert(self, alert: Alert) -> State | None:
-        """Log the guard's alert, then warn, pause or stop as it asks (a stop saves first, as any stop)."""
-        self.emit(alert)
-        if alert.action == "warn" or self.state == State.ERROR or self._done:
-            return None
-        self._report_writes(wait=True)
-        if self.ranks.leader:
-            kept = checkpointing.keep_last_good(self.run_folder, alert.since)
-            if kept is not None:
-                self.emit(
-                    Notice("info", f"kept {kept.name} as checkpoints/last-good: from before the alert", self.step_num)
-                )
-        if alert.action == "stop":
-            self._checkpoint_quietly()
-            self.set_state(State.STOPPED, f"guard: {alert.message}")
-            return State.STOPPED
-        self._paused = True
-        self.set_state(State.PAUSED, f"guard: {alert.message}")
-        return None
-
-    def _serve_settings(self, changes: dict, source: str) -> None:
-        """A `set` command: refused after a failure, or with a value `train` would refuse (a warning);
-        a longer `max_iters` sets a finished run training again."""
-        if self.state == State.ERROR:
-            self.emit(
-                Notice(
-                    "warning",
-                    "settings not changed: training failed; resume from the last checkpoint "
-                    "with the new settings instead",
-                    self.step_num,
-                )
-            )
-            return
-        try:
-            self._change_settings(changes, source)
-        except UserError as err:
-            self.emit(Notice("warning", f"settings not changed: {err}", self.step_num))
-            return
-        if self._done and self.state == State.FINISHED and self.step_num < self.config.max_iters:
-            self._done = False
-            self.set_state(State.PAUSED if self._paused else State.RUNNING)
-
-    def _change_settings(self, changes: dict, source: str) -> None:
-        """Take new settings between two steps: every rank alike, each change an event, and the run's
-        config.toml the current values, so that a resume goes on with them."""
-        changes = settings.checked_changes(self.config, changes)
-        old = self.apply_settings(changes)
-        for key, new in changes.items():
-            self.emit(SettingsChanged(self.step_num, key, old[key], new, source))
-        if self.ranks.leader and changes:
-            try:
-                self.run_folder.save_config(self.config)
-            except OSError as err:
-                self.emit(
-                    Notice(
-                        "warning",
-                        f"could not write {self.run_folder.config_path.name} ({err}): a resume "
-                        "would start with the settings before this change",
-                        self.step_num,
-                    )
-                )
 
     def _sample(self, arg: object) -> None:
         self.set_state(State.SAMPLING)

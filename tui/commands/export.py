@@ -18,7 +18,8 @@ from moe_core.hints import resume_command, stop_command
 from moe_core.live.lease import read_status
 from moe_core.store.runs import Run, default_runs_dir
 from moe_core.track import Tracking, check_trackers, trackers, where_written
-from moe_core.track.base import SENT, TrackerState
+from moe_core.track.base import SENT
+from moe_core.track.sink import TrackerState
 from tui.commands.runs import run_state
 from tui.options import RunsDir
 
