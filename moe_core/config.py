@@ -7,6 +7,7 @@ The resolved config is written to each run as `config.toml`, grouped into sectio
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -273,6 +274,13 @@ def validate(c: Config) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
+
+    for f in fields(c):  # inf and nan pass every comparison below that they should fail
+        value = getattr(c, f.name)
+        need(
+            not isinstance(value, float) or math.isfinite(value),
+            f"--{f.name.replace('_', '-')} must be a finite number, got {value}",
+        )
 
     for name in (
         "n_layer",

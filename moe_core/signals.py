@@ -26,9 +26,14 @@ def signal_reason(signum: int) -> str:
     return f"{signal.Signals(signum).name.removeprefix('SIG').lower()} received"
 
 
-def outcome_exit_code(outcome: State, unsaved: bool, signum: int | None = None) -> int:
-    """The exit code of a training process: a stop by a signal is 128 + its number, a stop on request
-    (a viewer, `moe-tui stop`, q) 0; a failure 1, and so is a finished run whose last save failed."""
+GUARD_STOPPED = 3  # the exit code of a run the guard stopped (--on-alert stop): a script must notice
+
+
+def outcome_exit_code(outcome: State, unsaved: bool, signum: int | None = None, guard_stopped: bool = False) -> int:
+    """The exit code of a training process: a stop by a signal is 128 + its number, by the guard 3, on
+    request (a viewer, `moe-tui stop`, q) 0; a failure 1, and so is a finished run whose last save failed."""
+    if outcome == State.STOPPED and guard_stopped:
+        return GUARD_STOPPED
     if outcome == State.STOPPED:
         return signal_exit_code(signum) if signum is not None else 0
     return 1 if outcome == State.ERROR or unsaved else 0

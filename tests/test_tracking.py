@@ -504,7 +504,7 @@ def test_a_step_a_tracker_failed_to_send_is_sent_by_the_next_export(tmp_path):
 
 
 def test_closing_waits_once_for_all_trackers_together_and_ends_them(tmp_path, monkeypatch):
-    from moe_core.track import base
+    from moe_core.track import sink as base
 
     monkeypatch.setattr(base, "ABANDON_GRACE", 1.0)
     run, published = Run(tmp_path), []

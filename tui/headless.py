@@ -20,6 +20,7 @@ from moe_core.events import (
     RouterStats,
     RunStarted,
     Sample,
+    SettingsChanged,
     State,
     StateChanged,
     StepMetrics,
@@ -84,6 +85,8 @@ class HeadlessReporter:
             return f"sample @ step {event.step}:\n    {body}"
         if isinstance(event, CheckpointSaved):
             return f"saved {'best ' if event.best else ''}checkpoint at step {event.step} -> {event.path}"
+        if isinstance(event, SettingsChanged):
+            return f"setting {event.key} {event.old} -> {event.new} at step {event.step} ({event.source})"
         if isinstance(event, Alert):
             if self.console.is_terminal:
                 self.console.file.write(notification("moe-tui", event.message))
@@ -147,4 +150,4 @@ def run_headless(running, on_hangup: str) -> int:
     print_next_step(trainer, running.resume_hint, running.sample_hint)
     running.tracking.close()  # while the reporter still prints its warnings
     # A stop by a signal, or on request from a viewer or `moe-tui stop`; unsaved: the final save failed.
-    return outcome_exit_code(outcome, trainer.unsaved, received[0] if received else None)
+    return outcome_exit_code(outcome, trainer.unsaved, received[0] if received else None, trainer.guard_stopped)

@@ -30,6 +30,8 @@ class LiveTraining:
     def _note_ending(self, event) -> None:
         if isinstance(event, StateChanged) and event.state in (State.FINISHED, State.ERROR):
             self.ended = event.state
+        elif isinstance(event, StateChanged) and event.state in (State.RUNNING, State.PAUSED):
+            self.ended = None  # a finished run trains on (a longer max_iters)
 
     def __enter__(self) -> "LiveTraining":
         if hasattr(socket, "AF_UNIX"):

@@ -17,6 +17,7 @@ from typing import Callable
 
 from moe_core.data.vocab import Vocab
 from moe_core.events import LIVE_ONLY, Event, StateChanged, to_record
+from moe_core.hints import resume_command
 from moe_core.live.lease import make_control_dir, socket_path
 from moe_core.live.protocol import (
     MAX_LINE,
@@ -200,7 +201,7 @@ class ControlServer:
                     viewer,
                     verb,
                     f"run '{self.run.name}' failed; its settings cannot change now; resume "
-                    "it with the new settings (`moe-tui train --resume NAME --lr ...`)",
+                    f"it with the new settings (`{resume_command(self.run.name, self.run.path.parent)} --lr ...`)",
                 )
                 return
             self.control.set(*argument)

@@ -17,9 +17,9 @@ from typing import Any
 
 from moe_core.config import LIVE_KEYS, Config
 from moe_core.errors import UserError
+from moe_core.events import SettingsChanged
 from moe_core.store.checkpoint import read_manifest, step_checkpoints
 from moe_core.store.runs import Run
-from moe_core.train.settings import pending_after
 
 SPEC = re.compile(r"^(?P<run>[^@]+?)(?:@(?P<at>best|\d+))?$")
 
@@ -31,17 +31,19 @@ class Fork:
     checkpoint: Path  # the parent's checkpoint folder the fork starts from
     changed: dict[str, tuple[Any, Any]]  # key -> (the parent's value at `step`, the fork's)
 
-    def describe(self) -> str:
-        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in self.changed.items()) or "no setting changed"
-        return f"forked from {self.parent.name} at step {self.step} ({changes})"
-
     def start(self, run: Run) -> None:
-        """Into the new run's folder (created already): the parent's checkpoint, and where it came from."""
+        """Into the new run's folder (created already): the parent's checkpoint, checked against its
+        manifest, and where it came from. On failure the new folder goes again."""
         target = run.checkpoints / f"step-{self.step:08d}"
+        copying = target.with_name(f".tmp-{target.name}")
         try:
-            shutil.copytree(self.checkpoint, target)
-        except OSError as err:
-            raise UserError(f"cannot copy {self.checkpoint} into {run.path} ({err}); free some space") from None
+            shutil.copytree(self.checkpoint, copying)
+            read_manifest(copying)  # whole: not pruned by a live parent half-way through
+            copying.rename(target)
+        except (OSError, UserError) as err:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise UserError(f"could not copy {self.checkpoint} into the fork {run.path} ({err}); fork again, "
+                            "naming a checkpoint that stays (--fork RUN@STEP)") from None  # fmt: skip
         run.record_lineage(
             {
                 "parent": self.parent.name,
@@ -69,11 +71,18 @@ def plan_fork(spec: str, runs_dir: Path, settings: dict[str, Any]) -> tuple[Fork
             f"a fork keeps its parent's model, data and how it runs, so {flags} cannot change; a fork takes "
             f"--run-name and the live settings ({', '.join('--' + k.replace('_', '-') for k in LIVE_KEYS)})"
         )
-    config = parent.load_config()
-    at_step, _ = pending_after(step, parent.events(), config)  # the parent's settings as they were then
-    config = dataclasses.replace(config, **at_step)
+    config = _settings_at(parent, checkpoint, step)
     changed = {k: (getattr(config, k), v) for k, v in settings.items() if getattr(config, k) != v}
     return Fork(parent, step, checkpoint, changed), dataclasses.replace(config, **settings)
+
+
+def _settings_at(parent: Run, checkpoint: Path, step: int) -> Config:
+    """The parent's settings as they were when it took its step after `step`: those its checkpoint
+    recorded (every setting a resume may change), then the changes made at that very step."""
+    config = parent.load_config()
+    recorded = {k: v for k, v in read_manifest(checkpoint).get("config", {}).items() if hasattr(config, k)}
+    at_step = {e.key: e.new for e in parent.events() if isinstance(e, SettingsChanged) and e.step == step}
+    return dataclasses.replace(config, **recorded, **at_step)
 
 
 def _checkpoint(parent: Run, at: str | None) -> Path:

@@ -126,6 +126,7 @@ def _forked(request: TrainRequest, leader: bool, progress: Progress | None) -> P
         raise UserError("a fork trains on its parent's data with its parent's model; drop the dataset, --preset "
                         "and --config, and give only the settings to change (e.g. --lr)")  # fmt: skip
     fork, config = plan_fork(request.fork, request.runs_dir, request.settings)
+    validate(config)
     device = resolve_device(config.device)
     check_trackers(config.track)
     corpus = _corpus(config, request, progress)
@@ -134,6 +135,8 @@ def _forked(request: TrainRequest, leader: bool, progress: Progress | None) -> P
         raise UserError(f"the text of '{config.dataset}' has changed since run '{fork.parent.name}' started (its "
                         "characters differ); restore the original file to fork it")  # fmt: skip
     name = request.run_name or f"{fork.parent.name}-fork{fork.step}"
+    if (request.runs_dir / name).exists():
+        raise UserError(f"run '{name}' exists already; name the fork with --run-name")
     run = Run.prepare(request.runs_dir, name, overwrite=False) if leader else Run(request.runs_dir / name)
     return Plan(config, run, vocab, corpus.text, device, resuming=True, changed={}, fork=fork)
 

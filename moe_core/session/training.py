@@ -151,6 +151,8 @@ class TrainingSession:
         self.ranks.from_leader(run.name)
         try:
             trainer = self._new_trainer(run)
+            if plan.fork is not None:
+                trainer.forget_best()  # its own best from here: the parent's lies in the parent's folder
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -194,7 +196,7 @@ class TrainingSession:
 
         with stop_signals_handled(on_signal):
             outcome = trainer.run()
-        return outcome_exit_code(outcome, unsaved=False, signum=received[0] if received else None)
+        return outcome_exit_code(outcome, False, received[0] if received else None, trainer.guard_stopped)
 
 
 def without_nproc(args: list[str]) -> list[str]:

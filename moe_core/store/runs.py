@@ -173,9 +173,14 @@ class Run:
 
     def rewind(self, step: int) -> int:
         """Drop metrics and samples after `step`, and torn metric lines, so that a run resumed from
-        the checkpoint at `step` has no duplicated or phantom steps. Returns the lines dropped."""
+        the checkpoint at `step` has no duplicated or phantom steps. Returns the lines dropped. Settings
+        changed later stay: the resumed run makes them again at their steps, however often it is resumed."""
         lines = self._metric_lines()
-        kept = [line for line, record in lines if record is not None and (record.get("step") or 0) <= step]
+        kept = [
+            line
+            for line, record in lines
+            if record is not None and ((record.get("step") or 0) <= step or record.get("event") == "SettingsChanged")
+        ]
         if len(kept) != len(lines):
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         if self.samples_path.exists():

@@ -9,11 +9,11 @@ queue, to raise an `Alert`; the trainer logs the alert and acts on it between tw
 The rules, and why these defaults (all in the `[guard]` section of a config file):
 - dead expert: an expert's share of its layer's tokens stays under `guard_dead_share` (0.1) of the
   fair share 1/E for `guard_windows` (5) log lines: one noisy window is normal early on, five are not.
-- collapse: a layer's router entropy stays under `guard_entropy` (0.3) of its maximum ln E for as long:
-  the router has stopped choosing, whatever the shares say.
+- collapse: the entropy of a layer's load (its experts' shares) stays under `guard_entropy` (0.3) of
+  its maximum ln E for as long: the tokens go to one or two experts, whichever they are.
 - loss spike: a log line's loss above `guard_spike` (3x) its running mean: noise moves it by tens of
   per cent, divergence by multiples.
-- non-finite loss: the trainer stops on it already; the guard makes it an alert too.
+- non-finite loss: the trainer checks that itself at each log line, stops, and raises the alert.
 - slow steps: a log line's time per step above `guard_slow` (2x) the median so far: a thermal throttle,
   swap, a noisy neighbour. It only warns, whatever --on-alert says: the machine is slow, not the run.
 - validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
@@ -27,17 +27,7 @@ import statistics
 from collections import deque
 
 from moe_core.config import Config
-from moe_core.events import (
-    Alert,
-    EvalMetrics,
-    Event,
-    RouterStats,
-    RunStarted,
-    SettingsChanged,
-    State,
-    StateChanged,
-    StepMetrics,
-)
+from moe_core.events import Alert, EvalMetrics, Event, RouterStats, RunStarted, SettingsChanged, StepMetrics
 from moe_core.train.control import Control
 
 WARMUP_WINDOWS = 5  # log lines before the loss and speed rules have a baseline
@@ -65,8 +55,6 @@ class Guard:
             self._on_routing(event)
         elif isinstance(event, EvalMetrics):
             self._on_eval(event)
-        elif isinstance(event, StateChanged) and event.state == State.ERROR and "non-finite" in event.message:
-            self._trip("non_finite", event.message, "stop")  # the trainer has stopped already
 
     def _on_steps(self, e: StepMetrics) -> None:
         self._step = e.step
@@ -95,12 +83,15 @@ class Guard:
                 self._check(f"dead_expert/{layer}/{expert}", self._low[key] >= c.guard_windows, self._since(e, self._low[key]),
                             f"expert {expert} of layer {layer} has taken under {c.guard_dead_share:.0%} of its fair "
                             f"share for {self._low[key]} log lines (now {share:.1%}, fair {fair:.1%})")  # fmt: skip
+            # The entropy of the load (how the tokens spread over the experts), not of each token's choice:
+            # a confident router that still uses every expert is healthy.
             ceiling = math.log(len(routing.expert_fraction))
-            flat = ceiling > 0 and routing.entropy < c.guard_entropy * ceiling
+            load = -sum(f * math.log(f) for f in routing.expert_fraction if f > 0)
+            flat = ceiling > 0 and load < c.guard_entropy * ceiling
             self._flat[layer] = self._flat.get(layer, 0) + 1 if flat else 0
             self._check(f"collapse/{layer}", self._flat[layer] >= c.guard_windows, self._since(e, self._flat[layer]),
-                        f"layer {layer}'s router has collapsed: entropy {routing.entropy:.2f} nats, under "
-                        f"{c.guard_entropy:.0%} of ln E = {ceiling:.2f}, for {self._flat[layer]} log lines")  # fmt: skip
+                        f"layer {layer}'s router has collapsed onto few experts: its load's entropy {load:.2f} "
+                        f"nats, under {c.guard_entropy:.0%} of ln E = {ceiling:.2f}, for {self._flat[layer]} log lines")  # fmt: skip
 
     def _on_eval(self, e: EvalMetrics) -> None:
         self._vals.append(e.val_loss)

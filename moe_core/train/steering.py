@@ -21,12 +21,17 @@ class Steering:
             return None
         self._report_writes(wait=True)
         if self.ranks.leader:
-            kept = checkpointing.keep_last_good(self.run_folder, alert.since)
+            try:
+                kept = checkpointing.keep_last_good(self.run_folder, alert.since)
+            except OSError as err:  # a full disk, say: the alert still acts
+                kept = None
+                self.emit(Notice("warning", f"could not keep checkpoints/last-good ({err})", self.step_num))
             if kept is not None:
                 self.emit(
                     Notice("info", f"kept {kept.name} as checkpoints/last-good: from before the alert", self.step_num)
                 )
         if alert.action == "stop":
+            self.guard_stopped = True
             self._checkpoint_quietly()
             self.set_state(State.STOPPED, f"guard: {alert.message}")
             return State.STOPPED
@@ -60,6 +65,7 @@ class Steering:
         """Take new settings between two steps: every rank alike, each change an event, and the run's
         config.toml the current values, so that a resume goes on with them."""
         changes = settings.checked_changes(self.config, changes)
+        self.pending_settings = [p for p in self.pending_settings if p.key not in changes]  # the user's now
         old = self.apply_settings(changes)
         for key, new in changes.items():
             self.emit(SettingsChanged(self.step_num, key, old[key], new, source))

@@ -15,6 +15,7 @@ folder and samples.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import (
     LIVE_ONLY,
+    Alert,
     CheckpointSaved,
     Event,
     EventSink,
@@ -68,6 +70,7 @@ class Trainer(Steering, Learner):
         self.writer = CheckpointWriter()
         self.state = State.STARTING
         self.resumed = False
+        self.guard_stopped = False  # stopped by the guard (--on-alert stop): the exit code says so
         self._paused = self._done = False  # loop state of run()
         self._notices: list[Notice] = []  # found while setting up; emitted when run() starts
         self.best_written = self.best_val  # the validation loss of the `best` on disk
@@ -99,6 +102,10 @@ class Trainer(Steering, Learner):
             trainer.expert_parallel = ExpertParallel(ranks, config, trainer.model, trainer.optimizer)
         trainer.best_written = trainer.best_val
         return trainer
+
+    def forget_best(self) -> None:
+        """A fork's first evaluation is its best so far, whatever its parent's was."""
+        self.best_val = self.best_written = math.inf
 
     def note(self, level: str, message: str) -> None:
         self._notices.append(Notice(level, message, self.step_num))
@@ -222,8 +229,8 @@ class Trainer(Steering, Learner):
 
     def _train_one(self) -> None:
         while self.pending_settings and self.pending_settings[0].step <= self.step_num:  # after a resume
-            change = self.pending_settings.pop(0)
-            self._change_settings({change.key: change.new}, f"{change.source}, again after a resume")
+            change = self.pending_settings.pop(0)  # made again, silently: its event is in the log already
+            self.apply_settings({change.key: change.new})
         c = self.config
         t0 = time.perf_counter()
         self.step()
@@ -381,5 +388,7 @@ class Trainer(Steering, Learner):
         hint = f"the last good checkpoint (step {last}) is kept" if last >= 0 else "no checkpoint was saved yet"
         if isinstance(err, NonFiniteLoss):
             hint += "; resume with a lower --lr" if last >= 0 else "; try a lower --lr"
+        if isinstance(err, NonFiniteLoss) and self.config.guard:  # the guard's rule, checked by the loop itself
+            self.emit(Alert(self.step_num, "non_finite", str(err), "stop", max(0, last)))
         self.set_state(State.ERROR, str(err))
         self.emit(Notice("error", f"{err}. Training stopped; {hint}", self.step_num))

@@ -61,7 +61,7 @@ class Dashboard(App[int]):
         for event in replay:
             self.views[0].apply(event)
         self.dashboard = DashboardScreen()
-        self._alerts_rung = sum(view.alerts_seen for view in self.views)  # replayed ones ring no bell
+        self._alerts_rung: list[int] | None = None  # alerts seen per run: those in its history ring no bell
         self.exit_code = 0
         self.stopping = False
         self.signal_received: int | None = None  # set by the signal handler, acted on by `drain`
@@ -121,11 +121,15 @@ class Dashboard(App[int]):
 
     def _ring_for_new_alerts(self) -> None:
         """A new guard alert on any run: the bell, a desktop notification, a toast."""
-        seen = sum(view.alerts_seen for view in self.views)
-        if seen <= self._alerts_rung:
+        if self._alerts_rung is None or len(self._alerts_rung) != len(self.views):  # a source's history: no ring
+            old = list(self._alerts_rung or [])
+            self._alerts_rung = old + [view.alerts_seen for view in self.views[len(old) :]]
             return
-        self._alerts_rung = seen
-        alert = max((v.alert for v in self.views if v.alert is not None), key=lambda a: a.step)
+        new = [view.alerts_seen > rung for view, rung in zip(self.views, self._alerts_rung)]
+        self._alerts_rung = [view.alerts_seen for view in self.views]
+        if not any(new):
+            return
+        alert = next(view.alert for view, fresh in zip(self.views, new) if fresh)
         try:
             self._driver.write(notification("moe-tui", alert.message))  # noqa: SLF001 - Textual's own output
         except (AttributeError, OSError):

@@ -93,8 +93,10 @@ class RunView:
             return f"✗ {self.error}"
         if self.gone:
             return f"✗ {self.gone}"
-        if self.alert is not None and self.state != State.RUNNING:  # cleared once the user trains on
-            return f"! guard: {self.alert.message} (run {self.alert.action}d; fix with o, or resume with space)"
+        if self.alert is not None and self.state_message.startswith("guard:"):  # held by the guard now
+            if self.state == State.PAUSED:
+                return f"! guard: {self.alert.message} (paused: fix with o, fork with f, or resume with space)"
+            return f"! guard: {self.alert.message} (stopped: fork it, or resume it with new settings)"
         return ""
 
     @property

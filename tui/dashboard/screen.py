@@ -139,6 +139,8 @@ class DashboardScreen(Screen):
             return len(self.app.sources) > 1
         if action == "add_run":
             return self.app.add_run_source is not None
+        if action == "fork" and self.app.local is None:
+            return False  # the training dashboard's: it knows the step it stands at
         if action == "stop_run" and (self.app.local is not None or not self.app.sources):
             return False  # S is a viewer's: in the training dashboard q stops training
         if action in TRAINER_ACTIONS:
