@@ -49,10 +49,29 @@ def show_prompt(prompt: str) -> str:
     return prompt.replace("\n", "\\n").replace("\t", "\\t")
 
 
-class SampleDialog(ModalScreen["SampleRequest | None"]):
-    """Prompt, length, temperature and top-k; Enter samples, Escape cancels."""
+class FormDialog(ModalScreen):
+    """A dialog of inputs with Go and Cancel: Enter or Go submits (`submit`), Escape or Cancel dismisses."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def on_input_submitted(self) -> None:
+        self.submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "go":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def submit(self) -> None:
+        raise NotImplementedError
+
+
+class SampleDialog(FormDialog):
+    """Prompt, length, temperature and top-k; Enter samples, Escape cancels."""
 
     def __init__(self, last: SampleRequest, check: Callable[[SampleRequest], None]) -> None:
         super().__init__()
@@ -85,18 +104,6 @@ class SampleDialog(ModalScreen["SampleRequest | None"]):
 
     def on_mount(self) -> None:
         self.query_one("#prompt", Input).focus()
-
-    def on_input_submitted(self) -> None:
-        self.submit()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "go":
-            self.submit()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
     def submit(self) -> None:
         value = {i.id: i.value.strip() for i in self.query(Input)}
@@ -192,10 +199,8 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-class SettingsDialog(ModalScreen["dict | None"]):
+class SettingsDialog(FormDialog):
     """The `o` key: the live settings with their values now, and one line of KEY=VALUE changes."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, current: Config, check: Callable[[dict], dict], title: str = "") -> None:
         super().__init__()
@@ -215,18 +220,6 @@ class SettingsDialog(ModalScreen["dict | None"]):
 
     def on_mount(self) -> None:
         self.query_one("#settings", Input).focus()
-
-    def on_input_submitted(self) -> None:
-        self.submit()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "go":
-            self.submit()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
     def submit(self) -> None:
         try:
