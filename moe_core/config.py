@@ -11,7 +11,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -315,15 +315,7 @@ def validate(c: Config) -> None:
     )
     need(c.capacity_factor >= 0, f"--capacity-factor must be >= 0 (0 = dropless), got {c.capacity_factor}")
     need(c.router_noise >= 0, f"--router-noise must be >= 0 (0 = none), got {c.router_noise}")
-    need(
-        c.on_alert in ("", *ALERT_ACTIONS), f"--on-alert must be one of {', '.join(ALERT_ACTIONS)}, got {c.on_alert!r}"
-    )
-    for name in ("guard_windows", "guard_val_rises"):
-        need(getattr(c, name) > 0, f"{name} must be a positive integer, got {getattr(c, name)}")
-    for name in ("guard_dead_share", "guard_entropy"):
-        need(0 <= getattr(c, name) < 1, f"{name} must be in [0, 1), got {getattr(c, name)}")
-    for name in ("guard_spike", "guard_slow"):
-        need(getattr(c, name) > 1, f"{name} must be above 1 (a multiple of the usual), got {getattr(c, name)}")
+    _validate_guard(c, need)
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(0 <= c.min_lr_ratio <= 1, f"min_lr_ratio must be between 0 and 1, got {c.min_lr_ratio}")
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
@@ -348,6 +340,19 @@ def validate(c: Config) -> None:
     need(bool(c.track_project.strip()), "--track-project must not be empty; name a project (e.g. moe-tui)")
     # Whether the trackers in `track` are installed is checked where a run is trained (moe_core/session),
     # not here: a run recorded elsewhere stays readable and exportable on a machine without them.
+
+
+def _validate_guard(c: Config, need: Callable[[bool, str], None]) -> None:
+    """The guard's settings (moe_core/train/guard.py): what `validate` checks of the [guard] section."""
+    need(
+        c.on_alert in ("", *ALERT_ACTIONS), f"--on-alert must be one of {', '.join(ALERT_ACTIONS)}, got {c.on_alert!r}"
+    )
+    for name in ("guard_windows", "guard_val_rises"):
+        need(getattr(c, name) > 0, f"{name} must be a positive integer, got {getattr(c, name)}")
+    for name in ("guard_dead_share", "guard_entropy"):
+        need(0 <= getattr(c, name) < 1, f"{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("guard_spike", "guard_slow"):
+        need(getattr(c, name) > 1, f"{name} must be above 1 (a multiple of the usual), got {getattr(c, name)}")
 
 
 def diff_for_resume(saved: Config, wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -61,6 +61,8 @@ class Tracker:
             text = TEXTS_APART.join(texts)
         self.text(step, key, text)
 
+    live_alerts = True  # False while past events are sent again (export, a resume's backfill)
+
     def alert(self, step: int, title: str, text: str) -> None:
         """A guard alert: as text under "alerts" unless the backend has alerts of its own (W&B)."""
         self.add_text(step, "alerts", f"{title}: {text}")

@@ -127,6 +127,7 @@ class TrackerSink:
 
     def replay(self, events: list[Event]) -> None:
         """Feed recorded events (`moe-tui export`), waiting for room rather than dropping any."""
+        self.tracker.live_alerts = False  # alerts of the past are history, not news
         for event in events:
             if self.failed:
                 break
@@ -265,9 +266,11 @@ class TrackerSink:
     def _backfill(self, held: int, through: int) -> None:
         """A resumed run whose tracked run lacks steps it logged before (tracking added on this resume, or
         a tracker that failed last time): send them from metrics.jsonl, steps after `held` to `through`."""
+        self.tracker.live_alerts = False  # the alerts it sends again are history, not news
         for event in self.tracker.run.events():
             step = getattr(event, "step", None)
             if not (isinstance(step, int) and held < step <= through):
                 continue
             if not isinstance(event, (RunStarted, StateChanged)):
                 self._send(event, step)
+        self.tracker.live_alerts = True

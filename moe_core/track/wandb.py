@@ -68,7 +68,7 @@ class WandB(Tracker):
 
     def alert(self, step: int, title: str, text: str) -> None:
         super().alert(step, title, text)  # in the run's history too: an offline run has no alerts to send
-        if not self.wb.offline:
+        if self.live_alerts and not self.wb.offline:  # an alert of the past pages nobody again
             self.wb.alert(title=title, text=text)
 
     def close(self, outcome: str) -> None:
