@@ -11,7 +11,7 @@ import sys
 import typer
 
 from moe_core.errors import UserError
-from moe_core.parallel.ranks import PeerFailed, report_setup_failure
+from moe_core.parallel.launch import launched_by_torchrun
 from tui import invocation
 from tui.commands.bench import bench
 from tui.commands.export import export
@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun the first process on each machine speaks for that machine's: theirs is the same error.
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
-        if not isinstance(err, PeerFailed):  # maybe on this rank alone (a file missing on its machine)
-            report_setup_failure(str(err))
+        if launched_by_torchrun():  # only then other ranks to tell (ranks imports torch: not before)
+            from moe_core.parallel.ranks import PeerFailed, report_setup_failure
+
+            if not isinstance(err, PeerFailed):  # maybe on this rank alone (a file missing on its machine)
+                report_setup_failure(str(err))
         return 2
     except typer.Exit as err:
         return err.exit_code

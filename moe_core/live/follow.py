@@ -23,7 +23,7 @@ from moe_core.hints import resume_command
 from moe_core.live.client import ControlClient, TrainerGone, live_client
 from moe_core.live.lease import read_status
 from moe_core.live.protocol import sample_arguments
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 from moe_core.store.runs import Run
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 
 PROTOCOL = 1
 

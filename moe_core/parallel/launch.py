@@ -16,6 +16,10 @@ from moe_core.signals import signal_exit_code
 LAUNCHED = "MOE_TUI_NPROC"  # set for the ranks that `--nproc` starts
 
 
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def launch(nproc: int, args: list[str], resume_hint: str) -> int:
     """Run `python -m tui ARGS` as `nproc` ranks on this machine; returns the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException

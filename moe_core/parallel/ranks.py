@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 import torch
 
 from moe_core.errors import UserError
+from moe_core.parallel.launch import launched_by_torchrun
 
 # How long a collective waits for a rank that neither answers nor dies (stopped, stuck in I/O).
 # Longer than anything one rank does alone between two collectives: rank 0 saving a checkpoint or
@@ -220,10 +221,6 @@ def _first_line(err: Exception) -> str:
 # -- joining and leaving ------------------------------------------------------------------------
 
 SINGLE = Ranks()
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def from_environment() -> Ranks:

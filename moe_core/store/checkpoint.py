@@ -16,14 +16,13 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from moe_core.atomic import fsync_dir, usual_file_mode
 from moe_core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -46,6 +45,10 @@ def save_checkpoint(
     folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], manifest: dict[str, Any]
 ) -> Path:
     """Write a checkpoint folder atomically, replacing any folder of the same name."""
+    import torch  # here, not at the top: `moe-tui runs` reads manifests without torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
@@ -107,6 +110,10 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Weights, trainer state and manifest. Never unpickles objects: a pickled payload is refused.
     `verify=False` skips hashing the files, for a folder that `read_manifest` has just checked."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     manifest = read_manifest(folder) if verify else json.loads((folder / MANIFEST_FILE).read_text())
     try:
         weights = load_file(folder / MODEL_FILE)

@@ -14,7 +14,7 @@ from rich.table import Table
 from moe_core.data.corpus import default_data_dir, named_corpus_status
 from moe_core.errors import UserError
 from moe_core.live.lease import read_status
-from moe_core.model.sampling import SampleRequest, generate_text, load_model
+from moe_core.model.request import SampleRequest
 from moe_core.store.runs import Run, default_runs_dir, list_run_names
 from tui.options import DataDir, RunsDir
 
@@ -40,6 +40,8 @@ def sample(
     """Generate text from a run's checkpoint, with a KV cache; streams as it goes."""
     request = SampleRequest(prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     request.check()
+    from moe_core.model.sampling import generate_text, load_model  # torch: for this command alone
+
     model, vocab, _ = load_model(
         Run.open(runs_dir or default_runs_dir(), run),
         checkpoint,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -14,11 +14,13 @@ from rich.console import Console
 from moe_core.config import Config
 from moe_core.errors import UserError
 from moe_core.hints import stop_command, watch_command
-from moe_core.session.prepare import TrainRequest
-from moe_core.session.training import TrainingSession
 from tui import invocation
 from tui.detach import is_detached_child, move_output_to_log, output_to_log_once_live, start_detached
 from tui.options import DATA, MODEL, SCHEDULE, TRACKING, TRAINING, DataDir, RunsDir, opt
+
+if TYPE_CHECKING:  # imported where it trains: torch, which `moe-tui --help` must not wait for
+    from moe_core.session.prepare import TrainRequest
+    from moe_core.session.training import TrainingSession
 
 
 def train(
@@ -131,6 +133,8 @@ def train(
     """Train a model (Ctrl-C saves a checkpoint and prints the command to resume)."""
     if on_hangup not in (None, "keep", "stop"):
         raise UserError(f"--on-hangup must be keep or stop, got {on_hangup!r}")
+    from moe_core.session.training import TrainingSession
+
     session = TrainingSession(request_from_flags(ctx.params))
     if session.world > 1:
         if on_hangup == "keep":
@@ -171,6 +175,8 @@ def train(
 
 def request_from_flags(flags: dict[str, Any]) -> TrainRequest:
     """The flags of `train` as what the session trains: the Config keys given, and the rest."""
+    from moe_core.session.prepare import TrainRequest
+
     flags = {k: None if v == () else v for k, v in flags.items()}  # Click's () for a repeatable flag not given
     if flags["guard"] is not None:
         if flags["guard"] not in ("on", "off"):

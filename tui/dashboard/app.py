@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.screen import ModalScreen
 
 from moe_core.events import Event, State
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 from moe_core.signals import signal_exit_code, signal_reason
 from tui.dashboard.run_view import CHART, STATUS, RunView
 from tui.dashboard.screen import DashboardScreen

@@ -12,7 +12,7 @@ from textual.widgets import Button, Input, Label, Static
 
 from moe_core.config import LIVE_KEYS, Config
 from moe_core.errors import UserError
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 from moe_core.train.settings import parse_assignments
 
 

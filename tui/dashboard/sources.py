@@ -13,12 +13,10 @@ from __future__ import annotations
 import threading
 from queue import Empty, SimpleQueue
 
-import torch
-
 from moe_core.bus import EventBus
 from moe_core.config import Config
 from moe_core.events import Event
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 
 __all__ = ["LocalTrainer", "reserve_torch_threads"]
 
@@ -43,6 +41,8 @@ class LocalTrainer:
             self.thread.start()
 
     def _train(self) -> None:
+        import torch  # here, not at the top: a viewer (`moe-tui watch`) draws without torch
+
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         try:
@@ -100,6 +100,8 @@ def reserve_torch_threads() -> int:
     team of one adds no threads. Call it before this thread runs any torch work (building the trainer
     included).
     """
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads
