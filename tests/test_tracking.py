@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from moe_core.track import Tracker, Tracking, trackers
 from moe_core.track.base import TEXTS_APART
 from moe_core.track.sink import TrackerSink, TrackerState
 from tests.conftest import cli
+from tests.test_faults import wait_until
 from tests.test_training import make_trainer
 
 # 40 small steps: a log line every 10, an evaluation every 10, a sample and a checkpoint every 20.
@@ -43,6 +44,30 @@ def offline(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", os.devnull)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its tables made: making them takes seconds, so each test gets a
+    copy (`mlflow_store`). Making one is tested on its own, by three trainings at once."""
+    need("mlflow")
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
+
+
+@pytest.fixture
+def mlflow_store(migrated_store):
+    """Puts a copy of the migrated store at a path; returns it."""
+
+    def put(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(migrated_store, path)
+        return path
+
+    return put
 
 
 def need(*names: str) -> None:
@@ -151,9 +176,10 @@ def test_tensorboard_val_loss_equals_metrics_jsonl_step_for_step(tmp_path, share
     assert not warnings(events)
 
 
-def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_jsonl(tmp_path, shared_dir, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/tracking/mlflow.db"
-    (tmp_path / "tracking").mkdir()
+def test_mlflow_params_equal_the_config_and_val_loss_history_equals_metrics_jsonl(
+    tmp_path, shared_dir, monkeypatch, mlflow_store
+):
+    uri = f"sqlite:///{mlflow_store(tmp_path / 'tracking' / 'mlflow.db')}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     trainer, events = tracked_run(tmp_path, shared_dir, ["mlflow"])
     run = trainer.run_folder
@@ -195,13 +221,12 @@ def test_trackio_logs_read_back_through_its_api(tmp_path, shared_dir):
 # -- resume ----------------------------------------------------------------------------------------
 
 
-def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
+def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir, mlflow_store):
     every = ["tensorboard", "mlflow", "wandb", "trackio"]
+    mlflow_store(tmp_path / "mlflow.db")  # where a run's MLflow store goes: beside it
     trainer, _ = tracked_run(tmp_path, shared_dir, every)
     # As if the process had died after step 40 with only the checkpoint of step 20 on disk: the trackers
     # hold steps 21-40, which the resumed run trains again.
-    import shutil
-
     shutil.rmtree(trainer.run_folder.checkpoints / "step-00000040")
     trainer, events = tracked_run(tmp_path, shared_dir, every, resume=True, max_iters=60)
     assert trainer.resumed and not warnings(events)
@@ -218,7 +243,8 @@ def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir):
     assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
 
 
-def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, shared_dir):
+def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, shared_dir, mlflow_store):
+    mlflow_store(tmp_path / "mlflow.db")
     trainer, _ = tracked_run(tmp_path, shared_dir, [], max_iters=20)  # untracked to step 20
     trainer, events = tracked_run(tmp_path, shared_dir, ["tensorboard", "mlflow"], resume=True)
     assert trainer.resumed and not warnings(events)
@@ -230,7 +256,10 @@ def test_tracking_added_on_a_resume_sends_the_steps_logged_before_it(tmp_path, s
     assert same(mlflow_history(run, "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
 
 
-def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_says_so(tmp_path, shared_dir):
+def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_says_so(
+    tmp_path, shared_dir, mlflow_store
+):
+    mlflow_store(tmp_path / "mlflow.db")
     trainer, _ = tracked_run(tmp_path, shared_dir, ["mlflow", "trackio"], max_iters=20)
     started_in = trainer.config.track_project
     trainer, events = tracked_run(
@@ -254,8 +283,9 @@ def test_a_changed_project_on_resume_keeps_the_tracked_run_where_it_started_and_
     assert [row["step"] for row in trackio_logs(run) if "train/loss" in row] == [10, 20, 30, 40]
 
 
-def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text_per_step(tmp_path):
+def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text_per_step(tmp_path, mlflow_store):
     need("mlflow", "wandb")
+    mlflow_store(tmp_path / "mlflow.db")
     run = Run(tmp_path / "paused")
     run.path.mkdir()
     asked = [
@@ -281,8 +311,9 @@ def test_samples_asked_for_at_one_step_all_reach_the_trackers_that_keep_one_text
     assert "HOMER: first" in step_30 and "MOE: second" in step_30
 
 
-def test_a_relative_mlflow_sqlite_uri_is_kept_as_the_database_it_named(tmp_path, monkeypatch):
+def test_a_relative_mlflow_sqlite_uri_is_kept_as_the_database_it_named(tmp_path, monkeypatch, mlflow_store):
     need("mlflow")
+    mlflow_store(tmp_path / "relative.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")
     run = Run(tmp_path / "runs" / "r")
@@ -338,8 +369,9 @@ def test_trainings_started_together_share_a_new_mlflow_store(tmp_path, monkeypat
 # -- export -----------------------------------------------------------------------------------------
 
 
-def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys):
+def test_export_sends_a_recorded_run_and_again_adds_nothing(trained, capsys, mlflow_store):
     need("tensorboard", "mlflow", "wandb")
+    mlflow_store(trained.parent / "mlflow.db")
     run = Run(trained)
     code, out, err = cli(capsys, "export", "tiny", "--to", "tensorboard")
     assert code == 0, err
@@ -410,21 +442,36 @@ def test_track_in_a_config_file_and_runs_show_names_where(env, shared_dir, capsy
 
 
 class Raising(Tracker):
+    """Every call raises; it notes each call it gets."""
+
     name = "raising"
-    calls = 0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls: list[str] = []
 
     def open(self, *args):
-        Raising.calls += 1
+        self.calls.append("open")
         raise ConnectionError("server down")
 
-    scalars = text = close = open
+    def scalars(self, *args):
+        self.calls.append("scalars")
+        raise ConnectionError("server down")
+
+    def text(self, *args):
+        self.calls.append("text")
+        raise ConnectionError("server down")
+
+    def close(self, *args):
+        self.calls.append("close")
+        raise ConnectionError("server down")
 
 
 def test_a_tracker_that_always_raises_warns_once_and_changes_nothing(tmp_path, shared_dir):
     plain, _ = tracked_run(tmp_path / "plain", shared_dir, [])
-    run = Run(tmp_path / "raising")
-    trainer, events = tracked_run(tmp_path / "raising", shared_dir, [], backends=[Raising(run, "p", {})])
-    assert Raising.calls >= 1
+    raising = Raising(Run(tmp_path / "raising"), "p", {})
+    trainer, events = tracked_run(tmp_path / "raising", shared_dir, [], backends=[raising])
+    assert raising.calls == ["open"]  # off after its first failure: nothing more sent to it, not even a close
     assert warnings(events) == [
         "tracker raising failed (server down); it is off for the rest of this run, training goes on"
     ]
@@ -438,10 +485,11 @@ class Stuck(Tracker):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.release, self.sent = threading.Event(), []
+        self.release, self.sent, self.opened = threading.Event(), [], threading.Event()
 
     def open(self, *args):
-        self.release.wait(30)
+        self.release.wait(120)  # a bound, so that a failing test ends
+        self.opened.set()
 
     def scalars(self, step, values):
         self.sent.append(step)
@@ -459,10 +507,9 @@ def test_a_tracker_that_falls_behind_never_blocks_the_publisher(tmp_path):
     published = []
     tracker = Stuck(run, "p", {})
     sink = TrackerSink(tracker, run_config(), TrackerState(run), published.append, queue_size=5)
-    t0 = time.perf_counter()
     for step in range(1, 1001):
         sink(StepMetrics(step, 1.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1))
-    assert time.perf_counter() - t0 < 0.5  # a thousand events, none waited for the tracker
+    assert not tracker.opened.is_set()  # a thousand events handed over while the tracker was still stuck
     tracker.release.set()
     sink.close()
     assert [n.message for n in published if n.level == "warning"] == [
@@ -506,24 +553,29 @@ def test_a_step_a_tracker_failed_to_send_is_sent_by_the_next_export(tmp_path):
 def test_closing_waits_once_for_all_trackers_together_and_ends_them(tmp_path, monkeypatch):
     from moe_core.track import sink as base
 
-    monkeypatch.setattr(base, "ABANDON_GRACE", 1.0)
+    monkeypatch.setattr(base, "ABANDON_GRACE", 600.0)  # the trackers are let go by the test, long before
     run, published = Run(tmp_path), []
     stuck = [Stuck(run, "p", {}) for _ in range(3)]
     tracking = Tracking(run_config(), run, publish=published.append, names=[], backends=stuck)
     for sink in tracking.sinks:
         sink(StepMetrics(10, 1.0, 0.0, 0.0, 1e-3, 1.0, 1e4, 0.1))
-    t0 = time.monotonic()
-    tracking.close(timeout=1.0)
-    took = time.monotonic() - t0
-    assert took < 4.0  # one deadline and one grace for all three (2 s), not one each (6 s)
+    closing = threading.Thread(target=tracking.close, kwargs={"timeout": 1.0})
+    closing.start()
+    # One deadline for all three: past it, all three are given up on together and share the grace. Were
+    # the deadline each one's, the second would wait for the first one's grace (600 s) to run out.
+    wait_until(lambda: all(sink.abandoned for sink in tracking.sinks), 60, "all three trackers given up on")
+    said = len(published)
+    again = threading.Thread(target=tracking.close, kwargs={"timeout": 1.0})  # as a headless run's way out does
+    again.start()
+    again.join(60)
+    assert not again.is_alive() and len(published) == said  # the second close did nothing, waited for nothing
+    for tracker in stuck:
+        tracker.release.set()
+    closing.join(60)
+    assert not closing.is_alive()
     messages = [n.message for n in published]
     assert messages[0].startswith("sending what is left to stuck, stuck, stuck (up to 1 s)")
     assert sum("did not finish sending in time" in m for m in messages) == 3
-    t0 = time.monotonic()
-    tracking.close(timeout=1.0)  # the second close (a headless run closes on its way out too)
-    assert time.monotonic() - t0 < 0.1
-    for tracker in stuck:
-        tracker.release.set()
 
 
 def run_config():
