@@ -89,6 +89,9 @@ class ExpertChars:
     step: int
     chars: str  # the vocabulary, in id order
     counts: list[list[list[int]]]  # layer -> character -> expert
+    # layer -> expert -> expert: tokens that picked both (the diagonal: each expert's tokens); None in runs
+    # recorded before moe-tui counted them
+    pairs: list[list[list[int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,28 @@ class Sample:
     text: str  # starts with the prompt
     requested: bool  # True when a user asked for it, False for the periodic sample
     temperature: float = 1.0
+    experts: list[list[int]] | None = None  # layer -> character of `text` -> the first expert it went to
+
+
+@dataclass(frozen=True)
+class Probed:
+    """The answer to a probe (moe_core/probe/answer.py): a text routed through the model, character by
+    character; the model with experts switched off beside the unchanged one; each expert's importance."""
+
+    step: int  # the weights' step
+    source: str  # "live" (a trainer's weights) or the checkpoint read: "best", "latest", "step-00000500"
+    request_id: int = 0
+    text: str = ""
+    experts: list[list[list[int]]] = dataclasses.field(default_factory=list)  # layer -> char -> chosen experts
+    gates: list[list[list[float]]] = dataclasses.field(default_factory=list)  # layer -> char -> their gates
+    loss: list[float | None] = dataclasses.field(default_factory=list)  # char -> nats (None: the first)
+    changed: str = ""  # what was switched off or changed ("e3 off in layer 1, top-1"), "" for nothing
+    val_loss: float | None = None  # the unchanged model's, on the fixed evaluation batches
+    changed_val_loss: float | None = None
+    sample: str = ""  # the unchanged model's sample, and the changed one's from the same seed
+    changed_sample: str = ""
+    importance: list[list[float]] | None = None  # layer -> expert -> validation loss rise with it off
+    similarity: list[list[list[float]]] | None = None  # layer -> expert -> expert: cosine of their outputs
 
 
 @dataclass(frozen=True)
@@ -195,6 +220,7 @@ Event = Union[
     RouterStats,
     ExpertChars,
     Sample,
+    Probed,
     CheckpointSaved,
     StateChanged,
     SettingsChanged,
@@ -205,7 +231,8 @@ Event = Union[
 EventSink = Callable[[Event], None]
 
 # Events about the process now, not about the run: never written to metrics.jsonl.
-LIVE_ONLY = (StateChanged, ResourceUsage)
+# A probe's answer is for whoever asked: it can be large, and says nothing about the run's history.
+LIVE_ONLY = (StateChanged, ResourceUsage, Probed)
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}  # type: ignore[attr-defined]
 

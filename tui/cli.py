@@ -16,6 +16,7 @@ from tui import invocation
 from tui.commands.bench import bench
 from tui.commands.export import export
 from tui.commands.live import stop, watch
+from tui.commands.probe import probe
 from tui.commands.report import report
 from tui.commands.runs import datasets, runs_app, sample
 from tui.commands.set import set_
@@ -32,6 +33,7 @@ app.command()(watch)
 app.command()(stop)
 app.command(name="set")(set_)
 app.command()(sample)
+app.command()(probe)
 app.add_typer(runs_app, name="runs")
 app.command()(datasets)
 app.command()(report)

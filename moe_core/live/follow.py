@@ -22,8 +22,9 @@ from moe_core.events import Event, Notice, ResourceUsage, Sample, State, StateCh
 from moe_core.hints import resume_command
 from moe_core.live.client import ControlClient, TrainerGone, live_client
 from moe_core.live.lease import read_status
-from moe_core.live.protocol import sample_arguments
+from moe_core.live.protocol import probe_arguments, sample_arguments
 from moe_core.model.request import SampleRequest
+from moe_core.probe.request import ProbeRequest
 from moe_core.store.runs import Run
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)
@@ -45,6 +46,8 @@ class RunFollower:
         self._silence_reported = False
         self._status_shown: tuple | None = None
         self._local: queue.SimpleQueue[Event] = queue.SimpleQueue()  # made here: greetings, samples drawn here
+        self._probe_lock = threading.Lock()
+        self._probed_model = None  # (checkpoint folder, SavedModel): what a probe here read last
 
     @property
     def live(self) -> bool:
@@ -209,13 +212,39 @@ class RunFollower:
 
     def _sample_here(self, request: SampleRequest) -> None:
         from moe_core.model.sampling import complete, load_model
+        from moe_core.probe.trace import first_experts
 
         try:
             model, vocab, step = load_model(self.run, "latest", "cpu")
             text = complete(model, vocab, request, default_seed=step)[0]
-            self._local.put(Sample(step, request.prompt, text, True, request.temperature))
+            experts = first_experts(model, vocab, text)
+            self._local.put(Sample(step, request.prompt, text, True, request.temperature, experts))
         except (UserError, RuntimeError, OSError) as err:
             self._local.put(Notice("warning", f"sampling here failed: {str(err).splitlines()[0]}", self.last_step))
+
+    def probe(self, request: ProbeRequest) -> None:
+        """By the live trainer, on its weights as they are; else here, from the run's latest checkpoint."""
+        if self.client is not None:
+            try:
+                self.client.send("probe", **probe_arguments(request))
+                return
+            except TrainerGone:
+                pass
+        threading.Thread(target=self._probe_here, args=(request,), name="probe", daemon=True).start()
+
+    def _probe_here(self, request: ProbeRequest) -> None:
+        from moe_core.data.corpus import default_data_dir
+        from moe_core.probe.source import SavedModel
+
+        with self._probe_lock:  # one at a time, the checkpoint loaded once for all of them
+            try:
+                folder = self.run.checkpoint("latest")
+                if self._probed_model is None or self._probed_model[0] != folder:
+                    self._probed_model = folder, SavedModel.load(self.run, "latest", default_data_dir())
+                self._local.put(self._probed_model[1].probe(request))
+            except (UserError, RuntimeError, OSError) as err:
+                message = f"probing here failed: {str(err).splitlines()[0]}"
+                self._local.put(Notice("warning", message, self.last_step))
 
     def close(self) -> None:
         if self.client is not None:

@@ -7,6 +7,9 @@
     client -> server   {"v": 1, "cmd": "pause" | "resume" | "save" | "eval" | "stop" | "sample" | "set", ...}
                        sample takes prompt, max_new_tokens, temperature, top_k, top_p, seed;
                        set takes changes ({"lr": 0.001, ...}) and source (who asks, for the log)
+                       probe takes text, masked ([[layer, expert], ...]), top_k, capacity_factor,
+                       compare, experts, prompt, sample_tokens, seed, request_id; the answer is a
+                       Probed event, sent to every viewer
 
 The server never executes anything it is sent: a line is parsed into one of the verbs above, or
 answered with an error.
@@ -25,6 +28,7 @@ from typing import Any, Iterator
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.model.request import SampleRequest
+from moe_core.probe.request import Intervention, ProbeRequest
 
 PROTOCOL = 1
 
@@ -42,7 +46,7 @@ VERSION = _version()  # told in the greeting, so that a viewer of another versio
 MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
 MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
 SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)
-VERBS = ("pause", "resume", "save", "eval", "stop", "sample", "set")
+VERBS = ("pause", "resume", "save", "eval", "stop", "sample", "set", "probe")
 SAMPLE_FIELDS = {
     "prompt": str,
     "max_new_tokens": int,
@@ -76,6 +80,8 @@ def parse_command(line: bytes, vocab: Vocab) -> tuple[str, Any]:
         raise ProtocolError(f"unknown command {verb!r}; known: {', '.join(VERBS)}")
     if verb == "set":
         return verb, _settings_arguments(message)
+    if verb == "probe":
+        return verb, _probe_arguments(message, vocab)
     if verb != "sample":
         return verb, None
     fields = {k: v for k, v in message.items() if k in SAMPLE_FIELDS}
@@ -104,6 +110,56 @@ def _settings_arguments(message: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if not isinstance(source, str) or len(source) > 64:
         raise ProtocolError("set: source must be a short string")
     return changes, source
+
+
+PROBE_FIELDS = {
+    "text": str,
+    "top_k": (int, type(None)),
+    "capacity_factor": (int, float, type(None)),
+    "compare": bool,
+    "experts": bool,
+    "prompt": str,
+    "sample_tokens": int,
+    "seed": int,
+    "request_id": int,
+}
+
+
+def _probe_arguments(message: dict[str, Any], vocab: Vocab) -> ProbeRequest:
+    """A probe command's request: plain values of the right types; the trainer checks them against the model."""
+    fields = {k: v for k, v in message.items() if k in PROBE_FIELDS}
+    for key, value in fields.items():
+        wrong_bool = isinstance(value, bool) and PROBE_FIELDS[key] is not bool
+        if not isinstance(value, PROBE_FIELDS[key]) or wrong_bool:
+            raise ProtocolError(f"probe: {key} has the wrong type")
+    masked = message.get("masked", [])
+    if not isinstance(masked, list) or len(masked) > 1024 or not all(_is_pair(m) for m in masked):
+        raise ProtocolError("probe: masked must be a list of [layer, expert] pairs")
+    if len(fields.get("text", "")) > MAX_SAMPLE_CHARS or fields.get("sample_tokens", 0) > MAX_SAMPLE_CHARS:
+        raise ProtocolError(f"probe: at most {MAX_SAMPLE_CHARS} characters at a time")
+    try:
+        vocab.encode(fields.get("text", "") + fields.get("prompt", ""))
+    except UserError as err:
+        raise ProtocolError(f"probe: {err}") from None
+    top_k, factor = fields.pop("top_k", None), fields.pop("capacity_factor", None)
+    change = Intervention(tuple((layer, e) for layer, e in masked), top_k, factor)
+    return ProbeRequest(intervention=change, **fields)
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, list) and len(item) == 2 and all(type(v) is int for v in item)
+
+
+def probe_arguments(request: ProbeRequest) -> dict[str, Any]:
+    """The fields of a probe command."""
+    change = request.intervention
+    fields = {name: getattr(request, name) for name in PROBE_FIELDS if hasattr(request, name)}
+    return {
+        **fields,
+        "masked": [list(m) for m in change.masked],
+        "top_k": change.top_k,
+        "capacity_factor": change.capacity_factor,
+    }
 
 
 def sample_arguments(request: SampleRequest) -> dict[str, Any]:

@@ -195,6 +195,8 @@ class ControlServer:
             self.control.stop("stop requested by a viewer")
         elif verb == "sample":
             self.control.sample(argument)
+        elif verb == "probe":
+            self.control.probe(argument)
         elif verb == "set":
             if self.state == "error":  # the weights in memory are not trusted: resume instead
                 self._reply(

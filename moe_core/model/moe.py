@@ -226,6 +226,7 @@ class MoE(nn.Module):
     ):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.probe_capacity_factor = 0.0  # capacity when not training: none, unless a probe asks
         self.router = Router(n_embd, num_experts, top_k, noisy)
         self.experts = self.build_experts(n_embd, num_experts, dropout)
         # Runs the experts on the routed tokens; expert parallelism (moe_core/parallel/experts.py)
@@ -261,18 +262,20 @@ class MoE(nn.Module):
 
         Capacity bounds the work per expert in a training batch. At inference it would make a
         token's output depend on how many tokens share the call (one when sampling with a KV cache),
-        so evaluation and sampling are always dropless.
+        so evaluation and sampling are dropless, unless a probe asks what capacity costs there
+        (`probe_capacity_factor`, set by moe_core/probe/intervene.py).
         """
-        if self.capacity_factor <= 0 or not self.training:
+        factor = self.capacity_factor if self.training else self.probe_capacity_factor
+        if factor <= 0:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return math.ceil(factor * num_tokens * self.top_k / self.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, expert_idx = self.router(x)
         if not self.training:  # losses and routing stats are for training; sampling skips their cost
-            return self.dispatcher(self.experts, x, weights, expert_idx, None)[0].reshape(shape)
+            return self.dispatcher(self.experts, x, weights, expert_idx, self.capacity(x.shape[0]))[0].reshape(shape)
 
         counts = count_per_expert(expert_idx.flatten(), self.num_experts)  # once, for all three uses
         out, dropped = self.dispatcher(self.experts, x, weights, expert_idx, self.capacity(x.shape[0]), counts)

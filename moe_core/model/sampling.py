@@ -54,8 +54,8 @@ def load_model(
 ) -> tuple[MoETransformer, Vocab, int]:
     """A run's model from its `latest` or `best` checkpoint, ready to sample; also the checkpoint step.
     `on_skip` hears of corrupt newer checkpoints passed over."""
-    if which not in ("latest", "best"):
-        raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest or --checkpoint best")
+    if which not in ("latest", "best") and not (which.startswith("step-") and which[5:].isdigit()):
+        raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest, best or step-N (e.g. step-500)")
     config, vocab = run.load_config(), run.load_vocab()
     folder = run.checkpoint(which, on_skip)
     weights, _, manifest = load_checkpoint(folder, verify=False)  # `checkpoint()` checked it

@@ -24,7 +24,7 @@ from moe_core.config import Config, read_toml, write_toml
 from moe_core.data.vocab import Vocab
 from moe_core.errors import UserError
 from moe_core.events import Event, from_line
-from moe_core.store.checkpoint import newest_intact, read_manifest
+from moe_core.store.checkpoint import newest_intact, read_manifest, step_checkpoints
 
 
 def default_runs_dir() -> Path:
@@ -209,6 +209,14 @@ class Run:
                 )
             read_manifest(self.best_checkpoint)
             return self.best_checkpoint
+        if which.startswith("step-") and which[5:].isdigit():
+            steps = step_checkpoints(self.checkpoints)
+            for step, folder in steps:
+                if step == int(which[5:]):
+                    read_manifest(folder)
+                    return folder
+            listed = ", ".join(f"step-{step}" for step, _ in sorted(steps)) or "none (train it first)"
+            raise UserError(f"run '{self.name}' has no checkpoint {which}; use one of: best, latest, {listed}")
         folder, problems = newest_intact(self.checkpoints)
         if folder is None and problems:
             raise UserError(

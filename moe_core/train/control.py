@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moe_core.events import Alert
     from moe_core.model.sampling import SampleRequest
+    from moe_core.probe.request import ProbeRequest
 
 
 class Control:
@@ -45,6 +46,10 @@ class Control:
     def set(self, changes: dict[str, object], source: str = "") -> None:
         """Change settings of the live run between two steps (checked there: moe_core/train/settings.py)."""
         self._commands.put(("set", (dict(changes), source)))
+
+    def probe(self, request: ProbeRequest) -> None:
+        """Probe the weights as they are between two steps (moe_core/probe): the answer is a `Probed` event."""
+        self._commands.put(("probe", request))
 
     def next(self, wait: float | None) -> tuple[str, object] | None:
         try:

@@ -216,7 +216,12 @@ class Learner:
             losses.append(self.ranks.mean(total).item() / self.config.eval_iters)
         return (
             EvalMetrics(self.step_num, losses[0], losses[1], round(self.elapsed, 3)),
-            ExpertChars(self.step_num, "".join(self.vocab.chars), self.ranks.sum(routes.counts).tolist()),
+            ExpertChars(
+                self.step_num,
+                "".join(self.vocab.chars),
+                self.ranks.sum(routes.counts).tolist(),
+                self.ranks.sum(routes.pairs).tolist(),
+            ),
         )
 
     def sample(self, request: SampleRequest) -> str:

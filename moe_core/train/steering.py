@@ -1,18 +1,49 @@
-"""Steering a training loop from outside: settings changed between two steps, and the guard's alerts.
+"""Steering and probing a training loop from outside: settings changed between two steps, the guard's
+alerts, and probes of the weights as they are.
 
 A part of `Trainer` (moe_core/train/trainer.py), kept apart from the loop: the loop hands a `set`
-command to `_serve_settings` and an `alert` command to `_raise_alert`, between two steps, on every rank.
+command to `_serve_settings`, an `alert` command to `_raise_alert`, a `sample` to `_sample` and a `probe`
+to `_probe`, between two steps, on every rank.
 """
 
 from __future__ import annotations
 
 from moe_core.errors import UserError
-from moe_core.events import Alert, Notice, SettingsChanged, State
+from moe_core.events import Alert, Notice, Sample, SettingsChanged, State
+from moe_core.model.request import SampleRequest
+from moe_core.probe.ablate import EvalSet
+from moe_core.probe.answer import answer
+from moe_core.probe.request import ProbeRequest
+from moe_core.probe.trace import first_experts
 from moe_core.train import checkpointing, settings
 
 
 class Steering:
-    """The trainer's answers to `moe-tui set` (and the dashboard's `o`) and to the guard."""
+    """The trainer's answers to `moe-tui set` (and the dashboard's `o`), to the guard, to samples and probes."""
+
+    def _probe(self, request: ProbeRequest) -> None:
+        """Route a text, switch experts off, rank them: on the weights as they are now, on rank 0 (which
+        gathers every expert first under expert parallelism); the answer is a `Probed` event."""
+        self.set_state(State.EVALUATING)
+        if self.expert_parallel:
+            with self.expert_parallel.whole_model() as here:
+                if here:
+                    self._answer_probe(request)
+        elif self.ranks.leader:
+            self._answer_probe(request)
+
+    def _answer_probe(self, request: ProbeRequest) -> None:
+        with self.autocast:
+            self.emit(
+                answer(
+                    self.model,
+                    self.vocab,
+                    EvalSet(self.val_ids, self.config, self.device),
+                    request,
+                    self.step_num,
+                    "live",
+                )
+            )
 
     def _raise_alert(self, alert: Alert) -> State | None:
         """Log the guard's alert, then warn, pause or stop as it asks (a stop saves first, as any stop)."""
@@ -81,3 +112,20 @@ class Steering:
                         self.step_num,
                     )
                 )
+
+    def _sample(self, arg: object) -> None:
+        self.set_state(State.SAMPLING)
+        request = (
+            arg
+            if isinstance(arg, SampleRequest)
+            else SampleRequest(prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
+        )
+        text = self.sample(request)
+        self.run_folder.append_sample(self.step_num, text)
+        experts = first_experts(self.model, self.vocab, text)
+        self.emit(
+            Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature, experts)
+        )
+
+    def _default_prompt(self) -> str:
+        return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]

@@ -33,13 +33,11 @@ from moe_core.events import (
     EventSink,
     Notice,
     RunStarted,
-    Sample,
     State,
     StateChanged,
     StepMetrics,
     to_record,
 )
-from moe_core.model.sampling import SampleRequest
 from moe_core.parallel.experts import ExpertParallel
 from moe_core.parallel.ranks import SINGLE, LostRank, RankFailed, Ranks, rng_state
 from moe_core.store.runs import Run
@@ -304,6 +302,8 @@ class Trainer(Steering, Learner):
                 self._sample(arg)
             elif kind == "save":
                 self._save_or_warn(best=False)
+            elif kind == "probe":
+                self._probe(arg)
         except UserError as err:
             self.emit(Notice("warning", str(err), self.step_num))
         except NonFiniteLoss:
@@ -320,20 +320,6 @@ class Trainer(Steering, Learner):
                 self.set_state(previous)
             if previous not in (State.PAUSED, State.FINISHED, State.ERROR):
                 self.elapsed += time.perf_counter() - t0
-
-    def _sample(self, arg: object) -> None:
-        self.set_state(State.SAMPLING)
-        request = (
-            arg
-            if isinstance(arg, SampleRequest)
-            else SampleRequest(prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
-        )
-        text = self.sample(request)
-        self.run_folder.append_sample(self.step_num, text)
-        self.emit(Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature))
-
-    def _default_prompt(self) -> str:
-        return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]
 
     def _save_or_warn(self, best: bool) -> None:
         self.window.check(self.step_num)  # a step since the last log line may have diverged: never save that

@@ -173,16 +173,21 @@ def run_state(run: Run) -> str:
 
 
 def show_experts(run: Run, data_dir: Path) -> None:
-    """Per layer, each expert's share and top characters by lift, for the best checkpoint."""
-    from moe_core.model.routes import routes_at_checkpoint
-    from tui.dashboard.experts_screen import describe_layer
+    """Per layer, each expert's share, top characters by lift and importance, which experts go together and
+    how alike they are, for the best checkpoint on the validation batches it was evaluated on."""
+    from moe_core.probe.request import ProbeRequest  # torch: this command runs the model
+    from moe_core.probe.source import SavedModel
+    from tui.render.experts import describe_layer
 
-    event = routes_at_checkpoint(run, "best", data_dir)
+    saved = SavedModel.load(run, "best", data_dir)
+    event, probed = saved.routes(), saved.probe(ProbeRequest(experts=True))
     console = Console()
     console.print(
-        f"[bold]{run.name}[/]: which characters each expert takes, best checkpoint (step {event.step}), "
-        "on the validation batches it was evaluated on"
+        f"[bold]{run.name}[/]: what each expert does, best checkpoint (step {event.step}, validation loss "
+        f"{probed.val_loss:.4f}), on the validation batches it was evaluated on"
     )
+    if probed.importance is None:
+        console.print("(importance: not measured: each token goes to every expert, so none can be switched off alone)")
     for layer in range(len(event.counts)):
         console.print()
-        console.print(describe_layer(event, layer, None, console.width))
+        console.print(describe_layer(event, layer, None, console.width, probed=probed))

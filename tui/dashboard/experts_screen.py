@@ -1,107 +1,73 @@
-"""What the experts learn: per layer, each expert's top characters by lift, and a character x expert
-heat map. A screen over the dashboard (`r`), and the same table for `moe-tui runs show --experts`.
-
-Lift = the share of a character's routings that go to an expert, over that expert's share of all
-routings: 3.0 means the expert takes this character three times as often as it takes characters in
-general. Spaces, newlines and tabs are drawn as ␣ ⏎ ⇥.
+"""What the experts learn, a screen over the dashboard (`r`): per layer (← →), each expert's top characters
+by lift, a character x expert heat map and which experts go together (tui/render/experts.py); `i` measures
+what switching each expert off costs and how alike their outputs are; `[` `]` step back and forth through
+the run's evaluations.
 """
 
 from __future__ import annotations
 
-import math
+import random
 
-import torch
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from moe_core.events import ExpertChars
-from moe_core.model.routes import lift, mutual_information, routing_change, shown, top_characters
-
-SHADES = " ░▒▓█"  # lift 0, <1, 1-2, 2-4, >=4
-
-
-def expert_table(counts: torch.Tensor, chars: str, top: int = 8) -> list[Text]:
-    """One line per expert: its share of the layer's routings, then its top characters with their lift."""
-    share = counts.sum(dim=0).double() / counts.sum().clamp_min(1)
-    lines = []
-    for e in range(counts.shape[1]):
-        best = top_characters(counts, chars, e, top)
-        line = Text(f"e{e:<2} {share[e]:>4.0%}  ", style="bold")
-        for char, value in best:
-            line.append(f"{shown(char)}", style="bold")
-            line.append(f"{value:<4.1f} ", style="dim")
-        lines.append(line)
-    return lines
+from moe_core.events import ExpertChars, Probed
+from moe_core.probe.request import ProbeRequest
+from tui.render.experts import describe_layer
 
 
-def heat_map(counts: torch.Tensor, chars: str, width: int) -> list[Text]:
-    """Rows: experts; columns: the most frequent characters that fit; shade: lift."""
-    frequency = counts.sum(dim=1)
-    common = frequency >= 0.001 * frequency.sum()  # rarer characters' lift is noise
-    columns = [i for i in frequency.argsort(descending=True).tolist() if common[i]][: max(1, width - 4)]
-    lifted = lift(counts)
-    lines = [Text("    " + "".join(shown(chars[i]) for i in columns), style="bold")]
-    for e in range(counts.shape[1]):
-        row = Text(f"e{e:<2} ", style="bold")
-        for i in columns:
-            value = float(lifted[i, e])
-            row.append(SHADES[0 if value <= 0 else 1 if value < 1 else 2 if value < 2 else 3 if value < 4 else 4])
-        lines.append(row)
-    return lines
-
-
-def describe_layer(
-    event: ExpertChars,
-    layer: int,
-    previous: ExpertChars | None,
-    width: int,
-    entropy: float | None = None,
-    keys: str = "",
-) -> Text:
-    counts = torch.tensor(event.counts[layer])
-    layers = len(event.counts)
-    experts = counts.shape[1]
-    header = Text(f"layer {layer + 1}/{layers}{keys} · step {event.step}", style="bold")
-    if previous is not None and len(previous.counts) == layers:
-        moved = routing_change(torch.tensor(previous.counts[layer]), counts)
-        header.append(f" · moved {moved:.1%} since step {previous.step}", style="bold")
-    about = f"router entropy {entropy:.2f} nats · " if entropy is not None else ""
-    body = [
-        header,
-        Text(f"{about}I(char; expert) {mutual_information(counts):.2f} of {math.log(experts):.2f} nats", style="dim"),
-        *expert_table(counts, event.chars),
-        Text(""),
-        Text("lift, how much more often than its share: ░ <1  ▒ 1-2  ▓ 2-4  █ ≥4", style="dim"),
-        *heat_map(counts, event.chars, width),
-    ]
-    return Text("\n").join(body)
+def new_request_id() -> int:
+    """A probe's answer goes to every viewer of the run: each asker knows its own by this."""
+    return random.getrandbits(31)
 
 
 class ExpertsScreen(ModalScreen[None]):
     BINDINGS = [
         Binding("left", "layer(-1)", "Layer -"),
         Binding("right", "layer(1)", "Layer +"),
+        Binding("left_square_bracket", "evaluation(-1)", "Earlier", key_display="["),
+        Binding("right_square_bracket", "evaluation(1)", "Later", key_display="]"),
+        Binding("i", "importance", "Importance"),
         Binding("escape,r,q", "close", "Close"),
     ]
 
     def __init__(self, view) -> None:
         super().__init__()
         self.view, self.shown_layer = view, 0
+        self.at: int | None = None  # the evaluation shown, an index into the view's history; None: the latest
+        self.asked = 0  # the request id of the importance probe sent from here
+        self.note = ""
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="experts-screen", classes="dialog"):
+        with VerticalScroll(id="experts-screen", classes="dialog"):
             yield Static(id="experts-body")
 
     def on_mount(self) -> None:
         self.draw()
-        self.set_interval(1.0, self.draw)  # a new evaluation shows while the screen is open
+        self.set_interval(0.5, self.draw)  # a new evaluation, or a probe's answer, shows while the screen is open
+
+    def shown(self) -> tuple[ExpertChars | None, ExpertChars | None]:
+        """The evaluation on screen and the one before it."""
+        history = self.view.expert_history
+        if self.at is None or not history:
+            return self.view.expert_chars, self.view.previous_expert_chars
+        self.at = max(0, min(self.at, len(history) - 1))
+        return history[self.at], history[self.at - 1] if self.at > 0 else None
+
+    def answer(self) -> Probed | None:
+        """The importance probe's answer, once it came (any earlier one of this view's otherwise)."""
+        probed = self.view.probed
+        if probed is not None and probed.importance is None and probed.similarity is None:
+            return None  # a probe of a text, asked elsewhere
+        if probed is not None and self.asked and probed.request_id == self.asked:
+            self.note = ""
+        return probed
 
     def draw(self) -> None:
-        event = self.view.expert_chars
+        event, previous = self.shown()
         body = self.query_one("#experts-body", Static)
         if event is None:
             body.update(
@@ -111,17 +77,42 @@ class ExpertsScreen(ModalScreen[None]):
             return
         self.shown_layer %= len(event.counts)
         routing = self.view.routing
+        latest = event is self.view.expert_chars
         entropy = (
-            routing.layers[self.shown_layer].entropy if routing and len(routing.layers) > self.shown_layer else None
+            routing.layers[self.shown_layer].entropy
+            if latest and routing and len(routing.layers) > self.shown_layer
+            else None
         )
-        body.update(
-            describe_layer(
-                event, self.shown_layer, self.view.previous_expert_chars, self.size.width - 4, entropy, keys=" (← →)"
-            )
+        where = "latest evaluation" if latest else f"evaluation {self.at + 1} of {len(self.view.expert_history)} kept"
+        text = describe_layer(
+            event, self.shown_layer, previous, self.size.width - 4, entropy, f" (← →) · {where} ([ ])", self.answer()
         )
+        if self.note:
+            text.append(f"\n{self.note}", style="italic")
+        body.update(text)
 
     def action_layer(self, step: int) -> None:
         self.shown_layer += step
+        self.draw()
+
+    def action_evaluation(self, step: int) -> None:
+        history = self.view.expert_history
+        if history:
+            self.at = (len(history) - 1 if self.at is None else self.at) + step
+            if self.at >= len(history) - 1:
+                self.at = None  # back at the latest: follow new evaluations again
+            self.draw()
+
+    def action_importance(self) -> None:
+        """Ask for each expert's importance and the experts' similarity: from the live trainer's weights,
+        or from the latest checkpoint where no trainer is live."""
+        source = getattr(self.app, "source", None)
+        if source is None:
+            self.note = "no model to probe here (a recorded stream)"
+        else:
+            self.asked = new_request_id()
+            source.probe(ProbeRequest(experts=True, request_id=self.asked))
+            self.note = "measuring each expert's importance (every expert switched off in turn)..."
         self.draw()
 
     def action_close(self) -> None:

@@ -17,6 +17,7 @@ from moe_core.events import (
     Event,
     ExpertChars,
     Notice,
+    Probed,
     ResourceUsage,
     RouterStats,
     RunStarted,
@@ -30,6 +31,7 @@ from tui.dashboard.history import SeriesBuffer
 
 SAMPLES_KEPT = 20
 LOG_LINES_KEPT = 200
+EXPERT_HISTORY = 64  # evaluations kept for the experts screen's look back (halved when full, first and last kept)
 SMOOTHING = 0.8  # EMA weight of the past for the plotted train loss (each point is already a window mean)
 
 # Parts of the state, one per panel; `changed` collects these names.
@@ -65,6 +67,9 @@ class RunView:
         self.usage: ResourceUsage | None = None
         self.expert_chars: ExpertChars | None = None  # which characters each expert took, latest evaluation
         self.previous_expert_chars: ExpertChars | None = None
+        self.expert_history: list[ExpertChars] = []  # every evaluation's, thinned past EXPERT_HISTORY
+        self.probed: Probed | None = None  # the latest probe's answer (for whoever asked: see request_id)
+        self.sample_layer: int | None = None  # the samples coloured by the experts of this layer (k); None: plain
         self.gone: str | None = None  # the trainer died: what to do about it
         self._ema: float | None = None
         self._ema_weight = 0.0  # for the bias correction of the EMA's first points
@@ -156,7 +161,13 @@ class RunView:
 
     def _on_ExpertChars(self, e: ExpertChars) -> None:
         self.previous_expert_chars, self.expert_chars = self.expert_chars, e
+        self.expert_history.append(e)
+        if len(self.expert_history) > EXPERT_HISTORY:  # every other older one goes: the whole run stays in view
+            self.expert_history[1:-1] = self.expert_history[2:-1:2]
         self.changed.add(EXPERTS)
+
+    def _on_Probed(self, e: Probed) -> None:
+        self.probed = e
 
     def _on_Sample(self, e: Sample) -> None:
         self.samples.appendleft(e)

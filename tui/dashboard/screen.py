@@ -20,6 +20,7 @@ from moe_core.model.sampling import SampleRequest
 from moe_core.train.settings import checked_changes
 from tui.dashboard.experts_screen import ExpertsScreen
 from tui.dashboard.forking import start_fork
+from tui.dashboard.probe_screen import ProbeScreen
 from tui.dashboard.run_view import CHART, EXPERTS, LOG, SAMPLES, STATUS, RunView
 from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog, SettingsDialog
 from tui.dashboard.widgets.experts import ExpertPanel
@@ -54,6 +55,7 @@ class DashboardScreen(Screen):
         Binding("e", "evaluate", "Eval"),
         Binding("o", "settings", "Settings"),
         Binding("r", "experts", "Experts"),
+        Binding("p", "probe", "Probe"),
         Binding("S", "stop_run", "Stop run"),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -61,6 +63,7 @@ class DashboardScreen(Screen):
         Binding("l", "toggle_log_y", "Log-y"),
         Binding("w", "toggle_window", "Window"),
         Binding("x", "toggle_x", "Step/time"),
+        Binding("k", "colour_samples", "Colour"),
         Binding("n", "next_run", "Next run"),
         Binding("a", "add_run", "Add run"),
     ]
@@ -143,6 +146,10 @@ class DashboardScreen(Screen):
             return False  # the training dashboard's: it knows the step it stands at
         if action == "stop_run" and (self.app.local is not None or not self.app.sources):
             return False  # S is a viewer's: in the training dashboard q stops training
+        if action == "probe":  # a live trainer answers; a viewer without one reads the latest checkpoint
+            source = self.app.source
+            usable = source is not None and not self.app.stopping and (source.live or self.app.local is None)
+            return True if usable else None
         if action in TRAINER_ACTIONS:
             if action in ("pause", "resume"):  # one space key, two meanings: show the one that applies
                 paused = self.view.state == State.PAUSED
@@ -277,6 +284,17 @@ class DashboardScreen(Screen):
 
     def action_experts(self) -> None:
         self.app.push_screen(ExpertsScreen(self.view))
+
+    def action_probe(self) -> None:
+        self.app.push_screen(ProbeScreen(self.view, self.app.source))
+
+    def action_colour_samples(self) -> None:
+        """Samples plain, then coloured by the experts of layer 1, 2, ..., then plain again."""
+        layers = max((len(s.experts) for s in self.view.samples if s.experts), default=0)
+        layer = self.view.sample_layer
+        self.view.sample_layer = None if layers == 0 or layer == layers - 1 else (0 if layer is None else layer + 1)
+        self.view.changed.add(SAMPLES)
+        self.refresh_panels()
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())

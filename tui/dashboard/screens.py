@@ -168,7 +168,9 @@ HELP = """\
 [b]e[/b]       evaluate now (train and validation loss)
 [b]o[/b]       settings: change lr, loss weights, dropout, intervals... live
 [b]f[/b]       paused: fork here, a new run from this step with other settings
-[b]r[/b]       what the experts learn: each one's characters, per layer
+[b]r[/b]       what the experts learn: characters, pairs, [ ] over time, i importance
+[b]p[/b]       probe: route a text, switch experts off (0-9), compare
+[b]k[/b]       samples coloured by expert: layer 1, 2, ... then plain
 [b]l[/b]       loss chart: linear / logarithmic y axis
 [b]w[/b]       loss chart: whole run / the recent quarter of the steps
 [b]q[/b]       quit: asks, saves a checkpoint, prints the resume command

@@ -4,8 +4,9 @@
 - `RunFollower` (moe_core.live.follow): any run, through its folder and its control channel
   (`moe-tui watch`).
 
-Both have the same face: `poll()` for new events, `command(verb)`, `sample(request)`, `live`, `step`,
-`name`, `vocab`, and `generation`, which goes up when the run's history was rewritten (a resume).
+Both have the same face: `poll()` for new events, `command(verb)`, `sample(request)`, `probe(request)`,
+`live`, `step`, `name`, `vocab`, and `generation`, which goes up when the run's history was rewritten
+(a resume).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from moe_core.bus import EventBus
 from moe_core.config import Config
 from moe_core.events import Event
 from moe_core.model.request import SampleRequest
+from moe_core.probe.request import ProbeRequest
 
 __all__ = ["LocalTrainer", "reserve_torch_threads"]
 
@@ -81,6 +83,9 @@ class LocalTrainer:
 
     def sample(self, request: SampleRequest) -> None:
         self.trainer.control.sample(request)
+
+    def probe(self, request: ProbeRequest) -> None:
+        self.trainer.control.probe(request)
 
     def settings(self) -> Config:
         """The settings the trainer runs with now."""

@@ -7,7 +7,9 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from moe_core.events import Sample
 from tui.dashboard.run_view import RunView
+from tui.render.probe import COLOURS
 
 LOG_LEVEL_MARKS = {"info": "·", "eval": "≈", "checkpoint": "✓", "setting": "▼", "warning": "!", "error": "✗"}
 
@@ -41,12 +43,29 @@ class SamplesPanel(TextPanel):
         if not self.view.samples:
             return Text("samples appear every --sample-interval steps; press s for one now", style=self.style("dim"))
         parts = []
+        layer = self.view.sample_layer
         for sample in self.view.samples:
             origin = "yours" if sample.requested else "periodic"
             heading = Text(f"step {sample.step} · {origin} · T={sample.temperature:g}", style=self.style("heading"))
-            body = Text(sample.text.strip("\n") or "(empty)")
-            parts.append(Text("\n").join([heading, body]))
+            if layer is not None:
+                heading.append(f" · coloured by expert, layer {layer + 1} (k)" if sample.experts else " · not routed")
+            parts.append(Text("\n").join([heading, self.coloured(sample, layer)]))
         return Text("\n\n").join(parts)
+
+    @staticmethod
+    def coloured(sample: Sample, layer: int | None) -> Text:
+        """The sample's text, each character coloured by the expert it went to in `layer` (None: plain)."""
+        start = len(sample.text) - len(sample.text.lstrip("\n"))
+        text = sample.text.strip("\n")
+        if not text:
+            return Text("(empty)")
+        if layer is None or not sample.experts or layer >= len(sample.experts):
+            return Text(text)
+        chosen = sample.experts[layer][start:]
+        body = Text()
+        for char, e in zip(text, chosen):
+            body.append(char, style=f"bold {COLOURS[e % len(COLOURS)]}")
+        return body
 
 
 class EventsLog(TextPanel):
