@@ -16,7 +16,7 @@ from textual.widgets import Footer, Static
 
 from moe_core.errors import UserError
 from moe_core.events import State
-from moe_core.model.sampling import SampleRequest
+from moe_core.model.request import SampleRequest
 from moe_core.train.settings import checked_changes
 from tui.dashboard.experts_screen import ExpertsScreen
 from tui.dashboard.forking import start_fork
