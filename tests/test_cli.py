@@ -5,10 +5,12 @@ Bad input is in test_bad_input.py, signals and crashes in test_faults.py."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from tests.conftest import TINY_FLAGS, cli
 
@@ -127,13 +129,43 @@ def test_sample_skips_a_corrupt_newest_checkpoint_and_says_so(trained, capsys):
     ), speed
 
 
-def test_runs_and_datasets_listings(trained, capsys):
+def table_row(out: str, first_cell: str) -> list[str]:
+    """The cells of the row of a rich table that starts with `first_cell`."""
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in re.split("[│┃]", line.strip())[1:-1]]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{out}")
+
+
+def test_runs_and_datasets_listings(trained, shared_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per row, whatever the terminal running the tests
     code, out, _ = cli(capsys, "runs")
-    assert code == 0 and "tiny" in out and "simpsons" in out and "30/30" in out
+    assert code == 0
+    name, parent, state, dataset, step, best, params, updated = table_row(out, "tiny")
+    assert (parent, state, dataset, step) == ("-", "finished", "simpsons", "30/30")
+    evals = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert best == f"{min(r['val_loss'] for r in evals if r.get('event') == 'EvalMetrics'):.4f}"
+    # Parameters counted from the saved weights: a token uses 2 of each layer's 4 experts.
+    with safe_open(trained / "checkpoints" / "best" / "model.safetensors", "pt") as weights:
+        sizes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    total = sum(math.prod(shape) for shape in sizes.values())
+    idle = sum(math.prod(shape) for key, shape in sizes.items() if ".experts." in key) * 2 // 4
+    assert params == f"{total / 1e6:.2f}M ({(total - idle) / 1e6:.2f}M)"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", updated)
+
     code, out, _ = cli(capsys, "runs", "show", "tiny")
     assert code == 0 and "step-00000030" in out and "n_layer = 2" in out
+    assert f"parameters {total:,} total, {total - idle:,} active per token" in out
+
     code, out, _ = cli(capsys, "datasets")
-    assert code == 0 and "shakespeare" in out and "simpsons" in out and "yes" in out
+    assert code == 0
+    for corpus, filename in (("shakespeare", "tinyshakespeare.txt"), ("simpsons", "moes_tavern_lines.txt")):
+        file = shared_dir / filename
+        assert table_row(out, corpus)[1:4] == ["yes", f"{file.stat().st_size / 1e6:.2f} MB", str(file)]
+    code, out, _ = cli(capsys, "datasets", "--data-dir", str(tmp_path / "empty"))
+    assert code == 0
+    assert table_row(out, "simpsons")[1] == table_row(out, "shakespeare")[1] == "no (downloads on first use)"
 
 
 def test_overwrite_replaces_an_existing_run(trained, capsys):
@@ -163,7 +195,12 @@ def test_csv_columns_train(env, tmp_path, capsys):
         "--headless",
     )
     assert code == 0, err
-    assert "training run 'dialogue-" in out
+    (run,) = env.iterdir()
+    assert run.name.startswith("dialogue-") and f"training run '{run.name}'" in out
+    # The characters it learned are those of the columns joined by ': ', one line a row, the empty row left out
+    # (its "Szyslak" would bring z, y, k and l).
+    text = "".join(f"Homer Simpson: Line number {i} at Moe's.\n" for i in range(300))
+    assert json.loads((run / "vocab.json").read_text())["chars"] == sorted(set(text))
 
 
 def test_a_checkpoint_from_before_stacked_experts_samples_but_does_not_resume(trained, capsys):
@@ -229,12 +266,36 @@ def test_bench_json_reports_the_figures_and_the_machine(env, capsys):
     assert code == 0, err
     result = json.loads(out)  # stdout holds the JSON alone; progress goes to stderr
     assert "bench: training speed" in err and "bench: sampling speed" in err
-    ratio = result["train_tokens_per_sec"] / result["reference_tokens_per_sec"]
-    assert result["train_speedup"] == pytest.approx(ratio, abs=1e-3)  # both sides are rounded
-    assert 0 < result["mfu"] < 1
+    assert result["preset"] == "cpu" and result["device"] == "cpu" and result["compile"] is False
+    assert result["train_tokens_per_sec"] > 0 and result["reference_tokens_per_sec"] > 0
+    # Counted by hand for the cpu preset (4 layers x 64 wide, block 64, 8 experts, top-2, 65 characters):
+    # 6 x the 338,689 weights a token multiplies by (per layer 16,640 attention, 256 LayerNorm, 512 router,
+    # 2 x 33,088 of its experts; 4,353 for the final LayerNorm and head), and 12 x 4 x 64 x 64 for attention.
+    assert result["flops_per_token"] == 6 * 338_689 + 12 * 4 * 64 * 64
+    assert 0 < result["mfu"] < 1 and result["matmul_peak_gflops"] > 0
     # The KV cache computes one token per character where the reference recomputes the whole window.
     assert result["sample_speedup"] > 1 and result["first_char_ms"] > 0
     assert result["dashboard_overhead"] is None  # skipped by --dashboard-steps 0
     machine = result["machine"]
     assert machine["processor"] and machine["capability"] and machine["threads"] >= 1
     assert machine["torch"] == torch.__version__
+
+
+def test_bench_prints_its_figures_as_a_table(env, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per row, whatever the terminal running the tests
+    code, out, err = cli(capsys, "bench", "--preset", "cpu", "--steps", "1", "--repeats", "1", "--dashboard-steps", "0")
+    assert code == 0, err
+    assert "moe-tui bench: cpu preset on cpu" in out
+    assert table_row(out, "measure")[1:] == ["moe-tui", "textbook reference", "ratio"]
+    ours, reference, ratio = table_row(out, "training tokens/s")[1:]
+    assert re.fullmatch(r"[\d,]+", ours) and re.fullmatch(r"[\d,]+", reference) and ratio.endswith("x")
+    # The ratio is of the figures beside it (each rounded as shown).
+    shown = int(ours.replace(",", "")) / int(reference.replace(",", ""))
+    assert float(ratio[:-1]) == pytest.approx(shown, rel=0.01, abs=0.01)
+    mfu = table_row(out, "model FLOPs utilisation")
+    assert re.fullmatch(r"\d+\.\d%", mfu[1]) and re.fullmatch(r"of [\d,.]+ GFLOP/s matmul peak", mfu[3])
+    ours, reference, ratio = table_row(out, "sampling chars/s")[1:]
+    assert re.fullmatch(r"[\d,]+", ours) and re.fullmatch(r"[\d,]+", reference) and ratio.endswith("x")
+    assert re.fullmatch(r"[\d.]+ ms", table_row(out, "time to first char")[1])
+    assert "dashboard" not in out  # skipped by --dashboard-steps 0
+    assert f"{torch.get_num_threads()} torch threads, torch {torch.__version__}" in out

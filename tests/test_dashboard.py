@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from textual.app import App
+from textual.filter import dim_color
 from textual.widgets import Input
 
 from moe_core.bus import EventBus
@@ -53,6 +55,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def plain_terminal(monkeypatch):
+    """Draw as on a terminal the user has not configured, whatever the shell running pytest has set.
+    Textual reads NO_COLOR when an app starts, but TEXTUAL_THEME and TEXTUAL_DIM_FACTOR when it is first
+    imported (by the snapshot plugin, before any test module): those are put back to Textual's defaults."""
+    for name in [name for name in os.environ if name in ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(App.theme, "_default", "textual-dark")
+    monkeypatch.setattr(dim_color.__wrapped__, "__defaults__", (0.66,))
+    dim_color.cache_clear()  # colours dimmed by another factor
+    yield
+    dim_color.cache_clear()
 
 
 @pytest.fixture
@@ -347,32 +363,36 @@ def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_pa
 def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
     config = build_config(None, {}, {**TINY, "dataset": "simpsons"})
-    # Each run's figure, what consumed each run's events, and the dashboards made.
-    figure, consumer, dashboards = {}, {}, []
-    steady, run = overhead._steady_tokens_per_sec, Trainer.run
+    # What consumed each run's events and the tokens/s each logged (read before its temporary folder
+    # goes), and the dashboards made: watched, not changed.
+    consumer, logged, dashboards = {}, {}, []
+    run = Trainer.run
 
     def run_and_record(self, **kwargs):
         consumer[self.run_folder.name] = self.on_event
-        return run(self, **kwargs)
+        outcome = run(self, **kwargs)
+        metrics = self.run_folder.read_metrics()
+        logged[self.run_folder.name] = [r["tokens_per_sec"] for r in metrics if r.get("event") == "StepMetrics"]
+        return outcome
 
     def dashboard(*args, **kwargs):
         dashboards.append(Dashboard(*args, **kwargs))
         return dashboards[-1]
 
-    monkeypatch.setattr(overhead, "_steady_tokens_per_sec", lambda r: figure.setdefault(r.name, steady(r)))
     monkeypatch.setattr(Trainer, "run", run_and_record)
     monkeypatch.setattr(overhead, "Dashboard", dashboard)
 
-    plain, watched = dashboard_overhead(config, steps=20, rounds=1)  # each reads its run's logged tok/s
-    assert plain > 0 and watched > 0
-    assert len(figure) == 2 and figure.keys() == consumer.keys()  # two runs, one figure from each
-    (plain_run,) = [name for name, value in figure.items() if value == plain]
-    (watched_run,) = [name for name in figure if name != plain_run]
-    assert figure[watched_run] == watched
-    assert isinstance(consumer[plain_run], HeadlessReporter)
+    plain, watched = dashboard_overhead(config, steps=20, rounds=1)
+    assert len(consumer) == 2  # two runs, one under each front end
+    (plain_run,) = [name for name, on_event in consumer.items() if isinstance(on_event, HeadlessReporter)]
+    (watched_run,) = [name for name in consumer if name != plain_run]
     (app,) = dashboards
     assert consumer[watched_run] is app.local.bus and app.trainer.run_folder.name == watched_run
     assert app.view.run.run_name == watched_run and app.view.step > 0  # and it showed that run's steps
+    # Each figure is its own run's logged tokens/s: 20 steps logged every 5, the first window left out.
+    assert len(logged[plain_run]) == len(logged[watched_run]) == 4
+    assert plain == pytest.approx(sum(logged[plain_run][1:]) / 3)
+    assert watched == pytest.approx(sum(logged[watched_run][1:]) / 3)
 
 
 def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir, fast_keys):

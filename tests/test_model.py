@@ -92,15 +92,21 @@ def _per_expert(C: int) -> int:
     return (C * 4 * C + 4 * C) + (4 * C * C + C)
 
 
-@pytest.mark.parametrize("E,k,router", [(4, 2, "topk"), (8, 1, "noisy_topk"), (3, 3, "topk")])
-def test_num_params(E, k, router):
+# Counted by hand for small_config (2 layers, 32 wide, block 16, vocabulary 65): embeddings 65*32 + 16*32
+# = 2,592; per block attention 32*96+96 + 32*32+32 = 4,224, two LayerNorms 128, the router 32*E (twice
+# with noise), each expert 8,352; the head 2*32 + 32*65+65 = 2,209. A token uses k of the E experts.
+@pytest.mark.parametrize(
+    "E,k,router,total,active",
+    [
+        (4, 2, "topk", 80_577, 47_169),  # 2,592 + 2 * (4,224 + 128 + 128 + 4 * 8,352) + 2,209
+        (8, 1, "noisy_topk", 148_161, 31_233),  # 2,592 + 2 * (4,224 + 128 + 512 + 8 * 8,352) + 2,209
+        (3, 3, "topk", 63_809, 63_809),  # 2,592 + 2 * (4,224 + 128 + 96 + 3 * 8,352) + 2,209
+    ],
+)
+def test_num_params(E, k, router, total, active):
     model = make_model(num_experts=E, top_k=k, router=router)
-    total, active = model.num_params()
-    assert total == sum(p.numel() for p in model.parameters())
-    C, L = 32, 2
-    per_expert = _per_expert(C)
-    assert sum(p.numel() for p in model.blocks[0].moe.experts.parameters()) == E * per_expert
-    assert active == total - L * (E - k) * per_expert
+    assert model.num_params() == (total, active)
+    assert sum(p.numel() for p in model.blocks[0].moe.experts.parameters()) == E * _per_expert(32)
 
 
 def test_num_params_seed_preset_hand_count():

@@ -306,7 +306,12 @@ def test_plain_router_no_noise_in_train():
     moe.train()
     x = torch.randn(64, C)
     assert moe.router.noise is None
-    torch.testing.assert_close(moe.router(x)[0], moe.router(x)[0])
+    logits, weights, idx = moe.router(x)
+    # In training too, the logits are the gate's projection alone: x W^T, worked out here by hand.
+    torch.testing.assert_close(logits, x @ moe.router.gate.weight.T)
+    top = (x @ moe.router.gate.weight.T).topk(2, dim=-1)
+    assert torch.equal(idx, top.indices)
+    torch.testing.assert_close(weights, torch.softmax(top.values, -1))
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
