@@ -297,6 +297,12 @@ CASES = {
     "fork spelled wrong": Case(RUN, ["train", "--fork", "tiny@latest", *SHORT]),
     "unknown --on-alert": Case(CLI, ["train", "simpsons", "--on-alert", "panic", *SHORT]),
     "unknown --guard": Case(CLI, ["train", "simpsons", "--guard", "maybe", *SHORT]),
+    "negative dropout": Case(CLI, ["train", "simpsons", "--dropout", "-0.1", *SHORT]),
+    "negative weight decay": Case(CLI, ["train", "simpsons", "--weight-decay", "-0.01", *SHORT]),
+    "negative gradient clip": Case(CLI, ["train", "simpsons", "--grad-clip", "-1", *SHORT]),
+    "unknown init": Case(CLI, ["train", "simpsons", "--init", "orthogonal", *SHORT]),
+    "unknown learning rate schedule": Case(CLI, ["train", "simpsons", "--lr-schedule", "linear", *SHORT]),
+    "unknown device": Case(CLI, ["train", "simpsons", "--device", "tpu", *SHORT]),
 }
 
 
@@ -480,6 +486,12 @@ OFFENDING = {
     "fork spelled wrong": ["'tiny@latest'"],
     "unknown --on-alert": ["--on-alert", "'panic'"],
     "unknown --guard": ["--guard", "'maybe'"],
+    "negative dropout": ["--dropout", "got -0.1"],
+    "negative weight decay": ["--weight-decay", "got -0.01"],
+    "negative gradient clip": ["--grad-clip", "got -1.0"],
+    "unknown init": ["'orthogonal'"],
+    "unknown learning rate schedule": ["'linear'"],
+    "unknown device": ["'tpu'"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.
