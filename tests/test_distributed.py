@@ -8,7 +8,7 @@ sparse MoE more than most: a token whose top two router logits are within roundi
 to another expert. For scale, the same one-process run with 2 torch threads instead of 1 (another
 summation order, nothing else) ends 40 steps 1.4e-3 away in the weights and 4e-4 in eval loss on
 this machine. The settings below (a long warmup, so the learning rate stays low over the 40 steps
-while the loss still falls from 4.7 to 3.9) keep that amplification small enough for the issue's 1e-4
+while the loss still falls from 4.7 to 3.9) keep that amplification small enough for a bound of 1e-4
 on the eval losses; the weights must be within 1e-3, no further than that thread-count noise.
 """
 
