@@ -102,8 +102,9 @@ def test_dense_a_constant_schedule_and_the_checkpoints_kept(env, trained_once, c
 
 
 def test_grad_clip_and_the_loss_coefficients_change_training(env, capsys):
-    # Ten steps of three runs alike but for these flags; each log line is the mean of five steps.
-    steps = ["--max-iters", "10", "--batch-size", "16", "--log-interval", "5", "--warmup-iters", "0"]
+    # Ten steps of three runs alike but for these flags (the same seed: the same batches); each log line
+    # is the mean of five steps.
+    steps = ["--max-iters", "10", "--batch-size", "8", "--log-interval", "5", "--warmup-iters", "0"]
     runs = {
         "free": ["--grad-clip", "0", "--aux-loss-coef", "0", "--z-loss-coef", "0"],
         "clipped": ["--grad-clip", "1e-9", "--aux-loss-coef", "0", "--z-loss-coef", "0"],
@@ -114,9 +115,10 @@ def test_grad_clip_and_the_loss_coefficients_change_training(env, capsys):
         train(capsys, name, *steps, *flags)
         logged[name] = records(env / name, "StepMetrics")
     free, clipped, balanced = logged["free"], logged["clipped"], logged["balanced"]
-    # Clipped to a norm of 1e-9, an Adam step is (1e-9 / gradient norm) / eps times its size: nothing learns.
+    # Clipped to a norm of 1e-9, an Adam step is about (1e-9 / gradient norm) / eps of its size: nothing
+    # learns, and on the same batches its loss stays far above the free run's.
     assert free[1]["loss"] < free[0]["loss"] - 0.3
-    assert clipped[1]["loss"] > clipped[0]["loss"] - 0.05
+    assert clipped[1]["loss"] > free[1]["loss"] + 1.0
     # The router's z-loss and load-balancing loss, weighted in, fall below what the run without them has.
     assert balanced[1]["z_loss"] < free[1]["z_loss"] / 2
     assert balanced[1]["aux_loss"] < free[1]["aux_loss"]
