@@ -81,18 +81,37 @@ def as_flags(settings: dict) -> list[str]:
 TINY_FLAGS = as_flags(TINY)
 
 
-def start_moe_tui(args: list[str], runs: Path, stdout=subprocess.PIPE, **popen) -> subprocess.Popen:
-    """`moe-tui ARGS` as a real process of its own, with the offline corpora and `runs` as its runs folder."""
-    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}
+def start_moe_tui(
+    args: list[str], runs: Path, stdout=subprocess.PIPE, env: dict | None = None, **popen
+) -> subprocess.Popen:
+    """`moe-tui ARGS` as a real process of its own, with the offline corpora and `runs` as its runs folder;
+    `env` adds to its environment."""
     return subprocess.Popen(
         [sys.executable, "-m", "tui", *args],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env={
+            **os.environ,
+            "MOE_TUI_DATA": str(shared_data_dir()),
+            "MOE_TUI_RUNS": str(runs),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        },
         cwd=REPO,
         **popen,
     )
+
+
+def moe_tui(runs: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`moe-tui ARGS` run to its end as a process of its own (`start_moe_tui`)."""
+    process = start_moe_tui(list(args), runs, env=env)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 # -- the command line, in process ------------------------------------------------------------
@@ -120,14 +139,13 @@ def tree(path: Path) -> dict[str, tuple[int, float]]:
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
 
 
-@pytest.fixture(scope="session")
-def trained_once(tmp_path_factory) -> Path:
-    """One finished tiny run (30 steps, checkpoints at 10, 20, 30), trained once per session. What the
-    command printed is kept beside it, in tiny.stdout and tiny.stderr."""
-    runs = tmp_path_factory.mktemp("trained")
+def train_here(runs: Path, name: str, *extra: str) -> Path:
+    """`moe-tui train simpsons` of a finished tiny run (30 steps, checkpoints and evaluations at 10, 20, 30),
+    in this process: no process start, no torch import. What it printed is kept beside it, in NAME.stdout
+    and NAME.stderr."""
     with (
-        open(runs / "tiny.stdout", "w") as out,
-        open(runs / "tiny.stderr", "w") as err,
+        open(runs / f"{name}.stdout", "w") as out,
+        open(runs / f"{name}.stderr", "w") as err,
         redirect_stdout(out),
         redirect_stderr(err),
     ):
@@ -143,16 +161,29 @@ def trained_once(tmp_path_factory) -> Path:
                 "--eval-interval",
                 "10",
                 "--run-name",
-                "tiny",
+                name,
                 "--headless",
                 "--data-dir",
                 str(shared_data_dir()),
                 "--runs-dir",
                 str(runs),
+                *extra,
             ]
         )
-    assert code == 0, (runs / "tiny.stderr").read_text()
-    return runs / "tiny"
+    assert code == 0, (runs / f"{name}.stderr").read_text()
+    return runs / name
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory) -> Path:
+    """One finished tiny run, 'tiny', trained once per session (`train_here`): tests copy it."""
+    return train_here(tmp_path_factory.mktemp("trained"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def slower_once(tmp_path_factory) -> Path:
+    """Another, 'slower': the same but for a third of the learning rate, so that its curves differ."""
+    return train_here(tmp_path_factory.mktemp("slower"), "slower", "--lr", "1e-3")
 
 
 @pytest.fixture
@@ -161,3 +192,10 @@ def trained(env, trained_once, capsys) -> Path:
     capsys.readouterr()
     shutil.copytree(trained_once, env / "tiny")
     return env / "tiny"
+
+
+@pytest.fixture
+def two_trained(trained, slower_once) -> tuple[Path, Path]:
+    """Private copies of two finished runs that differ, 'tiny' and 'slower', in this test's runs folder."""
+    shutil.copytree(slower_once, trained.parent / "slower")
+    return trained, trained.parent / "slower"

@@ -5,10 +5,7 @@ docs/steering.md on a real run (experts die without the balancing loss; the guar
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 
 from moe_core.config import Config
@@ -17,7 +14,7 @@ from moe_core.live.client import live_client
 from moe_core.store.runs import Run
 from moe_core.train.control import Control
 from moe_core.train.guard import Guard
-from tests.conftest import REPO, TINY, as_flags, shared_data_dir
+from tests.conftest import TINY, as_flags, moe_tui
 from tests.test_faults import records, wait_until
 from tests.test_training import make_trainer
 
@@ -102,13 +99,7 @@ DYING = {**TINY, "num_experts": 8, "aux_loss_coef": 0, "lr": 0.03, "warmup_iters
 
 def test_the_guard_pauses_a_run_whose_experts_die_and_a_set_brings_them_back(tmp_path):
     runs = tmp_path / "runs"
-    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs)}
-
-    def moe_tui(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
-
-    assert moe_tui("train", "simpsons", *as_flags(DYING), "--run-name", "dying", "--detach").returncode == 0
+    assert moe_tui(runs, "train", "simpsons", *as_flags(DYING), "--run-name", "dying", "--detach").returncode == 0
     run, folder = Run.open(runs, "dying"), runs / "dying"
     try:
         wait_until(lambda: records(folder, "Alert"), 120, "the guard to trip")
@@ -117,7 +108,7 @@ def test_the_guard_pauses_a_run_whose_experts_die_and_a_set_brings_them_back(tmp
         found = re.search(r"expert (\d+) of layer (\d+)", alert["message"])
         expert, layer = int(found[1]), int(found[2])
         wait_until(lambda: live_client(run).hello["state"] == "paused", 30, "the run to pause")
-        assert moe_tui("set", "dying", "aux_loss_coef=0.1", "lr=0.003").returncode == 0
+        assert moe_tui(runs, "set", "dying", "aux_loss_coef=0.1", "lr=0.003").returncode == 0
         client = live_client(run)
         client.send("resume")
         client.close()
@@ -128,4 +119,4 @@ def test_the_guard_pauses_a_run_whose_experts_die_and_a_set_brings_them_back(tmp
 
         wait_until(revived, 120, "the dead expert to take tokens again")
     finally:
-        moe_tui("stop", "dying")
+        moe_tui(runs, "stop", "dying")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from moe_core.live.client import live_client
 from moe_core.live.lease import read_status
 from moe_core.store.checkpoint import MODEL_FILE
 from moe_core.store.runs import Run
-from tests.conftest import REPO, TINY, as_flags, shared_data_dir, start_moe_tui
+from tests.conftest import TINY, as_flags, moe_tui, start_moe_tui
 from tests.test_faults import records, wait_until
 
 # Dropout and router noise on: a change must land on the random streams exactly as it did first.
@@ -32,13 +31,6 @@ STEER = {
     "sample_tokens": 0,
 }
 CHANGE = ["lr=0.001", "aux_loss_coef=0.05", "dropout=0.2"]
-
-
-def moe_tui(runs: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOE_TUI_DATA": str(shared_data_dir()), "MOE_TUI_RUNS": str(runs)}
-    return subprocess.run(
-        [sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
 
 
 def steps_logged(run: Path) -> int:
@@ -132,16 +124,16 @@ if os.environ.get("RANK") is not None:
 
 def test_with_two_processes_every_rank_takes_a_change_between_the_same_two_steps(tmp_path):
     """Data parallel: the change travels with the commands the ranks agree on."""
-    from tests.test_distributed import DP_FLAGS, environment
+    from tests.test_distributed import DP_FLAGS
 
     runs, hooks, noted = tmp_path / "runs", tmp_path / "hooks", tmp_path / "changes.txt"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(RECORD_CHANGES)
-    env = {**environment(runs), "PYTHONPATH": str(hooks), "MOE_TUI_CHANGES": str(noted)}
+    # One torch thread per rank (see tests/test_distributed.py).
+    env = {"PYTHONPATH": str(hooks), "MOE_TUI_CHANGES": str(noted), "OMP_NUM_THREADS": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tui", *args], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
+        return moe_tui(runs, *args, env=env)
 
     started = run("train", "simpsons", *DP_FLAGS, "--max-iters", "100000", "--run-name", "two", "--nproc", "2",
                   "--detach")  # fmt: skip
