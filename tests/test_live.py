@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -18,7 +20,7 @@ from moe_core.live.lease import is_live, process_gone, read_status, socket_path
 from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
 from moe_core.model.sampling import SampleRequest
 from moe_core.store.runs import Run
-from tests.conftest import TINY_FLAGS, as_flags, start_moe_tui
+from tests.conftest import TINY_FLAGS, as_flags, moe_tui
 from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
 from tui.dashboard.app import Dashboard
 
@@ -52,14 +54,13 @@ def trainers():
 
 def detach(runs: Path, name: str, trainers: list[int], *extra: str) -> Run:
     """`moe-tui train simpsons --detach`, as a user types it; returns once the parent has returned."""
-    proc = start_moe_tui(["train", "simpsons", "--run-name", name, "--detach", *TINY_FLAGS, *QUIET_FLAGS, *extra], runs)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    pid = int(re.search(r"as process (\d+)", out)[1])
+    done = moe_tui(runs, "train", "simpsons", "--run-name", name, "--detach", *TINY_FLAGS, *QUIET_FLAGS, *extra)
+    assert done.returncode == 0, done.stderr
+    pid = int(re.search(r"as process (\d+)", done.stdout)[1])
     trainers.append(pid)
-    assert f"moe-tui watch {name}" in out and f"moe-tui stop {name}" in out
+    assert f"moe-tui watch {name}" in done.stdout and f"moe-tui stop {name}" in done.stdout
     run = Run(runs / name)
-    assert "train.log" in out and run.path.joinpath("train.log").is_file()
+    assert "train.log" in done.stdout and run.path.joinpath("train.log").is_file()
     return run
 
 
@@ -88,123 +89,112 @@ def test_the_control_protocol_accepts_its_verbs_and_refuses_everything_else():
             parse_command(line, vocab)
 
 
-# -- detach, watch, control --------------------------------------------------------------------------
+# -- finished runs, watched from their files -------------------------------------------------------
 
 
-def test_a_detached_run_is_watched_paused_sampled_and_left_running(env, trainers, fast_keys):
-    run = detach(env, "bg", trainers)
-    assert read_status(run).state == "live" and read_status(run).pid == trainers[0]
-    wait_for(lambda: len(logged_steps(run)) >= 3, what="steps before the viewer attaches")
+def test_a_finished_run_is_watched_from_its_files_and_sampled_here(trained, fast_keys):
+    run = Run(trained)  # 30 steps, evaluated at 10, 20 and 30
 
     async def scenario():
         follower = RunFollower(run)
         follower.attach()
+        assert not follower.live
         app = Dashboard(sources=[follower])
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.view.state == "running" and app.view.usage is not None)
-            first_point = app.view.train_loss.points(None)[0][0]
-            assert first_point == 5  # the whole history from the run folder, not only what followed
-            assert "bg · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
-
-            await pilot.press("space")
-            await wait_until(pilot, lambda: app.view.state == "paused")
-            stopped = logged_steps(run)[-1]
-            await pilot.pause(1.5)
-            assert logged_steps(run)[-1] == stopped, "a step was logged while paused"
-            assert app.view.step - stopped < 5  # the step counter (heartbeat) stood still too
-
-            await pilot.press("space")
-            await wait_until(pilot, lambda: app.view.state == "running" and logged_steps(run)[-1] > stopped)
-
-            await pilot.press("s")
-            await pilot.press("end", "ctrl+u", *"Homer:", "tab", "end", "ctrl+u", "2", "5", "enter")
+            await wait_until(pilot, lambda: app.view.state == "finished")
+            assert app.view.step == 30 and len(app.view.eval_val.points(None)[0]) == 3
+            assert app.screen.check_action("pause", ()) is None and app.screen.check_action("sample", ())
+            follower.sample(SampleRequest("Bart:", 20, temperature=0.0))
             await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
-            sample = next(s for s in app.view.samples if s.requested)
-            assert sample.text.startswith("Homer:") and len(sample.text) == 6 + 25
-            await pilot.press("q")  # a viewer leaves at once: nothing of its own to save
-        assert app.return_code == 0
+            assert next(s for s in app.view.samples if s.requested).text.startswith("Bart:")
 
     drive(scenario)
-    assert "Homer:" in run.samples_path.read_text()  # the trainer sampled it and logged it to the run
-    before = logged_steps(run)[-1]
-    wait_for(lambda: logged_steps(run)[-1] > before + 10, what="training to go on after the viewer left")
-    assert is_live(run)
 
 
-def test_two_viewers_see_what_either_does(env, trainers):
-    run = detach(env, "shared", trainers)
-    one, two = RunFollower(run), RunFollower(run)
-    one.attach()
-    two.attach()
-    seen_by_two: list[str] = []
+def test_several_runs_overlay_their_validation_curves(two_trained, fast_keys):
+    async def scenario():
+        followers = [RunFollower(Run(path)) for path in two_trained]
+        app = Dashboard(sources=followers)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: all(m.state == "finished" for m in app.views))
+            chart = app.query_one("#loss-chart")
+            assert "● tiny" in chart.border_subtitle and "■ slower" in chart.border_subtitle
+            text = str(chart.render())
+            assert "●" in text and "■" in text
+            assert "[1/2] tiny" in status_text(app)
+            await pilot.press("n")
+            assert "[2/2] slower" in status_text(app)
+            await pilot.press("x")
+            assert "by time" in chart.border_title
 
-    def states() -> list[str]:
-        seen_by_two.extend(e.state for e in two.poll() if hasattr(e, "state"))
-        one.poll()
-        return seen_by_two
-
-    wait_for(lambda: "running" in states(), what="the second viewer's greeting")
-    one.command("pause")
-    wait_for(lambda: states()[-1] == "paused", 10, "the pause to reach the other viewer")
-    one.command("resume")
-    wait_for(lambda: states()[-1] == "running", 10, "the resume to reach the other viewer")
-    one.close()
-    two.close()
+    drive(scenario)
 
 
-def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(env, trainers):
-    run = detach(env, "rude", trainers)
-    rude = live_client(run)
-    rude.send_raw(b"\x00\x01not json\n")
-    rude.send_raw(b'{"v": 1, "cmd": "exec", "args": ["rm", "-rf", "/"]}\n')
-    rude.send_raw(b"x" * (MAX_LINE + 10))  # no newline yet: refused before it ends
-    rude.send_raw(b"y" * 1000 + b'\n{"v": 1, "cmd": "save"}\n')  # the rest of that line, then a good one
-    rude.send_raw(b"[" * 50_000 + b"\n")  # nested past the parser's recursion limit
-    replies = []
-    wait_for(
-        lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 5,
-        10,
-        "five replies",
-    )
-    assert [r["ok"] for r in replies[:5]] == [False, False, False, True, False]
-    assert "unknown command 'exec'" in replies[1]["error"] and "longer than" in replies[2]["error"]
-    half = live_client(run)
-    half.send_raw(b'{"v": 1, "cmd": "pau')  # and hangs up mid-line
-    half.close()
-    rude.close()
-    wait_for(lambda: any(run.checkpoints.glob("step-*")), 30, "the good save command to be carried out")
-    before = max(logged_steps(run), default=0)
-    wait_for(lambda: max(logged_steps(run), default=0) >= before + 20, 60, "training to go on")
+def test_a_key_adds_a_run_to_the_chart(two_trained, fast_keys):
+    first, second = two_trained
+    from tui.dashboard.runner import viewer_app
+
+    async def scenario():
+        app = viewer_app([RunFollower(Run(first))], first.parent)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.view.state == "finished")
+            await pilot.press("a", *"ghost", "enter")  # not a run: said in the dialog, which stays open
+            assert "no run 'ghost'" in str(app.screen.query_one("#add-run-error").content)
+            await pilot.press(*["backspace"] * 5, *second.name, "enter")
+            await wait_until(pilot, lambda: len(app.sources) == 2 and app.view.state == "finished")
+            assert "[2/2] slower" in status_text(app)
+            assert "● tiny" in app.query_one("#loss-chart").border_subtitle
+
+    drive(scenario)
 
 
-def test_stop_saves_the_last_step_and_returns_once_the_process_is_gone(env, trainers):
-    run = detach(env, "done", trainers)
-    wait_for(lambda: len(logged_steps(run)) >= 2, what="some steps")
-    proc = start_moe_tui(["stop", "done"], env)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+# -- detach, stop, resume, kill --------------------------------------------------------------------
+
+
+class Stopped(NamedTuple):
+    run: Run
+    pid: int
+    second: subprocess.CompletedProcess  # a second trainer, refused while the first one trained
+    stop: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Stopped:
+    """A detached run past its first checkpoint, a second trainer refused, then `moe-tui stop`."""
+    runs, pids = tmp_path_factory.mktemp("stopped"), []
+    try:
+        run = detach(runs, "twice", pids, "--ckpt-interval", "20")
+        wait_for(lambda: any(run.checkpoints.glob("step-*")), what="a checkpoint")
+        second = moe_tui(runs, "train", "--resume", "twice", "--detach", timeout=120)
+        stop = moe_tui(runs, "stop", "twice", timeout=120)
+        yield Stopped(run, pids[0], second, stop)
+    finally:
+        for pid in pids:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_saves_the_last_step_and_returns_once_the_process_is_gone(stopped):
+    run, out = stopped.run, stopped.stop.stdout
+    assert stopped.stop.returncode == 0, stopped.stop.stderr
     status = read_status(run)
     assert status.state == "stopped" and not is_live(run)
-    assert process_gone(trainers[0])
+    assert process_gone(stopped.pid)
     assert f"at step {status.step}" in out and f"step-{status.step:08d}" in out
     assert run.checkpoint("latest").name == f"step-{status.step:08d}"  # the last step, saved
     assert not socket_path(run).exists()
-    again = start_moe_tui(["stop", "done"], env)
-    assert again.wait(timeout=60) == 0 and "is not running (stopped" in again.stderr.read()
+    again = moe_tui(run.path.parent, "stop", "twice", timeout=60)
+    assert again.returncode == 0 and "is not running (stopped" in again.stderr
 
 
-def test_resuming_detached_continues_the_run_and_refuses_a_second_trainer(env, trainers):
-    run = detach(env, "twice", trainers, "--ckpt-interval", "20")
-    wait_for(lambda: any(run.checkpoints.glob("step-*")), what="a checkpoint")
-    second = start_moe_tui(["train", "--resume", "twice", "--detach"], env)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 2 and "is being trained by process" in err and err.count("\n") == 1
-    assert start_moe_tui(["stop", "twice"], env).wait(timeout=120) == 0
+def test_resuming_detached_continues_the_run_and_refuses_a_second_trainer(stopped, trainers):
+    run, err = stopped.run, stopped.second.stderr
+    assert stopped.second.returncode == 2 and "is being trained by process" in err and err.count("\n") == 1
+    assert stopped.stop.returncode == 0
     stopped_at = read_status(run).step
-    resumed = start_moe_tui(["train", "--resume", "twice", "--detach"], env)
-    out, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
-    trainers.append(int(re.search(r"as process (\d+)", out)[1]))
+    resumed = moe_tui(run.path.parent, "train", "--resume", "twice", "--detach", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    trainers.append(int(re.search(r"as process (\d+)", resumed.stdout)[1]))
     wait_for(lambda: logged_steps(run)[-1] > stopped_at + 10, what="the resumed run's steps")
     assert logged_steps(run) == sorted(set(logged_steps(run)))  # each step once
 
@@ -233,129 +223,133 @@ def test_a_trainer_killed_with_sigkill_shows_as_gone_within_seconds(env, trainer
     assert read_status(run).state == "crashed"
 
 
-def test_a_finished_run_is_watched_from_its_files_and_sampled_here(env, trainers, fast_keys):
-    proc = start_moe_tui(
-        [
-            "train",
-            "simpsons",
-            "--run-name",
-            "old",
-            *TINY_FLAGS,
-            "--max-iters",
-            "20",
-            "--eval-interval",
-            "10",
-            "--headless",
-        ],
-        env,
-    )
-    assert proc.wait(timeout=300) == 0
-    run = Run(env / "old")
+# -- one detached trainer, shared by the tests that only talk to it (last: it trains until the end)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Run:
+    """One detached trainer for the tests that only talk to it (each leaves it training), in a runs folder
+    so deep that its socket's path is past the Unix limit: every test here goes through the long path."""
+    pids: list[int] = []
+    deep = tmp_path_factory.mktemp("live") / ("d" * 60) / ("e" * 60)
+    try:
+        run = detach(deep, "deep", pids)
+        assert len(os.fsencode(socket_path(run))) > SUN_PATH_MAX
+        yield run
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+
+def training_goes_on(run: Run, steps: int = 10, timeout: float = 60) -> None:
+    before = max(logged_steps(run), default=0)
+    wait_for(lambda: max(logged_steps(run), default=0) >= before + steps, timeout, "training to go on")
+
+
+def test_a_detached_run_is_watched_paused_sampled_and_left_running(shared, fast_keys):
+    run = shared
+    assert read_status(run).state == "live" and not process_gone(read_status(run).pid)
+    wait_for(lambda: len(logged_steps(run)) >= 3, what="steps before the viewer attaches")
 
     async def scenario():
         follower = RunFollower(run)
         follower.attach()
-        assert not follower.live
         app = Dashboard(sources=[follower])
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.view.state == "finished")
-            assert app.view.step == 20 and len(app.view.eval_val.points(None)[0]) == 2
-            assert app.screen.check_action("pause", ()) is None and app.screen.check_action("sample", ())
-            follower.sample(SampleRequest("Bart:", 20, temperature=0.0))
+            await wait_until(pilot, lambda: app.view.state == "running" and app.view.usage is not None)
+            first_point = app.view.train_loss.points(None)[0][0]
+            assert first_point == 5  # the whole history from the run folder, not only what followed
+            assert "deep · simpsons · cpu" in status_text(app) and "cpu " in status_text(app)  # the trainer's usage
+
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.view.state == "paused")
+            stopped = logged_steps(run)[-1]
+            # Two heartbeats (one a second) from the paused trainer: alive, its step counter standing still.
+            beats = []
+            for _ in range(3):
+                last = app.view.usage
+                await wait_until(pilot, lambda: app.view.usage is not last)
+                beats.append(app.view.usage.step)
+            assert logged_steps(run)[-1] == stopped, "a step was logged while paused"
+            assert beats[1] == beats[2] and beats[2] - stopped < 5
+
+            await pilot.press("space")
+            await wait_until(pilot, lambda: app.view.state == "running" and logged_steps(run)[-1] > stopped)
+
+            await pilot.press("s")
+            await pilot.press("end", "ctrl+u", *"Homer:", "tab", "end", "ctrl+u", "2", "5", "enter")
             await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
-            assert next(s for s in app.view.samples if s.requested).text.startswith("Bart:")
+            sample = next(s for s in app.view.samples if s.requested)
+            assert sample.text.startswith("Homer:") and len(sample.text) == 6 + 25
+            await pilot.press("q")  # a viewer leaves at once: nothing of its own to save
+        assert app.return_code == 0
 
     drive(scenario)
+    assert "Homer:" in run.samples_path.read_text()  # the trainer sampled it and logged it to the run
+    training_goes_on(run)
+    assert is_live(run)
 
 
-def test_several_runs_overlay_their_validation_curves(env, fast_keys):
-    for name, lr in (("slow", "1e-3"), ("fast", "6e-3")):
-        proc = start_moe_tui(
-            [
-                "train",
-                "simpsons",
-                "--run-name",
-                name,
-                *TINY_FLAGS,
-                "--max-iters",
-                "20",
-                "--eval-interval",
-                "5",
-                "--lr",
-                lr,
-                "--headless",
-            ],
-            env,
-        )
-        assert proc.wait(timeout=300) == 0
+def test_two_viewers_see_what_either_does(shared):
+    viewers = {"one": RunFollower(shared), "two": RunFollower(shared)}
+    seen: dict[str, list[str]] = {name: [] for name in viewers}
+    for viewer in viewers.values():
+        viewer.attach()
 
-    async def scenario():
-        followers = [RunFollower(Run(env / name)) for name in ("slow", "fast")]
-        app = Dashboard(sources=followers)
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: all(m.state == "finished" for m in app.views))
-            chart = app.query_one("#loss-chart")
-            assert "● slow" in chart.border_subtitle and "■ fast" in chart.border_subtitle
-            text = str(chart.render())
-            assert "●" in text and "■" in text
-            assert "[1/2] slow" in status_text(app)
-            await pilot.press("n")
-            assert "[2/2] fast" in status_text(app)
-            await pilot.press("x")
-            assert "by time" in chart.border_title
+    def last_seen(name: str) -> str | None:
+        for viewer_name, viewer in viewers.items():  # both read their channel, as both screens would
+            seen[viewer_name].extend(e.state for e in viewer.poll() if hasattr(e, "state"))
+        return seen[name][-1] if seen[name] else None
 
-    drive(scenario)
+    wait_for(lambda: last_seen("one") == last_seen("two") == "running", 30, "both viewers' greetings")
+    for sender, other, verb, state in (("one", "two", "pause", "paused"), ("two", "one", "resume", "running")):
+        viewers[sender].command(verb)
+        wait_for(lambda: last_seen(other) == state, 30, f"{sender}'s {verb} to reach viewer {other}")
+        assert last_seen(sender) == state  # the sender sees it too
+    for viewer in viewers.values():
+        viewer.close()
+    training_goes_on(shared)
 
 
-def test_a_socket_path_past_the_unix_limit_still_works(tmp_path, shared_dir, trainers, monkeypatch):
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    run = detach(deep, "deep", trainers)
+def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(shared):
+    run = shared
+    saved_before = set(run.checkpoints.glob("step-*"))
+    rude = live_client(run)
+    rude.send_raw(b"\x00\x01not json\n")
+    rude.send_raw(b'{"v": 1, "cmd": "exec", "args": ["rm", "-rf", "/"]}\n')
+    rude.send_raw(b"x" * (MAX_LINE + 10))  # no newline yet: refused before it ends
+    rude.send_raw(b"y" * 1000 + b'\n{"v": 1, "cmd": "save"}\n')  # the rest of that line, then a good one
+    rude.send_raw(b"[" * 50_000 + b"\n")  # nested past the parser's recursion limit
+    replies = []
+    wait_for(
+        lambda: len(replies.extend(m for m in rude.receive() if m["type"] == "reply") or replies) >= 5,
+        10,
+        "five replies",
+    )
+    assert [r["ok"] for r in replies[:5]] == [False, False, False, True, False]
+    assert "unknown command 'exec'" in replies[1]["error"] and "longer than" in replies[2]["error"]
+    half = live_client(run)
+    half.send_raw(b'{"v": 1, "cmd": "pau')  # and hangs up mid-line
+    half.close()
+    rude.close()
+    wait_for(lambda: set(run.checkpoints.glob("step-*")) - saved_before, 30, "the good save command to be carried out")
+    training_goes_on(run, 20)
+
+
+def test_a_socket_path_past_the_unix_limit_still_works(shared):
+    run = shared
     assert len(os.fsencode(socket_path(run))) > SUN_PATH_MAX
     client = live_client(run)
     assert client is not None and client.hello["run"] == "deep"
     client.close()
 
 
-def test_a_key_adds_a_run_to_the_chart(env, fast_keys):
-    for name in ("first", "second"):
-        proc = start_moe_tui(
-            [
-                "train",
-                "simpsons",
-                "--run-name",
-                name,
-                *TINY_FLAGS,
-                "--max-iters",
-                "10",
-                "--eval-interval",
-                "5",
-                "--headless",
-            ],
-            env,
-        )
-        assert proc.wait(timeout=300) == 0
-    from tui.dashboard.runner import viewer_app
-
-    async def scenario():
-        app = viewer_app([RunFollower(Run(env / "first"))], env)
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.view.state == "finished")
-            await pilot.press("a", *"ghost", "enter")  # not a run: said in the dialog, which stays open
-            assert "no run 'ghost'" in str(app.screen.query_one("#add-run-error").content)
-            await pilot.press(*["backspace"] * 5, *"second", "enter")
-            await wait_until(pilot, lambda: len(app.sources) == 2 and app.view.state == "finished")
-            assert "[2/2] second" in status_text(app)
-            assert "● first" in app.query_one("#loss-chart").border_subtitle
-
-    drive(scenario)
-
-
-def test_a_trainer_that_stops_answering_is_reported_and_recovers(env, trainers, fast_keys):
-    run = detach(env, "frozen", trainers)
+def test_a_trainer_that_stops_answering_is_reported_and_recovers(shared):
+    run, pid = shared, read_status(shared).pid
     follower = RunFollower(run)
     follower.attach()
     wait_for(lambda: any(getattr(e, "state", None) == "running" for e in follower.poll()), 30, "the greeting")
-    os.kill(trainers[0], signal.SIGSTOP)  # alive, but silent: no heartbeat
+    os.kill(pid, signal.SIGSTOP)  # alive, but silent: no heartbeat
     try:
         notices = []
         took = wait_for(
@@ -368,8 +362,7 @@ def test_a_trainer_that_stops_answering_is_reported_and_recovers(env, trainers, 
         )
         print(f"\na silent trainer was reported after {took:.1f} s")
     finally:
-        os.kill(trainers[0], signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     assert follower.live  # silent is not gone: the connection stands
-    before = max(logged_steps(run), default=0)
-    wait_for(lambda: max(logged_steps(run), default=0) > before, 30, "training to go on after SIGCONT")
+    training_goes_on(run, 1, 30)
     follower.close()
