@@ -9,14 +9,13 @@ import importlib.util
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from moe_core.events import ExpertChars, from_record, to_record
 from moe_core.model.routes import mutual_information, routing_change, top_characters
-from tests.conftest import TINY_FLAGS, cli, start_moe_tui
+from tests.conftest import cli
 from tests.test_training import make_trainer
 from tui.dashboard.app import Dashboard
 
@@ -102,58 +101,35 @@ def test_each_evaluation_logs_the_routes_beside_its_losses(env, shared_dir):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def trained_run(runs, name: str, *extra: str) -> Path:
-    proc = start_moe_tui(
-        [
-            "train",
-            "simpsons",
-            "--run-name",
-            name,
-            *TINY_FLAGS,
-            "--max-iters",
-            "30",
-            "--eval-interval",
-            "10",
-            "--headless",
-            *extra,
-        ],
-        runs,
-    )
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return runs / name
-
-
 @needs_matplotlib
-def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env, capsys):
-    trained_run(env, "one")
-    trained_run(env, "two", "--lr", "1e-3")
-    code, out, err = cli(capsys, "report", "one", "two", "--out", str(env / "both.html"))
+def test_the_report_has_every_chart_and_a_table_per_layer_and_overlays_runs(env, two_trained, capsys):
+    code, out, err = cli(capsys, "report", "tiny", "slower", "--out", str(env / "both.html"))
     assert code == 0, err
     page = (env / "both.html").read_text()
     for chart in (
         "chart-loss-linear",
         "chart-loss-log",
         "chart-schedule",
-        "chart-load-one",
-        "chart-experts-one",
-        "chart-load-two",
-        "chart-experts-two",
+        "chart-load-tiny",
+        "chart-experts-tiny",
+        "chart-load-slower",
+        "chart-experts-slower",
     ):
         assert f"id='{chart}'><svg" in page, chart
     assert page.count("id='experts-layer-") == 2 * 2  # two layers, two runs
-    assert "one val" in page and "two val" in page  # the overlay's legend names both runs
+    assert "tiny val" in page and "slower val" in page  # the overlay's legend names both runs
     assert "<script" not in page and not re.search(r"""(src|href)=["'](https?:|//)""", page)  # nothing fetched
-    code, out, err = cli(capsys, "report", "one", "--format", "png", "--out", str(env / "pictures"))
+    code, out, err = cli(capsys, "report", "tiny", "--format", "png", "--out", str(env / "pictures"))
     assert code == 0, err
-    assert {p.name for p in (env / "pictures").iterdir()} >= {"loss-linear.png", "schedule.png", "one-experts.png"}
+    assert {p.name for p in (env / "pictures").iterdir()} >= {"loss-linear.png", "schedule.png", "tiny-experts.png"}
 
 
 @needs_matplotlib
-def test_a_run_recorded_before_expert_counts_says_they_are_absent(env, capsys):
-    run = trained_run(env, "old")
+def test_a_run_recorded_before_expert_counts_says_they_are_absent(trained, capsys):
+    run = trained
     metrics = run / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"ExpertChars"' not in line))
-    code, out, err = cli(capsys, "report", "old")
+    code, out, err = cli(capsys, "report", "tiny")
     assert code == 0, err
     page = (run / "report.html").read_text()
     assert "id='no-expert-chars'" in page and "chart-loss-linear" in page
@@ -161,10 +137,9 @@ def test_a_run_recorded_before_expert_counts_says_they_are_absent(env, capsys):
 
 @needs_matplotlib
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs it)")
-def test_the_report_opens_in_a_real_headless_browser(env, capsys, tmp_path):
-    trained_run(env, "seen")
-    assert cli(capsys, "report", "seen")[0] == 0
-    url = (env / "seen" / "report.html").as_uri()
+def test_the_report_opens_in_a_real_headless_browser(trained, capsys, tmp_path):
+    assert cli(capsys, "report", "tiny")[0] == 0
+    url = (trained / "report.html").as_uri()
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
