@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from moe_core.live.follow import RunFollower
 from moe_core.store.checkpoint import MODEL_FILE
 from moe_core.store.runs import Run
-from tests.conftest import TINY, as_flags, cli
+from tests.conftest import TINY, as_flags, cli, train_here
 from tui.dashboard.app import Dashboard
 from tui.dashboard.widgets.loss_chart import LossChart
 
@@ -22,13 +24,23 @@ PARENT = {**TINY, "router": "noisy_topk", "dropout": 0.1, "max_iters": 60, "eval
           "ckpt_interval": 20, "sample_tokens": 0}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def parent_once(tmp_path_factory) -> Path:
+    """The parent, trained once for the tests here, which each fork a copy of it."""
+    return train_here(tmp_path_factory.mktemp("parent"), "parent", *as_flags(PARENT))
+
+
+@pytest.fixture
+def parent(env, parent_once, capsys) -> Path:
+    capsys.readouterr()
+    return shutil.copytree(parent_once, env / "parent")
+
+
 def weights(run, step: int) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step-{step:08d}" / MODEL_FILE)
 
 
-def test_a_fork_with_nothing_changed_continues_as_its_parent_did(env, capsys, monkeypatch):
-    code, _, err = cli(capsys, "train", "simpsons", *as_flags(PARENT), "--run-name", "parent", "--headless")
-    assert code == 0, err
+def test_a_fork_with_nothing_changed_continues_as_its_parent_did(env, parent, capsys, monkeypatch):
     code, out, err = cli(capsys, "train", "--fork", "parent@20", "--headless")
     assert code == 0, err
     fork = env / "parent-fork20"
@@ -65,9 +77,7 @@ def test_a_fork_takes_its_parents_settings_as_they_were_at_its_step(env, capsys,
     assert "lr = 0.003" in (env / "tiny-fork20" / "config.toml").read_text()
 
 
-def test_watch_overlays_a_parent_and_its_fork_each_from_where_it_began(env, capsys):
-    code, _, err = cli(capsys, "train", "simpsons", *as_flags(PARENT), "--run-name", "parent", "--headless")
-    assert code == 0, err
+def test_watch_overlays_a_parent_and_its_fork_each_from_where_it_began(env, parent, capsys):
     code, _, err = cli(capsys, "train", "--fork", "parent@20", "--lr", "0.001", "--run-name", "kid", "--headless")
     assert code == 0, err
 
