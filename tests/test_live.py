@@ -14,13 +14,15 @@ from typing import NamedTuple
 import pytest
 
 from moe_core.data.vocab import Vocab
+from moe_core.events import Notice, Probed
 from moe_core.live.client import live_client
 from moe_core.live.follow import RunFollower
 from moe_core.live.lease import is_live, process_gone, read_status, socket_path
 from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_command
 from moe_core.model.sampling import SampleRequest
+from moe_core.probe.request import Intervention, ProbeRequest
 from moe_core.store.runs import Run
-from tests.conftest import TINY_FLAGS, as_flags, moe_tui
+from tests.conftest import TINY, TINY_FLAGS, as_flags, moe_tui
 from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
 from tui.dashboard.app import Dashboard
 
@@ -309,6 +311,47 @@ def test_two_viewers_see_what_either_does(shared):
     for viewer in viewers.values():
         viewer.close()
     training_goes_on(shared)
+
+
+def test_viewers_probe_the_live_weights_and_each_takes_its_own_answer(shared):
+    """Two viewers probe at once over the control channel: the trainer answers each between two steps, from
+    its weights as they are; every viewer hears both answers and tells its own by its request id."""
+    viewers = {"one": RunFollower(shared), "two": RunFollower(shared)}
+    heard: dict[str, list[Probed]] = {name: [] for name in viewers}
+    warnings: list[str] = []
+    for viewer in viewers.values():
+        viewer.attach()
+    asked = {
+        "one": ProbeRequest(text="Homer", intervention=Intervention(((0, 1),)), request_id=11),
+        "two": ProbeRequest(text="Marge", request_id=22),
+    }
+    for name, request in asked.items():
+        viewers[name].probe(request)
+    viewers["one"].probe(ProbeRequest(text="Moe", intervention=Intervention(((0, 99),)), request_id=33))
+
+    def answered() -> bool:
+        for name, viewer in viewers.items():
+            for event in viewer.poll():
+                if isinstance(event, Probed):
+                    heard[name].append(event)
+                elif isinstance(event, Notice) and name == "one":
+                    warnings.append(event.message)
+        return all(len(answers) >= 2 for answers in heard.values()) and any("99" in w for w in warnings)
+
+    wait_for(answered, 60, "both probes answered, and the third refused")
+    for request in asked.values():
+        for answers in heard.values():  # each viewer heard both answers, and finds its own by its id
+            own = [a for a in answers if a.request_id == request.request_id]
+            assert [(a.text, a.source) for a in own] == [(request.text, "live")]
+            assert len(own[0].experts) == TINY["n_layer"] and len(own[0].experts[0]) == len(request.text)
+    changed = next(a for a in heard["two"] if a.request_id == 11)
+    assert changed.changed == "e1 off in layer 1" and changed.val_loss is not None
+    assert all(1 not in chosen for chosen in changed.experts[0])  # switched off: no token went to it
+    assert not [a for a in heard["one"] if a.request_id == 33]  # refused, with a warning that names it
+    for viewer in viewers.values():
+        viewer.close()
+    training_goes_on(shared)
+    assert "Probed" not in shared.metrics_path.read_text()  # answers are for the askers, not the history
 
 
 def test_a_viewer_that_sends_garbage_or_hangs_up_mid_line_never_stalls_training(shared):
