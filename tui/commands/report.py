@@ -1,6 +1,8 @@
 """`moe-tui report RUN [RUN ...]`: one self-contained HTML page (or PNG/SVG files) of runs, drawn from
-their recorded events: loss against step and training time, learning rate, tokens/s, each layer's
-expert load over time, the character x expert maps of the last evaluation, samples, and the config.
+their recorded events: loss against step and training time, learning rate, tokens/s, each expert's
+share and the routing's drift over the run, the character x expert maps of the last evaluation, samples,
+and the config; and, from each run's best checkpoint, each expert's importance, which experts are picked
+together and how alike they are (tui/report_experts.py).
 
 Charts are matplotlib figures, inlined as SVG; the page has no script and needs no server. Several
 runs overlay their curves; the expert sections come per run.
@@ -9,7 +11,6 @@ runs overlay their curves; the expert sections come per run.
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,15 +18,18 @@ import typer
 
 from moe_core.errors import UserError
 from moe_core.events import EvalMetrics, ExpertChars, RouterStats, Sample, StepMetrics
+from moe_core.routing import frequent, lift, shown, top_characters
 from moe_core.store.runs import Run, default_runs_dir
-from tui.options import RunsDir
+from tui.options import DataDir, RunsDir
+from tui.report_experts import Measured, chart, figures_for, measure, measured_html, over_time_html, pairs_of
 
 FORMATS = ("html", "png", "svg")
 PAGE_STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: 13px; }
 table { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: 13px; }
+.pairs, .importance { display: block; overflow-x: auto; }
 td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
 .chart svg { max-width: 100%; height: auto; }
 #log-y:checked ~ .linear, #log-y:not(:checked) ~ .log { display: none; }
@@ -54,6 +58,7 @@ def report(
     ] = None,
     format: Annotated[str, typer.Option(help="html | png | svg")] = "html",
     runs_dir: RunsDir = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Write a picture report of runs: loss curves, learning rate, speed, expert load, what the experts learned."""
     if format not in FORMATS:
@@ -69,10 +74,16 @@ def report(
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - closes the figures below
 
-    figures = build_figures(recorded)
+    from moe_core.data.corpus import default_data_dir
+
+    measured = {
+        r.name: measure(r.run, data_dir or default_data_dir(), not r.routes or r.routes[-1].pairs is None)
+        for r in recorded
+    }
+    figures = build_figures(recorded, measured)
     if format == "html":
         target = out or recorded[0].run.path / "report.html"
-        target.write_text(page(recorded, figures), encoding="utf-8")
+        target.write_text(page(recorded, figures, measured), encoding="utf-8")
     else:
         target = out or recorded[0].run.path / "report"
         target.mkdir(parents=True, exist_ok=True)
@@ -83,7 +94,7 @@ def report(
     print(f"wrote {target}")
 
 
-def build_figures(recorded: list[RunEvents]) -> dict:
+def build_figures(recorded: list[RunEvents], measured: dict[str, Measured]) -> dict:
     """name -> (figure, caption); the log-scale loss figure beside the linear one."""
     import matplotlib.pyplot as plt
 
@@ -127,62 +138,46 @@ def build_figures(recorded: list[RunEvents]) -> dict:
     lr.legend()
     figures["schedule"] = (fig, "Learning rate and training speed")
     for r in recorded:
-        if r.routing:
-            figures[f"{r.name}-load"] = (load_figure(r), f"{r.name}: each expert's share of the routed tokens")
-        if r.routes:
-            figures[f"{r.name}-experts"] = (
-                heat_figure(r.routes[-1]),
-                f"{r.name}: lift of each character for each expert, step {r.routes[-1].step}",
-            )
+        last = last_routes(r, measured[r.name])
+        if last is not None:
+            figures[f"{r.name}-experts"] = (heat_figure(last), f"{r.name}: lift of each character for each expert")
+        figures.update(figures_for(r.name, r.routing, r.routes, measured[r.name]))
     return figures
 
 
-def load_figure(r: RunEvents):
-    import matplotlib.pyplot as plt
-
-    layers = len(r.routing[0].layers)
-    fig, axes = plt.subplots(1, layers, figsize=(3 * layers, 2.8), sharey=True, squeeze=False)
-    steps = [e.step for e in r.routing]
-    for layer, axis in enumerate(axes[0]):
-        shares = list(zip(*[e.layers[layer].expert_fraction for e in r.routing]))
-        axis.stackplot(steps, shares, labels=[f"e{i}" for i in range(len(shares))])
-        axis.set(title=f"layer {layer + 1}", xlabel="step", ylim=(0, 1))
-    axes[0][0].set_ylabel("share of routed tokens")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
-    return fig
+def last_routes(r: RunEvents, measured: Measured) -> ExpertChars | None:
+    """The character x expert counts to draw: the last evaluation's, else the best checkpoint's."""
+    return r.routes[-1] if r.routes else measured.routes
 
 
 def heat_figure(event: ExpertChars):
+    """Per layer, experts x characters (the most frequent first): the lift. Constrained layout gives the
+    colour bar a column of its own, beside the maps and never over them."""
     import matplotlib.pyplot as plt
-    import torch
-
-    from moe_core.model.routes import lift, shown
 
     layers = len(event.counts)
-    fig, axes = plt.subplots(layers, 1, figsize=(11, 1.3 + 1.3 * layers), squeeze=False)
+    fig, axes = plt.subplots(layers, 1, figsize=(11, 1.3 + 1.3 * layers), squeeze=False, layout="constrained")
     for layer, axis in enumerate(axes[:, 0]):
-        counts = torch.tensor(event.counts[layer])
-        frequency = counts.sum(dim=1)
-        columns = [i for i in frequency.argsort(descending=True).tolist() if frequency[i] >= 0.001 * frequency.sum()]
-        image = axis.imshow(lift(counts)[columns].T.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=4)
+        counts = event.counts[layer]
+        frequency = [sum(row) for row in counts]
+        common = frequent(counts)
+        columns = [i for i in sorted(range(len(counts)), key=lambda i: -frequency[i]) if common[i]]
+        lifted = lift(counts)
+        image = axis.imshow(
+            [[lifted[i][e] for i in columns] for e in range(len(counts[0]))],
+            aspect="auto",
+            cmap="magma",
+            vmin=0,
+            vmax=4,
+        )
         axis.set_xticks(range(len(columns)), [shown(event.chars[i]) for i in columns], fontsize=7)
-        axis.set_yticks(range(counts.shape[1]), [f"e{e}" for e in range(counts.shape[1])], fontsize=7)
+        axis.set_yticks(range(len(counts[0])), [f"e{e}" for e in range(len(counts[0]))], fontsize=7)
         axis.set_ylabel(f"layer {layer + 1}")
     fig.colorbar(image, ax=axes[:, 0], label="lift", shrink=0.8)
-    fig.subplots_adjust(hspace=0.6)
     return fig
 
 
-def svg(figure) -> str:
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]
-
-
-def page(recorded: list[RunEvents], figures: dict) -> str:
-    from moe_core.model.routes import shown, top_characters
-
+def page(recorded: list[RunEvents], figures: dict, measured: dict[str, Measured]) -> str:
     names = ", ".join(r.name for r in recorded)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>moe-tui report: {html.escape(names)}</title>"
@@ -190,39 +185,16 @@ def page(recorded: list[RunEvents], figures: dict) -> str:
     ]
     parts.append("<h2>Loss</h2><input type='checkbox' id='log-y'><label for='log-y'> log scale</label>")
     for scale in ("linear", "log"):
-        fig, caption = figures[f"loss-{scale}"]
-        parts.append(f"<div class='chart {scale}' id='chart-loss-{scale}'>{svg(fig)}</div>")
+        parts.append(chart(figures[f"loss-{scale}"][0], f"chart-loss-{scale}", scale))
     fig, caption = figures["schedule"]
-    parts.append(f"<h2>{caption}</h2><div class='chart' id='chart-schedule'>{svg(fig)}</div>")
+    parts.append(f"<h2>{caption}</h2>{chart(fig, 'chart-schedule')}")
     for r in recorded:
         parts.append(f"<h2>{html.escape(r.name)}: experts</h2>")
-        if f"{r.name}-load" in figures:
-            chart = svg(figures[f"{r.name}-load"][0])
-            parts.append(f"<div class='chart' id='chart-load-{html.escape(r.name)}'>{chart}</div>")
-        if not r.routes:
-            parts.append(
-                "<p class='absent' id='no-expert-chars'>The expert-character data is absent: this run was "
-                "recorded before moe-tui counted which characters each expert takes. "
-                "`moe-tui runs show RUN --experts` counts them from its best checkpoint.</p>"
-            )
-            continue
-        last = r.routes[-1]
-        parts.append(
-            f"<div class='chart' id='chart-experts-{html.escape(r.name)}'>{svg(figures[f'{r.name}-experts'][0])}</div>"
-        )
-        import torch
-
-        for layer, counts in enumerate(last.counts):
-            counts = torch.tensor(counts)
-            tops = [
-                " ".join(f"{shown(c)} {v:.1f}" for c, v in top_characters(counts, last.chars, e))
-                for e in range(counts.shape[1])
-            ]
-            rows = "".join(f"<tr><td>e{e}</td><td>{html.escape(top)}</td></tr>" for e, top in enumerate(tops))
-            parts.append(
-                f"<h3>layer {layer + 1}: top characters by lift (step {last.step})</h3>"
-                f"<table class='experts' id='experts-layer-{layer + 1}'>{rows}</table>"
-            )
+        parts.append(over_time_html(r.name, figures))
+        parts.append(lift_html(r, measured[r.name], figures))
+        config = r.run.load_config()
+        together = pairs_of(r.routes, measured[r.name])
+        parts.append(measured_html(r.name, figures, measured[r.name], together, config.top_k, config.num_experts))
     for r in recorded:
         parts.append(f"<h2>{html.escape(r.name)}: samples</h2>")
         for sample in r.samples[-12:]:
@@ -232,4 +204,32 @@ def page(recorded: list[RunEvents], figures: dict) -> str:
             f"{html.escape(r.run.config_path.read_text(encoding='utf-8'))}</pre>"
         )
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def lift_html(r: RunEvents, measured: Measured, figures: dict) -> str:
+    """The character x expert lift maps and each expert's top characters, per layer."""
+    parts = []
+    if not r.routes:
+        parts.append(
+            "<p class='absent' id='no-expert-chars'>The expert-character data is absent from the events: this run "
+            "was recorded before moe-tui counted which characters each expert takes."
+            + (" The maps below are counted on its best checkpoint." if measured.routes else "")
+            + "</p>"
+        )
+    last = last_routes(r, measured)
+    if last is None:
+        return "\n".join(parts)
+    parts.append(f"<h3>What each expert takes (step {last.step})</h3>")
+    parts.append(chart(figures[f"{r.name}-experts"][0], f"chart-experts-{r.name}"))
+    for layer, counts in enumerate(last.counts):
+        tops = [
+            " ".join(f"{shown(c)} {v:.1f}" for c, v in top_characters(counts, last.chars, e))
+            for e in range(len(counts[0]))
+        ]
+        rows = "".join(f"<tr><td>e{e}</td><td>{html.escape(top)}</td></tr>" for e, top in enumerate(tops))
+        parts.append(
+            f"<h4>layer {layer + 1}: top characters by lift (step {last.step})</h4>"
+            f"<table class='experts' id='experts-layer-{layer + 1}'>{rows}</table>"
+        )
     return "\n".join(parts)
