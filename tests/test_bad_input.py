@@ -157,7 +157,7 @@ def write_inputs(tmp: Path) -> None:
     (tmp / "corpus-folder").mkdir(exist_ok=True)
 
 
-CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK = (
+CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK, PROBE = (
     "CLI arguments",
     "config files",
     "corpora",
@@ -166,6 +166,7 @@ CLI, CONFIG, CORPUS, RUN, CKPT, PROMPT, LIVE, TRACK = (
     "prompts",
     "watching and stopping",
     "experiment tracking",
+    "probing",
 )
 CASES = {
     "n_embd not divisible by n_head": Case(CLI, ["train", "simpsons", "--n-embd", "100", "--n-head", "8", *SHORT]),
@@ -303,6 +304,17 @@ CASES = {
     "unknown init": Case(CLI, ["train", "simpsons", "--init", "orthogonal", *SHORT]),
     "unknown learning rate schedule": Case(CLI, ["train", "simpsons", "--lr-schedule", "linear", *SHORT]),
     "unknown device": Case(CLI, ["train", "simpsons", "--device", "tpu", *SHORT]),
+    "probe text the model never saw": Case(PROBE, ["probe", "tiny", "--text", "Moe€"]),
+    "probe an expert the model lacks": Case(PROBE, ["probe", "tiny", "--mask", "1:9"]),
+    "probe with fewer experts left than top-k": Case(PROBE, ["probe", "tiny", "--mask", "1:0,1:1,1:2"]),
+    "probe a mask spelled wrong": Case(PROBE, ["probe", "tiny", "--mask", "x:1"]),
+    "probe nothing": Case(PROBE, ["probe", "tiny"]),
+    "probe a layer the model lacks": Case(PROBE, ["probe", "tiny", "--text", "a", "--layer", "9"]),
+    "probe a step with no checkpoint": Case(PROBE, ["probe", "tiny", "--text", "a", "--checkpoint", "step-15"]),
+    "probe --text and --file at once": Case(PROBE, ["probe", "tiny", "--text", "a", "--file", "{tmp}/text.txt"]),
+    "probe a file that is not there": Case(PROBE, ["probe", "tiny", "--file", "{tmp}/missing.txt"]),
+    "probe with top-k 0": Case(PROBE, ["probe", "tiny", "--top-k", "0"]),
+    "probe with a negative capacity": Case(PROBE, ["probe", "tiny", "--capacity-factor", "-1"]),
 }
 
 
@@ -492,6 +504,17 @@ OFFENDING = {
     "unknown init": ["'orthogonal'"],
     "unknown learning rate schedule": ["'linear'"],
     "unknown device": ["'tpu'"],
+    "probe text the model never saw": ["'€'"],
+    "probe an expert the model lacks": ["expert 9", "layer 1"],
+    "probe with fewer experts left than top-k": ["3 of 4", "layer 1", "--top-k 1"],
+    "probe a mask spelled wrong": ["'x:1'"],
+    "probe nothing": ["--text"],
+    "probe a layer the model lacks": ["--layer", "got 9"],
+    "probe a step with no checkpoint": ["step-15", "step-10"],
+    "probe --text and --file at once": ["--text", "--file"],
+    "probe a file that is not there": ["{tmp}/missing.txt"],
+    "probe with top-k 0": ["--top-k", "got 0"],
+    "probe with a negative capacity": ["--capacity-factor", "got -1.0"],
 }
 
 # ... and a fix: a flag to change, a command to run, a file to look at, or the values to choose from.

@@ -71,8 +71,8 @@ def parse_masks(text: str, layers: int) -> tuple[tuple[int, int], ...]:
         layer, _, expert = spec.rpartition(":")
         if not expert.isdigit() or (layer and not layer.isdigit()) or layer == "0":
             raise UserError(
-                f"experts to switch off are written LAYER:EXPERT or EXPERT (layers from 1, experts from 0, "
-                f"e.g. 2:5), got {spec!r}"
+                f"experts to switch off (--mask) are written LAYER:EXPERT or EXPERT (layers from 1, experts "
+                f"from 0, e.g. 2:5), got {spec!r}"
             )
         masked += [(at, int(expert)) for at in ([int(layer) - 1] if layer else range(layers))]
     return tuple(dict.fromkeys(masked))

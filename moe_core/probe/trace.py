@@ -31,7 +31,7 @@ def trace_text(model, vocab: Vocab, text: str) -> dict:
     if unknown:
         raise UserError(
             f"the text has characters the model never saw: {''.join(unknown)[:40]!r}; "
-            "probe text from the run's own corpus, or remove them"
+            "probe text from the run's own corpus (--text, --file), or remove them"
         )
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
     T = model.config.block_size
