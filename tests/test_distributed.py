@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -103,14 +104,44 @@ def straight(tmp_path_factory) -> Path:
     return runs / "one"
 
 
-def test_two_processes_follow_the_one_process_run(straight, tmp_path):
-    done = train([*DP_FLAGS, "--run-name", "two", "--nproc", "2"], tmp_path)
+class Trained(NamedTuple):
+    run: Path
+    done: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory) -> Trained:
+    """The same 40 steps on two processes, data parallel."""
+    runs = tmp_path_factory.mktemp("data-parallel")
+    return Trained(runs / "two", train([*DP_FLAGS, "--run-name", "two", "--nproc", "2"], runs))
+
+
+@pytest.fixture(scope="module")
+def expert_parallel(tmp_path_factory) -> Trained:
+    """The same 40 steps on two processes holding two experts each, with a sample at step 20 (every expert
+    gathered to rank 0 and back) in the middle of the run."""
+    runs = tmp_path_factory.mktemp("expert-parallel")
+    flags = [*DP_FLAGS, "--run-name", "ep", "--nproc", "2", "--expert-parallel", "--sample-interval", "20"]
+    return Trained(runs / "ep", train(flags, runs))
+
+
+def cut_copy(run: Path, to: Path, step: int) -> Path:
+    """A copy of `run` as a run stopped after its checkpoint of `step`: the later step checkpoints gone
+    (what a crash after them leaves is tested in test_faults.py; a resume starts from the newest left)."""
+    shutil.copytree(run, to)
+    for folder in (to / "checkpoints").glob("step-*"):
+        if int(folder.name[5:]) > step:
+            shutil.rmtree(folder)
+    return to
+
+
+def test_two_processes_follow_the_one_process_run(straight, data_parallel):
+    run, done = data_parallel
     assert done.returncode == 0, done.stderr
     # Rank 0 alone reports: one line per event, and nothing at all on stderr but the closing hint.
     assert done.stdout.count("training run 'two'") == 1 and "device cpu x 2" in done.stdout
     assert done.stdout.count("eval     40") == 1 and done.stdout.count("sample @ step 40") == 1
     assert done.stderr.strip() == "run two finished at step 40; sample from it with: moe-tui sample two"
-    run = tmp_path / "two"
     one, two = evals(straight), evals(run)
     assert sorted(one) == sorted(two) == [20, 40]
     for step in (20, 40):
@@ -166,16 +197,12 @@ def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-3
 
 
-def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_saves(straight, tmp_path):
+def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_saves(straight, expert_parallel):
     # Same routing, capacity and losses as data parallelism; only where the experts live differs, so the
     # same tolerances hold (see the top of this file).
-    # A sample at step 20 (every expert gathered to rank 0 and back) in the middle of the run.
-    done = train(
-        [*DP_FLAGS, "--run-name", "ep", "--nproc", "2", "--expert-parallel", "--sample-interval", "20"], tmp_path
-    )
+    run, done = expert_parallel
     assert done.returncode == 0, done.stderr
     assert "device cpu x 2, 2 experts each" in done.stdout and done.stdout.count("sample @ step") == 2
-    run = tmp_path / "ep"
     # Step 10, before rounding has been amplified: the experts' gradients (divided by the number of
     # processes) and the clipping norm (summed over them) are one process's.
     first = {r["step"]: r for r in records(straight, "StepMetrics")}[10]
@@ -200,30 +227,49 @@ def test_expert_parallel_follows_the_one_process_run_and_saves_what_one_process_
     )
 
 
-def test_with_capacity_expert_parallel_drops_what_data_parallel_drops(tmp_path):
+CAPPED = [*DP_FLAGS, "--capacity-factor", "1.0", "--max-iters", "20"]
+
+
+@pytest.fixture(scope="module")
+def by_torchrun(tmp_path_factory) -> Trained:
+    """20 steps data parallel with capacity, launched by torchrun itself, as docs/parallel.md shows."""
+    runs = tmp_path_factory.mktemp("torchrun")
+    process = start(
+        ["train", "simpsons", *CAPPED, "--run-name", "dp", "--headless"],
+        runs,
+        launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
+    out, err = process.communicate(timeout=300)
+    return Trained(runs / "dp", subprocess.CompletedProcess(process.args, process.returncode, out, err))
+
+
+def test_with_capacity_expert_parallel_drops_what_data_parallel_drops(by_torchrun, tmp_path):
     # Capacity caps each expert per rank's slice in both, before any row leaves its rank.
-    capped = [*DP_FLAGS, "--capacity-factor", "1.0", "--max-iters", "20", "--nproc", "2"]
-    assert train([*capped, "--run-name", "dp"], tmp_path).returncode == 0
-    assert train([*capped, "--run-name", "ep", "--expert-parallel"], tmp_path).returncode == 0
+    assert by_torchrun.done.returncode == 0, by_torchrun.done.stderr
+    assert train([*CAPPED, "--nproc", "2", "--run-name", "ep", "--expert-parallel"], tmp_path).returncode == 0
     dropped = [
-        [layer["dropped_fraction"] for r in records(tmp_path / name, "RouterStats") for layer in r["layers"]]
-        for name in ("dp", "ep")
+        [layer["dropped_fraction"] for r in records(run, "RouterStats") for layer in r["layers"]]
+        for run in (by_torchrun.run, tmp_path / "ep")
     ]
     assert dropped[0] == pytest.approx(dropped[1], abs=1e-6) and max(dropped[0]) > 0  # something was dropped
-    assert evals(tmp_path / "dp")[20] == pytest.approx(evals(tmp_path / "ep")[20], abs=1e-4)
+    assert evals(by_torchrun.run)[20] == pytest.approx(evals(tmp_path / "ep")[20], abs=1e-4)
 
 
 @pytest.mark.parametrize(
     "first,then",
     [
-        (["--nproc", "2", "--expert-parallel"], []),
-        ([], ["--nproc", "2", "--expert-parallel"]),
-        (["--nproc", "2"], ["--nproc", "2", "--expert-parallel"]),
+        ("expert_parallel", []),
+        ("straight", ["--nproc", "2", "--expert-parallel"]),
+        ("data_parallel", ["--nproc", "2", "--expert-parallel"]),
     ],
     ids=["experts-split-then-1", "1-then-experts-split", "data-parallel-then-experts-split"],
 )
-def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpoints(first, then, straight, tmp_path):
-    assert train([*DP_FLAGS, "--run-name", "moved", "--max-iters", "20", *first], tmp_path).returncode == 0
+def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpoints(
+    first, then, straight, request, tmp_path
+):
+    # The first 20 steps are those of a run above, trained that way: its checkpoint of step 20.
+    source = request.getfixturevalue(first)
+    cut_copy(source if isinstance(source, Path) else source.run, tmp_path / "moved", 20)
     done = train(["--resume", "moved", "--max-iters", "40", *then], tmp_path)
     assert done.returncode == 0 and "resuming at step 20" in done.stdout, done.stderr
     assert evals(straight)[40] == pytest.approx(evals(tmp_path / "moved")[40], abs=1e-3)
@@ -288,11 +334,11 @@ def test_resumed_on_as_many_processes_with_dropout_and_router_noise_it_is_the_st
     # stream, so that the resumed ranks draw what they would have drawn. (warmup_iters 400: the
     # learning rate at each step does not depend on --max-iters.)
     noisy = [*DP_FLAGS, "--dropout", "0.1", "--router", "noisy_topk", "--nproc", "2", *split]
-    assert train([*noisy, "--run-name", "straight"], tmp_path).returncode == 0
-    first = train([*noisy, "--run-name", "resumed", "--max-iters", "20"], tmp_path)
-    assert first.returncode == 0, first.stderr
+    straight = train([*noisy, "--run-name", "straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    cut_copy(tmp_path / "straight", tmp_path / "resumed", 20)  # as if stopped after its checkpoint of step 20
     done = train(["--resume", "resumed", "--max-iters", "40", "--nproc", "2", *split], tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and "resuming at step 20" in done.stdout, done.stderr
     a, b = weights(tmp_path / "straight", 40), weights(tmp_path / "resumed", 40)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert evals(tmp_path / "straight")[40] == evals(tmp_path / "resumed")[40]
@@ -396,16 +442,11 @@ def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
     assert not Path(f"/proc/{ranks[0]}").exists() or "zombie" in Path(f"/proc/{ranks[0]}/status").read_text()
 
 
-def test_torchrun_itself_runs_the_headless_reporter_on_rank_0_only(tmp_path):
-    process = start(
-        ["train", "simpsons", *DP_FLAGS, "--max-iters", "20", "--run-name", "t", "--headless"],
-        tmp_path,
-        launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    )
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    assert out.count("training run 't'") == 1 and out.count("eval     20") == 1 and "finished" in out
-    assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir()) == ["best", "step-00000020"]
+def test_torchrun_itself_runs_the_headless_reporter_on_rank_0_only(by_torchrun):
+    (run, done), out = by_torchrun, by_torchrun.done.stdout
+    assert done.returncode == 0, done.stderr
+    assert out.count("training run 'dp'") == 1 and out.count("eval     20") == 1 and "finished" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-00000020"]
 
 
 def processes_of(runs: Path) -> list[int]:
@@ -601,17 +642,27 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch():
     assert distributed.SINGLE.shard(rows) is rows
 
 
-def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results: str) -> None:
-    """One rank of `test_the_expert_parallel_dispatch_is_the_layer_on_one_process`."""
+CAPACITY_FACTORS = {"dropless": 0.0, "capacity": 1.0}
+
+
+def _dispatch_on_two_ranks(rank: int, init: str, results: str) -> None:
+    """One rank of `test_the_expert_parallel_dispatch_is_the_layer_on_one_process`: each capacity factor
+    in the one process group (starting processes is what costs here)."""
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    for name, capacity_factor in CAPACITY_FACTORS.items():
+        _dispatch_once(rank, capacity_factor, f"{results}-{name}")
+    dist.destroy_process_group()
+
+
+def _dispatch_once(rank: int, capacity_factor: float, results: str) -> None:
     from moe_core.config import Config
     from moe_core.model.moe import MoE
     from moe_core.parallel.experts import ExpertParallel
     from moe_core.parallel.ranks import Ranks
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     torch.manual_seed(0)  # the same layer on both ranks
     # 6 channels: rows too narrow for the grouped matmul, so the experts run as per-expert F.linear,
     # which autocast turns to bf16, as CUDA's grouped matmul always is.
@@ -641,18 +692,22 @@ def _dispatch_on_two_ranks(rank: int, init: str, capacity_factor: float, results
         },
         f"{results}-{rank}.pt",
     )
-    dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
-def test_the_expert_parallel_dispatch_is_the_layer_on_one_process(capacity_factor, tmp_path):
+@pytest.fixture(scope="module")
+def dispatched(tmp_path_factory) -> Path:
+    """What each of two ranks computed, for each capacity factor, in `r-NAME-RANK.pt`."""
+    folder = tmp_path_factory.mktemp("dispatch")
+    torch.multiprocessing.spawn(_dispatch_on_two_ranks, nprocs=2, args=(f"file://{folder / 'init'}", str(folder / "r")))
+    return folder
+
+
+@pytest.mark.parametrize("name", CAPACITY_FACTORS)
+def test_the_expert_parallel_dispatch_is_the_layer_on_one_process(name, dispatched):
     # Each rank's output equals the whole layer's on its tokens, in the input's dtype under bf16
     # autocast; each rank's expert gradients are its share of the two ranks' summed gradients (the
     # trainer divides them by 2, as it averages the replicated ones).
-    torch.multiprocessing.spawn(
-        _dispatch_on_two_ranks, nprocs=2, args=(f"file://{tmp_path / 'init'}", capacity_factor, str(tmp_path / "r"))
-    )
-    ranks = [torch.load(tmp_path / f"r-{rank}.pt") for rank in (0, 1)]
+    ranks = [torch.load(dispatched / f"r-{name}-{rank}.pt") for rank in (0, 1)]
     for r in ranks:
         assert r["dtype"] == "torch.float32"
         assert torch.allclose(r["split"], r["alone"], atol=2e-2)  # bf16 rounding, different row groupings
