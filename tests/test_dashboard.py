@@ -12,6 +12,7 @@ import asyncio
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from moe_core.bus import EventBus
 from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from moe_core.model.dropout import Dropout
+from moe_core.probe.request import ProbeRequest
 from moe_core.store import checkpoint as checkpoint_module
 from moe_core.train.trainer import Trainer
 from tests.conftest import TINY
@@ -94,6 +96,13 @@ async def wait_until(pilot, condition, timeout: float = 30.0) -> None:
         await pilot.pause(0.05)
 
 
+async def answered_a_probe(pilot, app, trainer) -> None:
+    """A probe sent now is answered: the training loop has gone round and taken every command before it."""
+    asked = random.getrandbits(31)
+    trainer.control.probe(ProbeRequest(text="a", request_id=asked))
+    await wait_until(pilot, lambda: app.view.probed is not None and app.view.probed.request_id == asked)
+
+
 def shown(widget) -> str:
     """The text a Static-based panel shows now."""
     return str(widget.content if hasattr(widget, "content") else widget.body.content)
@@ -130,7 +139,7 @@ def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fa
             assert app.active_bindings["space"].binding.description == "Resume"
             paused_at = trainer.step_num
             assert paused_at - pressed_at[0] <= 1
-            await pilot.pause(0.6)
+            await answered_a_probe(pilot, app, trainer)  # the paused loop went round, and took no step
             assert trainer.step_num == paused_at
             await pilot.press("space")
             await wait_until(pilot, lambda: app.view.step >= paused_at + 10)
@@ -150,7 +159,7 @@ def test_sample_dialog_puts_text_that_starts_with_the_prompt_in_the_samples_pane
             prompt = app.screen.query_one("#prompt")
             prompt.value = "Moe€"  # a character the model does not know: refused in the dialog
             await pilot.press("enter")
-            assert "does not know" in str(app.screen.query_one("#sample-error").content)
+            await wait_until(pilot, lambda: "does not know" in str(app.screen.query_one("#sample-error").content))
             await pilot.press("end", "ctrl+u", *"Moe:", "tab", "end", "ctrl+u", "3", "0", "enter")
             await wait_until(pilot, lambda: any(s.requested for s in app.view.samples))
             sample = next(s for s in app.view.samples if s.requested)
@@ -415,7 +424,7 @@ def test_nan_in_training_shows_an_error_and_training_stops(tmp_path, shared_dir,
             assert "ERROR" in status_text(app)
             stopped_at = trainer.step_num
             await pilot.press("c", "space")  # neither saves the broken weights nor restarts training
-            await pilot.pause(0.5)
+            await answered_a_probe(pilot, app, trainer)  # whatever the keys sent, the loop has had it since
             assert trainer.step_num == stopped_at
             assert [line.step for line in app.view.log if line.level == "checkpoint"] == [20]
 
