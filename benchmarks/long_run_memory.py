@@ -114,6 +114,8 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
         viewer = in_tmux([sys.executable, "-m", "tui", "watch", front_end], runs / "tmux.sock", env, repo)
         pids = {"detached trainer": trainer, "viewer": viewer}
     while not (run / "metrics.jsonl").exists():
+        if gone := [name for name, pid in pids.items() if not Path(f"/proc/{pid}").exists()]:
+            sys.exit(f"{gone[0]} ended before training started; run its command by hand to see why")
         time.sleep(0.2)
     start = time.monotonic()
     samples = []
