@@ -35,6 +35,12 @@ def frequent(counts: Matrix, min_share: float = 0.001) -> list[bool]:
     return [n >= min_share * total for n in per_char]
 
 
+def by_frequency(counts: Matrix, min_share: float = 0.001) -> list[int]:
+    """The characters seen at least `min_share` of the time, most frequent first: a heat map's columns."""
+    per_char, common = [sum(row) for row in _rows(counts)], frequent(counts, min_share)
+    return [i for i in sorted(range(len(per_char)), key=lambda i: -per_char[i]) if common[i]]
+
+
 def top_characters(
     counts: Matrix, chars: str, expert: int, n: int = 8, min_share: float = 0.001
 ) -> list[tuple[str, float]]:

@@ -22,6 +22,7 @@ from moe_core.live.follow import RunFollower
 from moe_core.live.protocol import parse_command, probe_arguments
 from moe_core.model.moe import ReferenceMoE
 from moe_core.model.request import SampleRequest
+from moe_core.model.routes import recording_routes
 from moe_core.model.transformer import MoETransformer
 from moe_core.probe.ablate import EvalSet, importance, val_loss
 from moe_core.probe.answer import answer
@@ -206,6 +207,29 @@ def test_a_probe_round_trips_the_control_channel_and_long_texts_read_in_overlapp
     assert starts[0] == 0 and starts[-1] + 32 == 100
     for p, w in enumerate(owner):  # each position in its window, with half a block of context or from 0
         assert starts[w] <= p < starts[w] + 32 and (p - starts[w] >= 16 or starts[w] == 0)
+        assert all(p - s <= p - starts[w] for s in starts if s <= p < s + 32)  # and no window gives it more
+    _, uneven = windows(100, 64)  # a last window off the grid of halves
+    assert uneven[68] == 1 and uneven[99] == 2  # 68: 36 characters before it from 32, not 32 from 36
+
+
+def test_a_long_text_reads_each_characters_route_and_loss_from_one_window(shared_dir):
+    torch.manual_seed(0)
+    text = load_corpus("simpsons", shared_dir).text[:200]
+    vocab = Vocab.from_text(load_corpus("simpsons", shared_dir).text)
+    model = MoETransformer(build_config(None, {}, dict(TINY)), len(vocab)).eval()
+    traced = trace_text(model, vocab, text)
+    ids = torch.tensor(vocab.encode(text))
+    starts, owner = windows(len(text), TINY["block_size"])
+    for w, start in enumerate(starts):  # each window alone, as the model reads it
+        window = ids[start : start + TINY["block_size"]][None]
+        with torch.no_grad(), recording_routes(model) as noted:
+            logits = model(window, window).logits[0]
+        for q in (q for q, o in enumerate(owner) if o == w):
+            assert [traced["experts"][layer][q] for layer in range(2)] == [n[0][1][q - start].tolist() for n in noted]
+            if q:
+                loss = torch.nn.functional.cross_entropy(logits[q - 1 - start], ids[q]).item()
+                assert traced["loss"][q] == pytest.approx(loss, abs=1e-4)
+    assert traced["loss"][0] is None and len(traced["loss"]) == len(text)
 
 
 def test_cli_json_runs_show_and_the_viewers_screens_show_the_same_numbers(trained, capsys):

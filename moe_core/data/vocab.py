@@ -30,6 +30,10 @@ class Vocab:
     def __repr__(self) -> str:
         return f"Vocab({len(self)} chars)"
 
+    def default_prompt(self) -> str:
+        """Where a sample starts unless told: a new line, or the first character where there is none."""
+        return "\n" if "\n" in self.chars else self.chars[0]
+
     def unknown(self, text: str) -> list[str]:
         return sorted(set(text) - self._ids.keys())
 

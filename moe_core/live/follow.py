@@ -24,7 +24,7 @@ from moe_core.live.client import ControlClient, TrainerGone, live_client
 from moe_core.live.lease import read_status
 from moe_core.live.protocol import probe_arguments, sample_arguments
 from moe_core.model.request import SampleRequest
-from moe_core.probe.request import ProbeRequest
+from moe_core.probe.request import ProbeRequest, refusal
 from moe_core.store.runs import Run
 
 RECONNECT_SECONDS = 1.0  # without a live trainer: how often to look for one (a resumed run, say)
@@ -242,9 +242,9 @@ class RunFollower:
                 if self._probed_model is None or self._probed_model[0] != folder:
                     self._probed_model = folder, SavedModel.load(self.run, "latest", default_data_dir())
                 self._local.put(self._probed_model[1].probe(request))
-            except (UserError, RuntimeError, OSError) as err:
-                message = f"probing here failed: {str(err).splitlines()[0]}"
-                self._local.put(Notice("warning", message, self.last_step))
+            except Exception as err:  # noqa: BLE001 - on a thread of its own: said, never lost
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                self._local.put(Notice("warning", refusal(request, f"{why} (probed here)"), self.last_step))
 
     def close(self) -> None:
         if self.client is not None:

@@ -9,7 +9,7 @@
                        set takes changes ({"lr": 0.001, ...}) and source (who asks, for the log)
                        probe takes text, masked ([[layer, expert], ...]), top_k, capacity_factor,
                        compare, experts, prompt, sample_tokens, seed, request_id; the answer is a
-                       Probed event, sent to every viewer
+                       Probed event, sent to the viewer that asked
 
 The server never executes anything it is sent: a line is parsed into one of the verbs above, or
 answered with an error.
@@ -45,6 +45,7 @@ def _version() -> str:
 VERSION = _version()  # told in the greeting, so that a viewer of another version can say which to use
 MAX_LINE = 64 * 1024  # bytes; a longer line is refused (and skipped to its end)
 MAX_SAMPLE_CHARS = 10_000  # the most characters one request may ask for: sampling pauses training
+MAX_PROBE_CHARS = 4_000  # a probed text's answer holds ~30 bytes per character and layer, under MAX_BACKLOG
 SUN_PATH_MAX = 107  # bytes in an AF_UNIX address on Linux (108 with the terminating NUL)
 VERBS = ("pause", "resume", "save", "eval", "stop", "sample", "set", "probe")
 SAMPLE_FIELDS = {
@@ -135,8 +136,8 @@ def _probe_arguments(message: dict[str, Any], vocab: Vocab) -> ProbeRequest:
     masked = message.get("masked", [])
     if not isinstance(masked, list) or len(masked) > 1024 or not all(_is_pair(m) for m in masked):
         raise ProtocolError("probe: masked must be a list of [layer, expert] pairs")
-    if len(fields.get("text", "")) > MAX_SAMPLE_CHARS or fields.get("sample_tokens", 0) > MAX_SAMPLE_CHARS:
-        raise ProtocolError(f"probe: at most {MAX_SAMPLE_CHARS} characters at a time")
+    if len(fields.get("text", "")) > MAX_PROBE_CHARS or fields.get("sample_tokens", 0) > MAX_SAMPLE_CHARS:
+        raise ProtocolError(f"probe: at most {MAX_PROBE_CHARS} characters of text at a time")
     try:
         vocab.encode(fields.get("text", "") + fields.get("prompt", ""))
     except UserError as err:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from moe_core.data.vocab import Vocab
-from moe_core.events import LIVE_ONLY, Event, StateChanged, to_record
+from moe_core.events import LIVE_ONLY, Event, Probed, StateChanged, to_record
 from moe_core.hints import resume_command
 from moe_core.live.lease import make_control_dir, socket_path
 from moe_core.live.protocol import (
@@ -32,6 +32,7 @@ from moe_core.live.protocol import (
 from moe_core.store.runs import Run
 from moe_core.train.control import Control
 
+MAX_ASKERS = 256  # probes awaiting their answer, across viewers
 MAX_BACKLOG = 4 << 20  # bytes queued for one viewer that does not read; past this it is dropped
 ACTIONS = {"pause": Control.pause, "resume": Control.resume, "save": Control.save, "eval": Control.evaluate}
 
@@ -50,7 +51,9 @@ class ControlServer:
     def __init__(self, run: Run, control: Control, vocab: Vocab, step: Callable[[], int]):
         self.run, self.control, self.vocab, self.step = run, control, vocab, step
         self.state = "starting"
-        self._outgoing: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        # (line, the request id of a probe's answer, for its asker alone; None: for every viewer)
+        self._outgoing: queue.SimpleQueue[tuple[bytes, int | None]] = queue.SimpleQueue()
+        self._askers: dict[int, _Viewer] = {}  # a probe's request id -> the viewer that sent it
         self._viewers: dict[socket.socket, _Viewer] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_in, self._wake_out = socket.socketpair()
@@ -83,7 +86,8 @@ class ControlServer:
         if isinstance(event, StateChanged):
             self.state = event.state
         if isinstance(event, LIVE_ONLY):
-            self._outgoing.put(encode({"type": "event", "event": to_record(event)}))
+            asker = event.request_id if isinstance(event, Probed) else None
+            self._outgoing.put((encode({"type": "event", "event": to_record(event)}), asker))
             self._wake()
 
     def close(self) -> None:
@@ -196,6 +200,9 @@ class ControlServer:
         elif verb == "sample":
             self.control.sample(argument)
         elif verb == "probe":
+            self._askers[argument.request_id] = viewer
+            if len(self._askers) > MAX_ASKERS:  # ids of probes refused (no answer comes): forget the oldest
+                del self._askers[next(iter(self._askers))]
             self.control.probe(argument)
         elif verb == "set":
             if self.state == "error":  # the weights in memory are not trusted: resume instead
@@ -220,9 +227,14 @@ class ControlServer:
     def _broadcast(self) -> None:
         while True:
             try:
-                line = self._outgoing.get_nowait()
+                line, asker = self._outgoing.get_nowait()
             except queue.Empty:
                 return
+            if asker is not None:  # a probe's answer: for its asker (if still here), not every viewer
+                viewer = self._askers.pop(asker, None)
+                if viewer is not None and viewer.sock in self._viewers:
+                    self._send(viewer, line)
+                continue
             for viewer in list(self._viewers.values()):
                 self._send(viewer, line)
 
@@ -247,6 +259,7 @@ class ControlServer:
             self._selector.modify(viewer.sock, wanted, viewer)
 
     def _drop(self, viewer: _Viewer) -> None:
+        self._askers = {asked: by for asked, by in self._askers.items() if by is not viewer}
         if self._viewers.pop(viewer.sock, None) is not None:
             self._selector.unregister(viewer.sock)
             viewer.sock.close()

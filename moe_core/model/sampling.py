@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -54,7 +55,7 @@ def load_model(
 ) -> tuple[MoETransformer, Vocab, int]:
     """A run's model from its `latest` or `best` checkpoint, ready to sample; also the checkpoint step.
     `on_skip` hears of corrupt newer checkpoints passed over."""
-    if which not in ("latest", "best") and not (which.startswith("step-") and which[5:].isdigit()):
+    if which not in ("latest", "best") and not re.fullmatch("step-[0-9]+", which):
         raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest, best or step-N (e.g. step-500)")
     config, vocab = run.load_config(), run.load_vocab()
     folder = run.checkpoint(which, on_skip)

@@ -54,8 +54,11 @@ def val_loss(model, evals: EvalSet, intervention: Intervention | None = None) ->
     was_training = model.training
     model.eval()
     try:
-        with intervened(model, intervention or Intervention()):
-            total = sum(model(x, y).loss.item() * y.numel() for x, y in evals.chunks)
+        change = intervention or Intervention()
+        # A capacity is per forward call: measured on the batches as training has them, not on chunks.
+        runs = evals.batches if change.capacity_factor is not None else evals.chunks
+        with intervened(model, change):
+            total = sum(model(x, y).loss.item() * y.numel() for x, y in runs)
     finally:
         model.train(was_training)
     return total / evals.tokens

@@ -27,7 +27,7 @@ def answer(model, vocab: Vocab, evals: EvalSet, request: ProbeRequest, step: int
             routes = trace_text(model, vocab, request.text)
     figures = {}
     if request.compare or change:
-        prompt = request.prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
+        prompt = request.prompt or vocab.default_prompt()
         sample = SampleRequest(prompt, request.sample_tokens, SAMPLE_TEMPERATURE, seed=request.seed)
         figures.update(val_loss=val_loss(model, evals), sample=complete(model, vocab, sample)[0])
         with intervened(model, change):
@@ -36,6 +36,8 @@ def answer(model, vocab: Vocab, evals: EvalSet, request: ProbeRequest, step: int
     if request.experts:
         if maskable(model):
             figures["val_loss"], figures["importance"] = importance(model, evals)
+        else:
+            figures["val_loss"] = val_loss(model, evals)
         figures["similarity"] = similarity(model, evals)
     return Probed(
         step=step,

@@ -30,7 +30,7 @@ def intervened(model, intervention: Intervention) -> Iterator[None]:
         for i, moe in enumerate(layers):
             off = [e for layer, e in intervention.masked if layer == i]
             if off:
-                minus_inf = torch.zeros(moe.num_experts)
+                minus_inf = torch.zeros(moe.num_experts, device=moe.router.gate.weight.device)  # no copy per call
                 minus_inf[off] = float("-inf")
                 handles.append(moe.router.gate.register_forward_hook(_add(minus_inf)))
             if intervention.top_k is not None:
@@ -50,6 +50,6 @@ def intervened(model, intervention: Intervention) -> Iterator[None]:
 
 def _add(bias: torch.Tensor):
     def hook(module, inputs, logits: torch.Tensor) -> torch.Tensor:
-        return logits + bias.to(logits.device, logits.dtype)
+        return logits + bias.to(logits.dtype)
 
     return hook

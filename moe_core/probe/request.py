@@ -3,6 +3,8 @@ without importing torch (moe_core/probe/answer.py does the work)."""
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass, field
 
 from moe_core.errors import UserError
@@ -40,15 +42,17 @@ class Intervention:
         for layer in range(layers):
             left = experts - sum(1 for m, _ in set(self.masked) if m == layer)
             if left < k:
+                fix = f"mask fewer, or add --top-k {left}" if left else "mask fewer (--mask)"
                 raise UserError(
                     f"masking {experts - left} of {experts} experts in layer {layer + 1} leaves {left}, fewer "
-                    f"than the {k} each token goes to; mask fewer, or add --top-k {max(left, 1)}"
+                    f"than the {k} each token goes to; {fix}"
                 )
         if self.capacity_factor is not None and not (self.capacity_factor > 0 and self.capacity_factor < 1e6):
             raise UserError(f"--capacity-factor must be a positive number, got {self.capacity_factor}")
 
 
 SAMPLE_TEMPERATURE = 0.8  # as the periodic samples
+DIGITS = re.compile("[0-9]+")  # not str.isdigit: it takes '²', which int() refuses
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,20 @@ def parse_masks(text: str, layers: int) -> tuple[tuple[int, int], ...]:
     masked = []
     for spec in text.replace(",", " ").split():
         layer, _, expert = spec.rpartition(":")
-        if not expert.isdigit() or (layer and not layer.isdigit()) or layer == "0":
+        if not DIGITS.fullmatch(expert) or (layer and not DIGITS.fullmatch(layer)) or layer == "0":
             raise UserError(
                 f"experts to switch off (--mask) are written LAYER:EXPERT or EXPERT (layers from 1, experts "
                 f"from 0, e.g. 2:5), got {spec!r}"
             )
         masked += [(at, int(expert)) for at in ([int(layer) - 1] if layer else range(layers))]
     return tuple(dict.fromkeys(masked))
+
+
+def new_request_id() -> int:
+    """A probe's id: its answer is told apart from other askers' (other viewers, other screens) by it."""
+    return random.getrandbits(31)
+
+
+def refusal(request: ProbeRequest, why: object) -> str:
+    """The warning a probe that cannot be answered gets: it names the request, for its asker to find."""
+    return f"probe {request.request_id} not answered: {why}"

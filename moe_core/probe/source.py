@@ -40,6 +40,11 @@ class SavedModel:
     def probe(self, request: ProbeRequest) -> Probed:
         return answer(self.model, self.vocab, self.evals, request, self.step, self.source)
 
+    def experts(self) -> tuple[ExpertChars, Probed]:
+        """Everything known of its experts: which characters each takes and who goes with whom (`routes`),
+        and what each is worth and which are alike (a probe's importance and similarity)."""
+        return self.routes(), self.probe(ProbeRequest(experts=True))
+
     @torch.no_grad()
     def routes(self) -> ExpertChars:
         """Which characters each expert takes, and which experts go together, on the evaluation batches

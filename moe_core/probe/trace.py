@@ -2,9 +2,10 @@
 weights, and the model's loss on the character.
 
 A text longer than the model's context is read in windows of `block_size` that overlap by half, each
-character taken from the window that gives it the most context (at least half a block, except at the
-start). Routing depends on context too (attention runs before each router), so a character's experts
-and its loss come from the same window. All windows go through the model in one batch.
+character taken from the window that gives it the most context (the earliest that holds it: at least
+half a block, except at the start). Routing depends on context too (attention runs before each router),
+so a character's experts and its loss (the logits one position before it) come from the same window.
+All windows go through the model in one batch.
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ def trace_text(model, vocab: Vocab, text: str) -> dict:
     finally:
         model.train(was_training)
     width = batch.shape[1]
-    # Position p of the text is row owner[p], column p - starts[owner[p]].
+    # Position p of the text is row owner[p], column p - starts[owner[p]]; the logits that predict it sit
+    # one column before, in the same row (never before its start: an owner holds half a block before p).
     rows = torch.tensor(owner)
-    cols = torch.arange(len(ids)) - torch.tensor(starts)[rows]
-    flat = (rows * width + cols).to(device)
-    logits = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat[:-1]).float()
+    flat = (rows * width + torch.arange(len(ids)) - torch.tensor(starts)[rows]).to(device)
+    logits = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat[1:] - 1).float()
     losses = F.cross_entropy(logits, ids[1:].to(device), reduction="none").tolist()
     experts, gates = [], []
     for layer in noted:
@@ -70,8 +71,7 @@ def windows(n: int, block: int) -> tuple[list[int], list[int]]:
         starts.append(n - block)
     owner, w = [], 0
     for p in range(n):
-        # The latest window that still gives p half a block of context (or starts at 0).
-        while w + 1 < len(starts) and starts[w + 1] <= p - half:
+        while starts[w] + block <= p:  # the earliest window that holds p: the most context before it
             w += 1
         owner.append(w)
     return starts, owner

@@ -209,7 +209,7 @@ class Run:
                 )
             read_manifest(self.best_checkpoint)
             return self.best_checkpoint
-        if which.startswith("step-") and which[5:].isdigit():
+        if re.fullmatch("step-[0-9]+", which):
             steps = step_checkpoints(self.checkpoints)
             for step, folder in steps:
                 if step == int(which[5:]):

@@ -13,7 +13,7 @@ from moe_core.events import Alert, Notice, Sample, SettingsChanged, State
 from moe_core.model.request import SampleRequest
 from moe_core.probe.ablate import EvalSet
 from moe_core.probe.answer import answer
-from moe_core.probe.request import ProbeRequest
+from moe_core.probe.request import ProbeRequest, refusal
 from moe_core.probe.trace import first_experts
 from moe_core.train import checkpointing, settings
 
@@ -33,17 +33,12 @@ class Steering:
             self._answer_probe(request)
 
     def _answer_probe(self, request: ProbeRequest) -> None:
-        with self.autocast:
-            self.emit(
-                answer(
-                    self.model,
-                    self.vocab,
-                    EvalSet(self.val_ids, self.config, self.device),
-                    request,
-                    self.step_num,
-                    "live",
-                )
-            )
+        evals = EvalSet(self.val_ids, self.config, self.device)
+        try:
+            with self.autocast:
+                self.emit(answer(self.model, self.vocab, evals, request, self.step_num, "live"))
+        except UserError as err:  # said with the asker's id, so that its screen knows the answer
+            self.emit(Notice("warning", refusal(request, err), self.step_num))
 
     def _raise_alert(self, alert: Alert) -> State | None:
         """Log the guard's alert, then warn, pause or stop as it asks (a stop saves first, as any stop)."""
@@ -118,7 +113,7 @@ class Steering:
         request = (
             arg
             if isinstance(arg, SampleRequest)
-            else SampleRequest(prompt=self._default_prompt(), max_new_tokens=self.config.sample_tokens)
+            else SampleRequest(prompt=self.vocab.default_prompt(), max_new_tokens=self.config.sample_tokens)
         )
         text = self.sample(request)
         self.run_folder.append_sample(self.step_num, text)
@@ -126,6 +121,3 @@ class Steering:
         self.emit(
             Sample(self.step_num, request.prompt, text, isinstance(arg, SampleRequest), request.temperature, experts)
         )
-
-    def _default_prompt(self) -> str:
-        return "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]

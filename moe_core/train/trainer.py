@@ -309,7 +309,9 @@ class Trainer(Steering, Learner):
         except NonFiniteLoss:
             raise  # a diverged run is a failure of training, not of this request
         except (RuntimeError, OSError, ValueError) as err:  # out of memory while sampling, disk full: the run goes on
-            in_collectives = kind == "eval" or (self.expert_parallel is not None and kind in ("save", "sample"))
+            in_collectives = kind == "eval" or (
+                self.expert_parallel is not None and kind in ("save", "sample", "probe")
+            )
             if in_collectives and self.ranks.parallel and not isinstance(err, ValueError):
                 raise  # unless the other ranks may be inside its collectives (experts gathered): see RankFailed
             self.emit(

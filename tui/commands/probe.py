@@ -71,7 +71,7 @@ def probe(
     if as_json:
         print(json.dumps(as_table(event, target.name), ensure_ascii=False))
         return
-    show(event, target.name, [layer - 1] if layer else list(range(config.n_layer)))
+    show(event, target.name, [layer - 1] if layer else list(range(config.n_layer)), config.num_experts)
 
 
 def read_text(text: str | None, file: Path | None) -> str:
@@ -104,15 +104,15 @@ def as_table(event: Probed, run: str) -> dict:
     return record
 
 
-def show(event: Probed, run: str, layers: list[int]) -> None:
+def show(event: Probed, run: str, layers: list[int], experts: int) -> None:
     console = Console(highlight=False)
     source = f"checkpoint {event.source} (step {event.step})"
     if event.text:
         console.print(Text(f"{run} · {source} · each character coloured by its first expert", style="bold"))
-        console.print(legend(1 + max(e for row in event.experts[0] for e in row)))
+        console.print(legend(experts))
         for layer in layers:
             console.print()
-            console.print(text_summary(event, layer))
+            console.print(text_summary(event, layer, experts))
             console.print(routed_text(event, layer, console.width))
     if event.val_loss is not None:
         console.print()

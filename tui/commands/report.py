@@ -18,7 +18,7 @@ import typer
 
 from moe_core.errors import UserError
 from moe_core.events import EvalMetrics, ExpertChars, RouterStats, Sample, StepMetrics
-from moe_core.routing import frequent, lift, shown, top_characters
+from moe_core.routing import by_frequency, lift, shown, top_characters
 from moe_core.store.runs import Run, default_runs_dir
 from tui.options import DataDir, RunsDir
 from tui.report_experts import Measured, chart, figures_for, measure, measured_html, over_time_html, pairs_of
@@ -159,9 +159,7 @@ def heat_figure(event: ExpertChars):
     fig, axes = plt.subplots(layers, 1, figsize=(11, 1.3 + 1.3 * layers), squeeze=False, layout="constrained")
     for layer, axis in enumerate(axes[:, 0]):
         counts = event.counts[layer]
-        frequency = [sum(row) for row in counts]
-        common = frequent(counts)
-        columns = [i for i in sorted(range(len(counts)), key=lambda i: -frequency[i]) if common[i]]
+        columns = by_frequency(counts)
         lifted = lift(counts)
         image = axis.imshow(
             [[lifted[i][e] for i in columns] for e in range(len(counts[0]))],

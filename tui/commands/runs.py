@@ -175,12 +175,10 @@ def run_state(run: Run) -> str:
 def show_experts(run: Run, data_dir: Path) -> None:
     """Per layer, each expert's share, top characters by lift and importance, which experts go together and
     how alike they are, for the best checkpoint on the validation batches it was evaluated on."""
-    from moe_core.probe.request import ProbeRequest  # torch: this command runs the model
     from moe_core.probe.source import SavedModel
     from tui.render.experts import describe_layer
 
-    saved = SavedModel.load(run, "best", data_dir)
-    event, probed = saved.routes(), saved.probe(ProbeRequest(experts=True))
+    event, probed = SavedModel.load(run, "best", data_dir).experts()
     console = Console()
     console.print(
         f"[bold]{run.name}[/]: what each expert does, best checkpoint (step {event.step}, validation loss "

@@ -6,8 +6,6 @@ the run's evaluations.
 
 from __future__ import annotations
 
-import random
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -15,13 +13,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from moe_core.events import ExpertChars, Probed
-from moe_core.probe.request import ProbeRequest
+from moe_core.probe.request import ProbeRequest, new_request_id
 from tui.render.experts import describe_layer
-
-
-def new_request_id() -> int:
-    """A probe's answer goes to every viewer of the run: each asker knows its own by this."""
-    return random.getrandbits(31)
 
 
 class ExpertsScreen(ModalScreen[None]):
@@ -37,7 +30,7 @@ class ExpertsScreen(ModalScreen[None]):
     def __init__(self, view) -> None:
         super().__init__()
         self.view, self.shown_layer = view, 0
-        self.at: int | None = None  # the evaluation shown, an index into the view's history; None: the latest
+        self.at_step: int | None = None  # the evaluation shown, by its step; None: the latest
         self.asked = 0  # the request id of the importance probe sent from here
         self.note = ""
 
@@ -49,22 +42,27 @@ class ExpertsScreen(ModalScreen[None]):
         self.draw()
         self.set_interval(0.5, self.draw)  # a new evaluation, or a probe's answer, shows while the screen is open
 
+    def position(self) -> int | None:
+        """Where the evaluation shown is in the view's history (the one kept nearest before it, after a thinning)."""
+        history = self.view.expert_history
+        if self.at_step is None or not history:
+            return None
+        return max([i for i, e in enumerate(history) if e.step <= self.at_step] or [0])
+
     def shown(self) -> tuple[ExpertChars | None, ExpertChars | None]:
         """The evaluation on screen and the one before it."""
-        history = self.view.expert_history
-        if self.at is None or not history:
+        at, history = self.position(), self.view.expert_history
+        if at is None:
             return self.view.expert_chars, self.view.previous_expert_chars
-        self.at = max(0, min(self.at, len(history) - 1))
-        return history[self.at], history[self.at - 1] if self.at > 0 else None
+        return history[at], history[at - 1] if at > 0 else None
 
     def answer(self) -> Probed | None:
-        """The importance probe's answer, once it came (any earlier one of this view's otherwise)."""
-        probed = self.view.probed
-        if probed is not None and probed.importance is None and probed.similarity is None:
-            return None  # a probe of a text, asked elsewhere
-        if probed is not None and self.asked and probed.request_id == self.asked:
+        """The importance probe's answer once it came, else the view's latest measurement."""
+        if self.asked and self.asked in self.view.answers:
             self.note = ""
-        return probed
+        elif self.asked and (why := self.view.probe_refused(self.asked)):
+            self.note = f"not measured: {why}"
+        return self.view.answers.get(self.asked) or self.view.measured
 
     def draw(self) -> None:
         event, previous = self.shown()
@@ -83,7 +81,11 @@ class ExpertsScreen(ModalScreen[None]):
             if latest and routing and len(routing.layers) > self.shown_layer
             else None
         )
-        where = "latest evaluation" if latest else f"evaluation {self.at + 1} of {len(self.view.expert_history)} kept"
+        where = (
+            "latest evaluation"
+            if latest
+            else f"evaluation {self.position() + 1} of {len(self.view.expert_history)} kept"
+        )
         text = describe_layer(
             event, self.shown_layer, previous, self.size.width - 4, entropy, f" (← →) · {where} ([ ])", self.answer()
         )
@@ -96,12 +98,17 @@ class ExpertsScreen(ModalScreen[None]):
         self.draw()
 
     def action_evaluation(self, step: int) -> None:
-        history = self.view.expert_history
-        if history:
-            self.at = (len(history) - 1 if self.at is None else self.at) + step
-            if self.at >= len(history) - 1:
-                self.at = None  # back at the latest: follow new evaluations again
-            self.draw()
+        history, latest = self.view.expert_history, self.view.expert_chars
+        if not history:
+            return
+        kept_last = history[-1] is latest  # the latest is kept unless the thinning's stride skips it
+        current = self.position()
+        if current is None:
+            current = len(history) - (1 if kept_last else 0)
+        at = max(0, current + step)
+        following = at > len(history) - 1 or (at == len(history) - 1 and kept_last)
+        self.at_step = None if following else history[at].step  # past the last: follow new evaluations
+        self.draw()
 
     def action_importance(self) -> None:
         """Ask for each expert's importance and the experts' similarity: from the live trainer's weights,
@@ -109,6 +116,8 @@ class ExpertsScreen(ModalScreen[None]):
         source = getattr(self.app, "source", None)
         if source is None:
             self.note = "no model to probe here (a recorded stream)"
+        elif not source.live and getattr(self.app, "local", None) is not None:
+            self.note = "training here has ended: `moe-tui runs show RUN --experts` measures its best checkpoint"
         else:
             self.asked = new_request_id()
             source.probe(ProbeRequest(experts=True, request_id=self.asked))

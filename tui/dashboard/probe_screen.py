@@ -17,8 +17,7 @@ from textual.widgets import Input, Static
 
 from moe_core.errors import UserError
 from moe_core.events import Probed
-from moe_core.probe.request import Intervention, ProbeRequest, parse_masks
-from tui.dashboard.experts_screen import new_request_id
+from moe_core.probe.request import Intervention, ProbeRequest, new_request_id, parse_masks
 from tui.render.probe import comparison, legend, routed_text, text_summary
 
 CAPACITIES = (None, 1.0, 1.5, 0.5)  # c cycles through them: none is dropless evaluation
@@ -46,7 +45,6 @@ class ProbeScreen(ModalScreen[None]):
         self.shown_layer = 0
         self.change = Intervention()
         self.asked = 0
-        self.last_line = None  # the events log's newest line when the probe was sent
         self.answer: Probed | None = None
         self.note = ""
 
@@ -94,24 +92,18 @@ class ProbeScreen(ModalScreen[None]):
             self.draw()
             return
         self.asked = new_request_id()
-        self.last_line = self.view.log[0] if self.view.log else None  # a warning after it may be the answer
         self.source.probe(ProbeRequest(text=text, intervention=self.change, request_id=self.asked))
         self.note = f"probing{' with ' + self.change.describe() if self.change else ''}..."
         self.draw()
 
     def take_answer(self) -> None:
-        probed = self.view.probed
-        if probed is not None and probed.request_id == self.asked and probed is not self.answer:
-            self.answer, self.note = probed, ""
+        answer = self.view.answers.get(self.asked)
+        if answer is not None and answer is not self.answer:
+            self.answer, self.note = answer, ""
             self.draw()
-        elif self.note.startswith("probing"):  # a probe that failed answers with a warning instead
-            for line in self.view.log:
-                if line is self.last_line:
-                    break
-                if line.level == "warning":
-                    self.note = f"no answer: {line.text}"
-                    self.draw()
-                    break
+        elif answer is None and self.note.startswith("probing") and (why := self.view.probe_refused(self.asked)):
+            self.note = f"no answer: {why}"
+            self.draw()
 
     def draw(self) -> None:
         width = max(10, self.size.width - 6)
@@ -130,7 +122,7 @@ class ProbeScreen(ModalScreen[None]):
             parts += [
                 Text(f"{where} at step {event.step}", style="dim"),
                 legend(self.n_experts),
-                text_summary(event, self.shown_layer),
+                text_summary(event, self.shown_layer, self.n_experts),
                 routed_text(event, self.shown_layer, width),
             ]
         if event is not None and event.val_loss is not None:
@@ -159,6 +151,10 @@ class ProbeScreen(ModalScreen[None]):
         self.draw()
 
     def action_toggle(self, expert: int) -> None:
+        if expert >= self.n_experts:
+            self.note = f"no expert {expert}: the layers have {self.n_experts} (0-{self.n_experts - 1})"
+            self.draw()
+            return
         pair = (self.shown_layer, expert)
         masked = tuple(m for m in self.change.masked if m != pair)
         if masked == self.change.masked:

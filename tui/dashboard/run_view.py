@@ -27,11 +27,13 @@ from moe_core.events import (
     StateChanged,
     StepMetrics,
 )
+from moe_core.probe.request import ProbeRequest, refusal
 from tui.dashboard.history import SeriesBuffer
 
 SAMPLES_KEPT = 20
 LOG_LINES_KEPT = 200
-EXPERT_HISTORY = 64  # evaluations kept for the experts screen's look back (halved when full, first and last kept)
+EXPERT_HISTORY = 64  # evaluations kept for the experts screen's look back: evenly spaced, the first kept
+ANSWERS_KEPT = 16  # probe answers kept, by request id, for the screens that asked
 SMOOTHING = 0.8  # EMA weight of the past for the plotted train loss (each point is already a window mean)
 
 # Parts of the state, one per panel; `changed` collects these names.
@@ -67,8 +69,10 @@ class RunView:
         self.usage: ResourceUsage | None = None
         self.expert_chars: ExpertChars | None = None  # which characters each expert took, latest evaluation
         self.previous_expert_chars: ExpertChars | None = None
-        self.expert_history: list[ExpertChars] = []  # every evaluation's, thinned past EXPERT_HISTORY
-        self.probed: Probed | None = None  # the latest probe's answer (for whoever asked: see request_id)
+        self.expert_history: list[ExpertChars] = []  # one evaluation in every `_history_stride`
+        self._history_stride, self._evaluations = 1, 0
+        self.answers: dict[int, Probed] = {}  # probe answers by request id, the latest ANSWERS_KEPT
+        self.measured: Probed | None = None  # the latest answer with importance or similarity
         self.sample_layer: int | None = None  # the samples coloured by the experts of this layer (k); None: plain
         self.gone: str | None = None  # the trainer died: what to do about it
         self._ema: float | None = None
@@ -161,13 +165,20 @@ class RunView:
 
     def _on_ExpertChars(self, e: ExpertChars) -> None:
         self.previous_expert_chars, self.expert_chars = self.expert_chars, e
-        self.expert_history.append(e)
-        if len(self.expert_history) > EXPERT_HISTORY:  # every other older one goes: the whole run stays in view
-            self.expert_history[1:-1] = self.expert_history[2:-1:2]
+        if self._evaluations % self._history_stride == 0:
+            self.expert_history.append(e)
+        self._evaluations += 1
+        if len(self.expert_history) > EXPERT_HISTORY:  # every other one goes, and so on: evenly spaced
+            self.expert_history = self.expert_history[::2]
+            self._history_stride *= 2
         self.changed.add(EXPERTS)
 
     def _on_Probed(self, e: Probed) -> None:
-        self.probed = e
+        self.answers[e.request_id] = e
+        if len(self.answers) > ANSWERS_KEPT:
+            del self.answers[next(iter(self.answers))]
+        if e.importance is not None or e.similarity is not None:
+            self.measured = e
 
     def _on_Sample(self, e: Sample) -> None:
         self.samples.appendleft(e)
@@ -213,6 +224,11 @@ class RunView:
         """Show at once that a command was sent; the trainer's next state change clears it."""
         self.pending = pending
         self.changed.add(STATUS)
+
+    def probe_refused(self, request_id: int) -> str | None:
+        """Why probe `request_id` got no answer, where it was refused (its warning names it)."""
+        said = refusal(ProbeRequest(request_id=request_id), "")
+        return next((line.text[len(said) :] for line in self.log if line.text.startswith(said)), None)
 
     def note(self, level: str, text: str, step: int | None = None) -> None:
         self.log.appendleft(LogLine(level, self.step if step is None else step, text))

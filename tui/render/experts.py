@@ -14,7 +14,7 @@ import math
 from rich.text import Text
 
 from moe_core.events import ExpertChars, Probed
-from moe_core.routing import co_activation, expert_shares, frequent, lift, mutual_information, routing_change, shown
+from moe_core.routing import by_frequency, co_activation, expert_shares, lift, mutual_information, routing_change, shown
 from moe_core.routing import top_characters as top_chars
 
 SHADES = " ░▒▓█"  # lift 0, <1, 1-2, 2-4, >=4
@@ -38,10 +38,7 @@ def expert_table(counts, chars: str, importance: list[float] | None = None, top:
 
 def heat_map(counts, chars: str, width: int) -> list[Text]:
     """Rows: experts; columns: the most frequent characters that fit; shade: lift."""
-    frequency = [sum(row) for row in counts]
-    common = frequent(counts)
-    order = sorted(range(len(frequency)), key=lambda i: -frequency[i])
-    columns = [i for i in order if common[i]][: max(1, width - 4)]
+    columns = by_frequency(counts)[: max(1, width - 4)]
     lifted = lift(counts)
     lines = [Text("    " + "".join(shown(chars[i]) for i in columns), style="bold")]
     for e in range(len(counts[0])):

@@ -6,6 +6,8 @@ loss on it as a strip of bars. Also the changed model beside the unchanged one. 
 
 from __future__ import annotations
 
+import math
+
 from rich.text import Text
 
 from moe_core.events import Probed
@@ -69,20 +71,19 @@ def routed_text(event: Probed, layer: int, width: int) -> Text:
     return Text("\n").join(lines)
 
 
-def text_summary(event: Probed, layer: int) -> Text:
-    """This text's share of each expert in `layer` (over all k choices), and the mean loss on it."""
+def text_summary(event: Probed, layer: int, experts: int) -> Text:
+    """This text's share of each of the layer's `experts` (over all k choices), and the mean loss on it."""
     counts: dict[int, int] = {}
-    for experts in event.experts[layer]:
-        for e in experts:
+    for chosen in event.experts[layer]:
+        for e in chosen:
             counts[e] = counts.get(e, 0) + 1
     total = sum(counts.values()) or 1
-    experts = 1 + max(e for choices in event.experts[layer] for e in choices)
     line = Text(f"layer {layer + 1}/{len(event.experts)}: ", style="bold")
     line.append("  ".join(f"e{e} {counts.get(e, 0) / total:.0%}" for e in range(experts)))
     losses = [v for v in event.loss if v is not None]
     if losses:
         mean = sum(losses) / len(losses)
-        line.append(f" · loss {mean:.3f} nats/char ({mean / 0.6931471805599453:.3f} bits)", style="dim")
+        line.append(f" · loss {mean:.3f} nats/char ({mean / math.log(2):.3f} bits)", style="dim")
     line.append(f" · loss bars {LOSS_BARS[0]} <1 nat … {LOSS_BARS[-1]} ≥7", style="dim")
     return line
 
