@@ -308,6 +308,10 @@ CASES = {
     "probe an expert the model lacks": Case(PROBE, ["probe", "tiny", "--mask", "1:9"]),
     "probe with fewer experts left than top-k": Case(PROBE, ["probe", "tiny", "--mask", "1:0,1:1,1:2"]),
     "probe a mask spelled wrong": Case(PROBE, ["probe", "tiny", "--mask", "x:1"]),
+    "probe a mask with a superscript digit": Case(PROBE, ["probe", "tiny", "--mask", "1:²"]),
+    "probe a checkpoint step with a superscript": Case(
+        PROBE, ["probe", "tiny", "--text", "a", "--checkpoint", "step-²"]
+    ),
     "probe nothing": Case(PROBE, ["probe", "tiny"]),
     "probe a layer the model lacks": Case(PROBE, ["probe", "tiny", "--text", "a", "--layer", "9"]),
     "probe a step with no checkpoint": Case(PROBE, ["probe", "tiny", "--text", "a", "--checkpoint", "step-15"]),
@@ -508,6 +512,8 @@ OFFENDING = {
     "probe an expert the model lacks": ["expert 9", "layer 1"],
     "probe with fewer experts left than top-k": ["3 of 4", "layer 1", "--top-k 1"],
     "probe a mask spelled wrong": ["'x:1'"],
+    "probe a mask with a superscript digit": ["'1:²'"],
+    "probe a checkpoint step with a superscript": ["'step-²'"],
     "probe nothing": ["--text"],
     "probe a layer the model lacks": ["--layer", "got 9"],
     "probe a step with no checkpoint": ["step-15", "step-10"],
