@@ -216,7 +216,9 @@ class Run:
                     read_manifest(folder)
                     return folder
             listed = ", ".join(f"step-{step}" for step, _ in sorted(steps)) or "none (train it first)"
-            raise UserError(f"run '{self.name}' has no checkpoint {which}; use one of: best, latest, {listed}")
+            raise UserError(
+                f"run '{self.name}' has no checkpoint {which}; use --checkpoint best, latest or one of {listed}"
+            )
         folder, problems = newest_intact(self.checkpoints)
         if folder is None and problems:
             raise UserError(
