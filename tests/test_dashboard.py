@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from textual.app import App
 from textual.filter import dim_color
@@ -30,7 +31,6 @@ from moe_core.config import build_config
 from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from moe_core.model.dropout import Dropout
 from moe_core.probe.request import ProbeRequest
-from moe_core.store import checkpoint as checkpoint_module
 from moe_core.train.trainer import Trainer
 from tests.conftest import TINY
 from tests.test_training import make_trainer
@@ -100,7 +100,7 @@ async def answered_a_probe(pilot, app, trainer) -> None:
     """A probe sent now is answered: the training loop has gone round and taken every command before it."""
     asked = random.getrandbits(31)
     trainer.control.probe(ProbeRequest(text="a", request_id=asked))
-    await wait_until(pilot, lambda: app.view.probed is not None and app.view.probed.request_id == asked)
+    await wait_until(pilot, lambda: asked in app.view.answers)
 
 
 def shown(widget) -> str:
@@ -328,7 +328,7 @@ def test_a_failing_save_shows_a_warning_and_training_goes_on(tmp_path, shared_di
     def save_file_on_a_full_disk(tensors, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(checkpoint_module, "save_file", save_file_on_a_full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_on_a_full_disk)  # what save_checkpoint calls
 
     async def scenario():
         app = Dashboard(trainer)

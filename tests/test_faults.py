@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
@@ -185,7 +186,7 @@ def test_a_stop_signal_saves_prints_the_resume_command_and_exits_128_plus_n(sig,
 def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(
     code, tmp_path, shared_dir, monkeypatch, capsys
 ):
-    real_save = checkpoint_module.save_file
+    real_save = safetensors.torch.save_file
     kept = {}
 
     def save_file_on_a_full_disk(tensors, path):
@@ -196,7 +197,7 @@ def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on
         Path(path).write_bytes(b"\0" * 1000)  # the disk fills part way through the file
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(checkpoint_module, "save_file", save_file_on_a_full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_on_a_full_disk)
     runs = tmp_path / "runs"
     args = [
         "train",
@@ -228,7 +229,7 @@ def test_a_failing_save_warns_keeps_the_previous_checkpoint_and_training_goes_on
     assert (root / "step-00000010" / MODEL_FILE).read_bytes() == kept["step-00000010"]
     load_checkpoint(root / "step-00000010")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)  # space freed: resume works
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)  # space freed: resume works
     assert (
         main(["train", "--resume", "full", "--headless", "--data-dir", str(shared_dir), "--runs-dir", str(runs)]) == 0
     )

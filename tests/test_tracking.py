@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,7 +239,9 @@ def test_a_resumed_run_has_each_step_once_in_each_backend(tmp_path, shared_dir, 
     assert [row["_step"] for row in wandb_history(run) if "train/loss" in row] == steps
     assert [row["step"] for row in trackio_logs(run) if "train/loss" in row] == steps
     # The same tracked run, continued: one MLflow run, one W&B id in both offline folders.
-    assert len({p.name.rsplit("-", 1)[1] for p in (run.path / "wandb").glob("offline-run-*")}) == 1
+    # (offline-run-DATE_TIME-ID; W&B adds "-1" to a folder started in the same second as the last)
+    folders = [re.match(r"offline-run-\d{8}_\d{6}-([^-]+)", p.name) for p in (run.path / "wandb").glob("offline-run-*")]
+    assert folders and len({m.group(1) for m in folders}) == 1
     # TensorBoard holds the retrained values (purged and rewritten); the others keep the first ones.
     assert same(tensorboard_scalars(run.path / "tensorboard", "eval/val_loss"), logged(run, "EvalMetrics", "val_loss"))
 
