@@ -84,8 +84,7 @@ def importance(model, evals: EvalSet) -> tuple[float, list[list[float]]]:
     blocks, experts = model.blocks, model.moe_layers()[0].num_experts
     try:
         inputs = [_embedded(model, x) for x, _ in evals.chunks]  # what enters block 0
-        base = _mean_loss(model, inputs, 0, evals)
-        rises = []
+        losses = []
         for layer, block in enumerate(blocks):
             attended = [x + block.attn(block.ln1(x), None, layer) for x in inputs]
             normed = [block.ln2(h).reshape(-1, h.shape[-1]) for h in attended]
@@ -100,20 +99,33 @@ def importance(model, evals: EvalSet) -> tuple[float, list[list[float]]]:
                         out = out.clone()
                         out[took] = block.moe(z[took])
                         changed.append(h + out.reshape(h.shape))
-                    row.append(_mean_loss(model, changed, layer + 1, evals) - base)
-            rises.append(row)
+                    row.append(_mean_loss(model, changed, layer + 1, evals))
+            losses.append(row)
             inputs = [h + out.reshape(h.shape) for h, out in zip(attended, moe_out)]  # the next layer's inputs
+        base = _mean_loss(model, inputs, len(blocks), evals)  # the last block's outputs, unchanged
     finally:
         model.train(was_training)
-    return base, rises
+    return base, [[loss - base for loss in row] for row in losses]
+
+
+class _Caught(Exception):
+    """Raised by the hook of `_embedded`: what it wanted has been computed, the rest of the pass is not needed."""
 
 
 def _embedded(model, idx: torch.Tensor) -> torch.Tensor:
-    """The input of the first block: a hook on it catches what the model's own forward computes."""
+    """The input of the first block, as the model's own forward computes it: caught by a hook, which then
+    stops the pass there."""
     caught = []
-    handle = model.blocks[0].register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+
+    def catch(module, args) -> None:
+        caught.append(args[0])
+        raise _Caught
+
+    handle = model.blocks[0].register_forward_pre_hook(catch)
     try:
         model(idx)
+    except _Caught:
+        pass
     finally:
         handle.remove()
     return caught[0]
