@@ -8,6 +8,8 @@ an ended run) the run's latest checkpoint answers. Drawn by tui/render/probe.py,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -139,7 +141,7 @@ class ProbeScreen(ModalScreen[None]):
                 self.note = str(err)
                 self.draw()
                 return
-            self.change = Intervention(masked, self.change.top_k, self.change.capacity_factor)
+            self.change = replace(self.change, masked=masked)
         self.query_one(VerticalScroll).focus()
         self.ask()
 
@@ -159,15 +161,15 @@ class ProbeScreen(ModalScreen[None]):
         masked = tuple(m for m in self.change.masked if m != pair)
         if masked == self.change.masked:
             masked += (pair,)
-        self.changed(Intervention(masked, self.change.top_k, self.change.capacity_factor))
+        self.changed(replace(self.change, masked=masked))
 
     def action_top_one(self) -> None:
         top = None if self.change.top_k == 1 else 1
-        self.changed(Intervention(self.change.masked, top, self.change.capacity_factor))
+        self.changed(replace(self.change, top_k=top))
 
     def action_capacity(self) -> None:
         following = CAPACITIES[(CAPACITIES.index(self.change.capacity_factor) + 1) % len(CAPACITIES)]
-        self.changed(Intervention(self.change.masked, self.change.top_k, following))
+        self.changed(replace(self.change, capacity_factor=following))
 
     def action_unchanged(self) -> None:
         self.changed(Intervention())
