@@ -372,23 +372,27 @@ def test_the_trainer_thread_takes_the_torch_threads_the_ui_thread_gave_up(tmp_pa
 def test_bench_measures_training_under_both_front_ends(shared_dir, monkeypatch):
     monkeypatch.setenv("MOE_TUI_DATA", str(shared_dir))
     config = build_config(None, {}, {**TINY, "dataset": "simpsons"})
-    # What consumed each run's events and the tokens/s each logged (read before its temporary folder
-    # goes), and the dashboards made: watched, not changed.
+    # What consumed each run's events and the tokens/s each logged (as it emitted them: the dashboard's
+    # trainer thread may end after the runs' temporary folder is gone), and the dashboards made: watched,
+    # not changed.
     consumer, logged, dashboards = {}, {}, []
-    run = Trainer.run
+    run, emit = Trainer.run, Trainer.emit
 
     def run_and_record(self, **kwargs):
         consumer[self.run_folder.name] = self.on_event
-        outcome = run(self, **kwargs)
-        metrics = self.run_folder.read_metrics()
-        logged[self.run_folder.name] = [r["tokens_per_sec"] for r in metrics if r.get("event") == "StepMetrics"]
-        return outcome
+        return run(self, **kwargs)
+
+    def emit_and_record(self, event):
+        if isinstance(event, StepMetrics):
+            logged.setdefault(self.run_folder.name, []).append(event.tokens_per_sec)
+        emit(self, event)
 
     def dashboard(*args, **kwargs):
         dashboards.append(Dashboard(*args, **kwargs))
         return dashboards[-1]
 
     monkeypatch.setattr(Trainer, "run", run_and_record)
+    monkeypatch.setattr(Trainer, "emit", emit_and_record)
     monkeypatch.setattr(overhead, "Dashboard", dashboard)
 
     plain, watched = dashboard_overhead(config, steps=20, rounds=1)
