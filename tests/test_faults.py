@@ -14,6 +14,7 @@ import random
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from moe_core.store import runs as runs_module
 from moe_core.store.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.store.runs import Run
 from moe_core.train import checkpoint_writer
-from tests.conftest import TINY, as_flags, start_moe_tui
+from tests.conftest import REPO, TINY, as_flags, start_moe_tui
 from tests.test_training import make_trainer
 from tui.cli import main
 
@@ -177,6 +178,36 @@ def test_a_stop_signal_saves_prints_the_resume_command_and_exits_128_plus_n(sig,
         out, err = resumed.communicate(timeout=120)
         assert resumed.returncode == 0, err
         assert f"resuming at step {newest}" in out
+
+
+# A stop signal's handler queues the stop on the main thread, which may be inside the loop's own `next()`
+# at that instant. Here a timer signals every millisecond while the loop reads its commands: a queue
+# whose lock the interrupted read holds would hang (or recurse) on the first signal that lands there.
+SIGNALLED_WHILE_READING = """
+import signal, sys
+from moe_core.train.control import Control
+control, handled, taken = Control(), 0, 0
+def on_signal(signum, frame):
+    global handled
+    handled += 1
+    control.stop("alarm")
+signal.signal(signal.SIGALRM, on_signal)
+signal.setitimer(signal.ITIMER_REAL, 1e-3, 1e-3)
+while handled < 300:
+    taken += control.next(None) is not None
+signal.setitimer(signal.ITIMER_REAL, 0)
+while control.next(None) is not None:
+    taken += 1
+print(handled, taken)
+"""
+
+
+def test_a_stop_signalled_while_the_loop_reads_its_commands_is_queued_not_a_hang():
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_WHILE_READING], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["300", "300"]  # every stop queued, once, none lost
 
 
 # -- a disk that refuses checkpoint writes ---------------------------------------------------------

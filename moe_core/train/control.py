@@ -12,10 +12,13 @@ if TYPE_CHECKING:
 
 
 class Control:
-    """Commands from a front end, safe to call from any thread; the loop acts between steps."""
+    """Commands from a front end, safe to call from any thread and from a signal handler; the loop acts
+    between steps."""
 
     def __init__(self) -> None:
-        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+        # A SimpleQueue, whose put is reentrant: a stop signal's handler runs on the main thread, possibly
+        # in the middle of the loop's own `next()`, where a Queue's lock would already be held (a hang).
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
 
     def pause(self) -> None:
         self._commands.put(("pause", None))
