@@ -17,6 +17,7 @@ from moe_core.live.lease import read_status
 from moe_core.store.checkpoint import MODEL_FILE
 from moe_core.store.runs import Run
 from tests.conftest import TINY, as_flags, moe_tui, start_moe_tui
+from tests.ranks import DP_FLAGS
 from tests.test_faults import records, wait_until
 
 # Dropout and router noise on: a change must land on the random streams exactly as it did first.
@@ -124,12 +125,10 @@ if os.environ.get("RANK") is not None:
 
 def test_with_two_processes_every_rank_takes_a_change_between_the_same_two_steps(tmp_path):
     """Data parallel: the change travels with the commands the ranks agree on."""
-    from tests.test_distributed import DP_FLAGS
-
     runs, hooks, noted = tmp_path / "runs", tmp_path / "hooks", tmp_path / "changes.txt"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(RECORD_CHANGES)
-    # One torch thread per rank (see tests/test_distributed.py).
+    # One torch thread per rank (see tests/ranks.py).
     env = {"PYTHONPATH": str(hooks), "MOE_TUI_CHANGES": str(noted), "OMP_NUM_THREADS": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
