@@ -33,9 +33,14 @@ for _var, _sub in (
     os.environ[_var] = str(_TRACKER_HOME / _sub)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-# Tests run many small models one after another; two intra-op threads on two cores is the sweet spot,
-# and more would oversubscribe when pytest runs beside a subprocess under test.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests run many small models one after another. Alone, two intra-op threads on two cores is the sweet
+# spot. Under pytest-xdist the workers share the cores: one thread each, and for the processes their tests
+# start too (idle OpenMP threads spin, so two threads per worker run several times slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def shared_data_dir() -> Path:
