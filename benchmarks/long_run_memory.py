@@ -7,7 +7,7 @@
 Trains a small model with frequent events (a log line every step, evals, samples and checkpoints
 every few hundred), so that anything that grows per event shows up as growth in RSS. Prints RSS at the
 first sample, after warm-up (the first minute), at the end, and the growth per 10,000 steps and per
-hour. The viewer measurement also gives the detached trainer's figures (front end "detached trainer").
+hour, after a series of RSS every 5 minutes (whether memory levels off). The viewer measurement also gives the detached trainer's figures (front end "detached trainer").
 Linux only (reads /proc); the dashboard and the viewer need tmux. `--repo`: the checkout whose
 `moe-tui` runs.
 """
@@ -132,6 +132,7 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
         subprocess.run(["tmux", "-S", str(runs / "tmux.sock"), "kill-server"], check=False, stderr=subprocess.DEVNULL)
     after = [s for s in samples if s[0] >= warmup]
     (time0, step0, rss0), (time1, step1, rss1) = after[0], after[-1]
+    print_series(samples)
     return [
         {
             "front end": name,
@@ -146,6 +147,19 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
         }
         for name in pids
     ]
+
+
+SERIES_EVERY = 300  # seconds between the lines of the series: whether memory levels off shows there
+
+
+def print_series(samples: list[tuple[float, int, dict[str, float]]]) -> None:
+    """RSS every SERIES_EVERY seconds (and at the end), one line each: minute, step, MiB per process."""
+    due = 0.0
+    for i, (elapsed, step, rss) in enumerate(samples):
+        if elapsed >= due or i == len(samples) - 1:
+            figures = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in rss.items())
+            print(f"minute {elapsed / 60:5.1f}  step {step:7d}  {figures}", flush=True)
+            due = elapsed - elapsed % SERIES_EVERY + SERIES_EVERY
 
 
 def main() -> None:
