@@ -3,7 +3,8 @@
 # and the time to quality side by side with nanoGPT's shakespeare_char recipe.
 # Run from the project root on the GPU machine, with .anchors/ and .whl/ next to it as
 # ../shared/anchors/gpu_side_by_side.sh's header says (add pytest, pluggy, iniconfig, packaging,
-# safetensors, click and shellingham to its wheel list). Results go to $OUT.
+# safetensors, click and shellingham to its wheel list; pytest runs there without pytest-xdist, hence
+# -o addopts=). Results go to $OUT.
 #   PARTS    which parts, in order (default: tests profile train nanogpt bench sample)
 #   T        seconds each moe-tui training run gets (default 45); NANOGPT_T for nanoGPT (default 70)
 #   SWEEP    extra moe-tui runs, one per line: NAME FLAGS... (each gets T seconds)
@@ -33,7 +34,7 @@ train() {  # NAME FLAGS...: a headless run timed from process start (first colum
 for part in $PARTS; do case $part in
 tests)
     echo "== GPU tests"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_path.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/test_gpu_path.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
 profile)
     echo "== where a step's time goes (gpu preset)"
     timeout 120 python3 benchmarks/step_profile.py --preset gpu --device cuda 2>&1 | tee "$OUT/profile.txt" | head -45 ;;

@@ -7,9 +7,9 @@
 Trains a small model with frequent events (a log line every step, evals, samples and checkpoints
 every few hundred), so that anything that grows per event shows up as growth in RSS. Prints RSS at the
 first sample, after warm-up (the first minute), at the end, and the growth per 10,000 steps and per
-hour, after a series of RSS every 5 minutes (whether memory levels off). The viewer measurement also gives the detached trainer's figures (front end "detached trainer").
-Linux only (reads /proc); the dashboard and the viewer need tmux. `--repo`: the checkout whose
-`moe-tui` runs.
+hour; as it goes, RSS every 5 minutes, where whether memory levels off shows. The viewer measurement
+also gives the detached trainer's figures (front end "detached trainer"). Linux only (reads /proc);
+the dashboard and the viewer need tmux. `--repo`: the checkout whose `moe-tui` runs.
 """
 
 from __future__ import annotations
@@ -117,11 +117,14 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
         if gone := [name for name, pid in pids.items() if not Path(f"/proc/{pid}").exists()]:
             sys.exit(f"{gone[0]} ended before training started; run its command by hand to see why")
         time.sleep(0.2)
-    start = time.monotonic()
+    start, due = time.monotonic(), 0.0
     samples = []
     while (elapsed := time.monotonic() - start) < seconds:
         time.sleep(2)
         samples.append((elapsed, last_step(run), {name: rss_mib(pid) for name, pid in pids.items()}))
+        if elapsed >= due:  # the series, as it goes: whether memory levels off
+            print_sample(*samples[-1])
+            due += SERIES_EVERY
     for pid in pids.values():
         os.kill(pid, 15)
     if front_end == "headless":
@@ -130,9 +133,9 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
         while (run / "process.json").exists() and '"live"' in (run / "process.json").read_text():
             time.sleep(0.5)  # the trainer saves and leaves
         subprocess.run(["tmux", "-S", str(runs / "tmux.sock"), "kill-server"], check=False, stderr=subprocess.DEVNULL)
+    print_sample(*samples[-1])
     after = [s for s in samples if s[0] >= warmup]
     (time0, step0, rss0), (time1, step1, rss1) = after[0], after[-1]
-    print_series(samples)
     return [
         {
             "front end": name,
@@ -149,17 +152,12 @@ def measure(front_end: str, seconds: float, runs: Path, warmup: float, repo: Pat
     ]
 
 
-SERIES_EVERY = 300  # seconds between the lines of the series: whether memory levels off shows there
+SERIES_EVERY = 300  # seconds between the lines of RSS printed as the run goes
 
 
-def print_series(samples: list[tuple[float, int, dict[str, float]]]) -> None:
-    """RSS every SERIES_EVERY seconds (and at the end), one line each: minute, step, MiB per process."""
-    due = 0.0
-    for i, (elapsed, step, rss) in enumerate(samples):
-        if elapsed >= due or i == len(samples) - 1:
-            figures = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in rss.items())
-            print(f"minute {elapsed / 60:5.1f}  step {step:7d}  {figures}", flush=True)
-            due = elapsed - elapsed % SERIES_EVERY + SERIES_EVERY
+def print_sample(elapsed: float, step: int, rss: dict[str, float]) -> None:
+    figures = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in rss.items())
+    print(f"minute {elapsed / 60:5.1f}  step {step:7d}  {figures}", flush=True)
 
 
 def main() -> None:

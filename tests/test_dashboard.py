@@ -466,6 +466,14 @@ def snapshot(snapshot):
     return snapshot
 
 
+def test_every_stored_layout_belongs_to_a_test_here():
+    # Syrupy finds stored snapshots that no test uses only in a run of one process, not under xdist:
+    # a layout test renamed or removed would leave its picture behind, unnoticed.
+    stored = sorted(Path(__file__).parent.joinpath("snapshots", "test_dashboard").glob("*.svg"))
+    tests = {name for name, value in globals().items() if name.startswith("test_") and callable(value)}
+    assert stored and [p.name for p in stored if p.stem.split("[")[0] not in tests] == []
+
+
 @same_textual
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])
 def test_layout(snap_compare, size):

@@ -7,9 +7,9 @@ float rounding (1e-7 after the first steps, checked below). Training then amplif
 sparse MoE more than most: a token whose top two router logits are within rounding of each other goes
 to another expert. For scale, the same one-process run with 2 torch threads instead of 1 (another
 summation order, nothing else) ends 40 steps 1.4e-3 away in the weights and 4e-4 in eval loss on
-this machine. The settings below (a long warmup, so the learning rate stays low over the 40 steps
-while the loss still falls from 4.7 to 3.9) keep that amplification small enough for a bound of 1e-4
-on the eval losses; the weights must be within 1e-3, no further than that thread-count noise.
+this machine. The settings of tests/ranks.py's DP (a long warmup, so the learning rate stays low over
+the 40 steps while the loss still falls from 4.7 to 3.9) keep that amplification small enough for a
+bound of 1e-4 on the eval losses; the weights must be within 1e-3, no further than that thread-count noise.
 """
 
 from __future__ import annotations

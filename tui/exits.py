@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 from moe_core.events import State
@@ -49,18 +50,37 @@ def redirect_output(log: Path) -> None:
             stream.flush()
         except OSError:  # the terminal is gone already
             pass
+    redirect_descriptors(log)
+    _line_buffered()
+
+
+def redirect_descriptors(log: Path) -> None:
+    """Point file descriptors 1 and 2 at `log`, appending. System calls only, no Python stream or lock:
+    safe in a signal handler, which may interrupt the main thread in the middle of a write to them (the
+    lines still buffered then go to `log`)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for target in (1, 2):
         os.dup2(fd, target)
     os.close(fd)
+
+
+def _line_buffered() -> None:
     for stream in (sys.stdout, sys.stderr):  # a line at a time, so `tail -f train.log` follows along
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
 
 
 def move_output_after_hangup(run) -> None:
-    """The terminal is gone and training goes on: its lines go to the run's train.log, as if detached."""
-    redirect_output(run.path / "train.log")
+    """The terminal is gone and training goes on: its lines go to the run's train.log, as if detached.
+    Called from the SIGHUP handler: the descriptors move there and then; the streams are set to a line at
+    a time and the notice printed by a thread of its own, since the handler may have interrupted the main
+    thread while it held stdout's lock (a print there would raise "reentrant call")."""
+    redirect_descriptors(run.path / "train.log")
+    threading.Thread(target=_say_terminal_lost, args=(run,), name="hangup", daemon=True).start()
+
+
+def _say_terminal_lost(run) -> None:
+    _line_buffered()
     print(
         f"terminal lost (SIGHUP); training goes on; reattach with: {watch_command(run.name, run.path.parent)}",
         flush=True,

@@ -25,7 +25,7 @@ from moe_core.events import Notice, State
 from moe_core.hints import resume_command, watch_command
 from moe_core.signals import HANGUP, outcome_exit_code, signal_exit_code, signal_reason, stop_signals_handled
 from tui.dashboard.app import Dashboard
-from tui.exits import print_next_step, redirect_output
+from tui.exits import print_next_step, redirect_descriptors
 from tui.headless import HeadlessReporter
 
 HANGUP_GRACE_SECONDS = 3.0  # after the trainer has returned: time for the normal exit before a forced one
@@ -135,20 +135,8 @@ def stop_on_signals(app: Dashboard, on_hangup: str, resume_hint: str, sample_hin
         if signum == HANGUP and on_hangup == "keep" and app.local is not None:
             app.hung_up = True
             _silence_terminal()
-            log = open(app.local.run.path / "train.log", "a", encoding="utf-8", buffering=1)
-            run = app.local.run
-            print(
-                f"terminal lost (SIGHUP); training goes on; reattach with: {watch_command(run.name, run.path.parent)}",
-                file=log,
-            )
-            app.local.bus.unsubscribe(app.local.queue_event)  # nobody drains the screen's queue any more
-            app.local.bus.subscribe(HeadlessReporter(log, progress=False))
-            app.local.bus.subscribe(_stop_when_done(app.local))
             threading.Thread(
-                target=_end_after_training,
-                args=(app, log, resume_hint, sample_hint, finalise),
-                name="hangup",
-                daemon=True,
+                target=_train_on_headless, args=(app, resume_hint, sample_hint, finalise), name="hangup", daemon=True
             ).start()
             return
         first = app.signal_received is None
@@ -185,7 +173,18 @@ def _code_after_hangup(app: Dashboard) -> int:
     return outcome_exit_code(outcome, trainer.unsaved, app.signal_received)
 
 
-def _end_after_training(app: Dashboard, log, resume_hint: str, sample_hint: str, finalise) -> None:
+def _train_on_headless(app: Dashboard, resume_hint: str, sample_hint: str, finalise) -> None:
+    """After a hangup with --on-hangup keep: the run's lines go to its train.log, as a headless run's would,
+    and the process ends once training has. On a thread of its own, not in the signal handler: the bus's
+    lock, or the log's, may be held by the main thread the handler interrupted."""
+    log = open(app.local.run.path / "train.log", "a", encoding="utf-8", buffering=1)
+    run = app.local.run
+    print(
+        f"terminal lost (SIGHUP); training goes on; reattach with: {watch_command(run.name, run.path.parent)}", file=log
+    )
+    app.local.bus.unsubscribe(app.local.queue_event)  # nobody drains the screen's queue any more
+    app.local.bus.subscribe(HeadlessReporter(log, progress=False))
+    app.local.bus.subscribe(_stop_when_done(app.local))
     app.local.thread.join()
     print_next_step(app.local.trainer, resume_hint, sample_hint, stream=log)
     time.sleep(HANGUP_GRACE_SECONDS)  # the main thread's normal exit, unless the UI is stuck
@@ -194,7 +193,9 @@ def _end_after_training(app: Dashboard, log, resume_hint: str, sample_hint: str,
 
 
 def _silence_terminal() -> None:
-    redirect_output(Path(os.devnull))  # not stdin: Textual's input thread would spin on /dev/null's endless EOF
+    # Descriptors only (safe in a signal handler); not stdin: Textual's input thread would spin on
+    # /dev/null's endless EOF.
+    redirect_descriptors(Path(os.devnull))
 
 
 def _exit_after_hangup(app: Dashboard, finalise) -> None:
