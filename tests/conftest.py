@@ -85,6 +85,10 @@ def as_flags(settings: dict) -> list[str]:
 
 TINY_FLAGS = as_flags(TINY)
 
+# Nothing scheduled, so that every checkpoint on disk is one the test asked for; a log line every 5 steps.
+QUIET = dict(max_iters=100_000, eval_interval=100_000, sample_interval=100_000, ckpt_interval=100_000, log_interval=5)
+QUIET_FLAGS = as_flags(QUIET)
+
 
 def start_moe_tui(
     args: list[str], runs: Path, stdout=subprocess.PIPE, env: dict | None = None, **popen

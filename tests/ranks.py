@@ -22,18 +22,6 @@ from tests.conftest import REPO, TINY, as_flags, shared_data_dir
 
 DP = {**TINY, "warmup_iters": 400, "eval_interval": 20, "ckpt_interval": 20, "max_iters": 40}
 DP_FLAGS = as_flags(DP)
-QUIET = [
-    "--max-iters",
-    "100000",
-    "--eval-interval",
-    "100000",
-    "--sample-interval",
-    "100000",
-    "--ckpt-interval",
-    "100000",
-    "--log-interval",
-    "5",
-]
 
 
 def environment(runs: Path) -> dict:

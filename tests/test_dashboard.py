@@ -32,7 +32,7 @@ from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, 
 from moe_core.model.dropout import Dropout
 from moe_core.probe.request import ProbeRequest
 from moe_core.train.trainer import Trainer
-from tests.conftest import TINY
+from tests.conftest import QUIET, TINY
 from tests.test_training import make_trainer
 from tui.dashboard import overhead
 from tui.dashboard.app import Dashboard
@@ -47,7 +47,6 @@ from tui.headless import HeadlessReporter
 FIXTURE = Path(__file__).parent / "fixtures" / "dashboard_events.jsonl"
 SIZE = (100, 30)
 # Nothing scheduled: each test asks for what it checks.
-QUIET = dict(max_iters=100_000, eval_interval=100_000, sample_interval=100_000, ckpt_interval=100_000, log_interval=5)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,11 +22,9 @@ from moe_core.live.protocol import MAX_LINE, SUN_PATH_MAX, ProtocolError, parse_
 from moe_core.model.sampling import SampleRequest
 from moe_core.probe.request import Intervention, ProbeRequest
 from moe_core.store.runs import Run
-from tests.conftest import TINY, TINY_FLAGS, as_flags, moe_tui
-from tests.test_dashboard import QUIET, SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
+from tests.conftest import QUIET_FLAGS, TINY, TINY_FLAGS, moe_tui
+from tests.test_dashboard import SIZE, drive, fast_keys, status_text, wait_until  # noqa: F401 - a fixture
 from tui.dashboard.app import Dashboard
-
-QUIET_FLAGS = as_flags(QUIET)
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "the condition") -> float:

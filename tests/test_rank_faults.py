@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import torch
 
 from moe_core.parallel import ranks as distributed
 from moe_core.store.checkpoint import load_checkpoint
-from tests.conftest import TINY, as_flags, shared_data_dir
+from tests.conftest import QUIET_FLAGS, TINY, as_flags, shared_data_dir
 from tests.ranks import (
     DP_FLAGS,
-    QUIET,
     cut_copy,
     environment,
     evals,
@@ -34,6 +32,7 @@ from tests.ranks import (
     wait_for_line,
     weights,
 )
+from tests.test_tmux import MOE_TUI, TMUX, Terminal
 
 
 @pytest.mark.parametrize(
@@ -49,7 +48,7 @@ from tests.ranks import (
 )
 def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_code(target, sig, tmp_path):
     process = start(
-        ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "s", "--nproc", "2", "--headless"], tmp_path
+        ["train", "simpsons", *as_flags(TINY), *QUIET_FLAGS, "--run-name", "s", "--nproc", "2", "--headless"], tmp_path
     )
     try:
         wait_for_line(process, r"^step +10 ")
@@ -163,7 +162,7 @@ KILL_DEADLINE = 30.0  # seconds from kill -9 of a rank to every process gone; me
 
 def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
     process = start(
-        ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "k", "--nproc", "2", "--headless"], tmp_path
+        ["train", "simpsons", *as_flags(TINY), *QUIET_FLAGS, "--run-name", "k", "--nproc", "2", "--headless"], tmp_path
     )
     try:
         wait_for_line(process, r"^step +10 ")
@@ -188,7 +187,8 @@ def test_kill_9_of_one_rank_brings_the_others_down_naming_it(tmp_path):
 def test_several_processes_detached_train_on_after_the_command_returns_and_stop_on_request(tmp_path):
     try:
         started = start(
-            ["train", "simpsons", *as_flags(TINY), *QUIET, "--run-name", "bg", "--nproc", "2", "--detach"], tmp_path
+            ["train", "simpsons", *as_flags(TINY), *QUIET_FLAGS, "--run-name", "bg", "--nproc", "2", "--detach"],
+            tmp_path,
         )
         out, err = started.communicate(timeout=120)  # returns as soon as rank 0 trains
         assert started.returncode == 0 and err == "", err
@@ -229,14 +229,8 @@ def test_a_file_missing_on_one_machine_stops_both_at_once_each_saying_why(tmp_pa
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-TMUX = shutil.which("tmux")
-MOE_TUI = Path(sys.executable).with_name("moe-tui")
-
-
 @pytest.mark.skipif(TMUX is None or not MOE_TUI.is_file(), reason="needs tmux and the moe-tui console script")
 def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
-    from tests.test_tmux import Terminal
-
     terminal = Terminal(tmp_path)
     env = {k: v for k, v in environment(tmp_path / "runs").items() if k not in ("NO_COLOR", "TMUX")}
     command = " ".join(
@@ -247,7 +241,7 @@ def test_the_dashboard_drives_two_processes_in_a_real_terminal(tmp_path):
             "--run-name",
             "dash",
             *as_flags(TINY),
-            *QUIET,
+            *QUIET_FLAGS,
             "--nproc",
             "2",
             "--on-hangup",

@@ -16,27 +16,13 @@ import pytest
 
 from moe_core.live.lease import is_live
 from moe_core.store.runs import Run
-from tests.conftest import TINY_FLAGS
+from tests.conftest import QUIET_FLAGS, TINY_FLAGS
 
 TMUX = shutil.which("tmux")
 MOE_TUI = Path(sys.executable).with_name("moe-tui")
 pytestmark = [
     pytest.mark.skipif(TMUX is None, reason="tmux is not installed (.ci/run installs it)"),
     pytest.mark.skipif(not MOE_TUI.is_file(), reason="the moe-tui console script is not installed"),
-]
-
-# Nothing scheduled, so that every checkpoint on disk is one the test asked for.
-QUIET_FLAGS = [
-    "--max-iters",
-    "100000",
-    "--eval-interval",
-    "100000",
-    "--sample-interval",
-    "100000",
-    "--ckpt-interval",
-    "100000",
-    "--log-interval",
-    "5",
 ]
 
 

@@ -18,9 +18,9 @@ import pytest
 
 from moe_core.live.lease import is_live, read_status
 from moe_core.store.runs import Run
-from tests.conftest import REPO, TINY_FLAGS, cli, shared_data_dir, start_moe_tui
+from tests.conftest import QUIET_FLAGS, REPO, TINY_FLAGS, cli, shared_data_dir, start_moe_tui
 from tests.test_cli import table_row
-from tests.test_tmux import MOE_TUI, QUIET_FLAGS, TMUX, Terminal
+from tests.test_tmux import MOE_TUI, TMUX, Terminal
 
 # Stands in for the login shell or service manager a detached trainer ends up under: made a child
 # subreaper, it inherits the trainers once their `moe-tui train --detach` has returned, so it can wait
