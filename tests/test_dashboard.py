@@ -28,7 +28,7 @@ from textual.widgets import Input
 
 from moe_core.bus import EventBus
 from moe_core.config import build_config
-from moe_core.events import CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
+from moe_core.events import Alert, CheckpointSaved, Notice, StateChanged, StepMetrics, from_record, to_record
 from moe_core.model.dropout import Dropout
 from moe_core.probe.request import ProbeRequest
 from moe_core.train.trainer import Trainer
@@ -143,6 +143,27 @@ def test_steps_advance_and_space_pauses_within_one_step(tmp_path, shared_dir, fa
             await pilot.press("space")
             await wait_until(pilot, lambda: app.view.step >= paused_at + 10)
             assert "RUNNING" in status_text(app)
+
+    drive(scenario)
+
+
+def test_a_rule_tripping_again_and_again_rings_once_and_every_alert_is_listed(tmp_path, shared_dir, fast_keys):
+    # A slow machine can trip slow_step again and again: each alert is a line in the events panel, but
+    # the bell, desktop notification and toast come once per rule in RING_SECONDS.
+    trainer = make_trainer(tmp_path, shared_dir, **QUIET)
+    rings = []
+
+    async def scenario():
+        app = Dashboard(trainer, resume_hint="moe-tui train --resume run")
+        app.notify = lambda message, **kw: rings.append((kw["title"], message))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.view.step >= 5)
+            for n, rule in enumerate(["slow_step"] * 3 + ["loss_spike"] + ["slow_step"] * 3):
+                trainer.control.alert(Alert(trainer.step_num, rule, f"alert {n}", "warn", trainer.step_num))
+                await wait_until(pilot, lambda: app.view.alerts_seen == n + 1)  # one drain each
+            assert rings == [("guard: slow_step", "alert 0"), ("guard: loss_spike", "alert 3")]
+            listed = [line.text for line in app.view.log if line.text.startswith("guard")]
+            assert len(listed) == 7 and all(f"alert {n}" in " ".join(listed) for n in range(7))
 
     drive(scenario)
 

@@ -48,13 +48,16 @@ def test_each_rule_trips_once_per_streak_and_not_on_healthy_figures():
     (dead,) = alerts(control)
     assert (dead.rule, dead.action, dead.since) == ("dead_expert", "pause", 200)
     assert "expert 3 of layer 0" in dead.message
-    guard(routing(310, healthy, entropy=1.2))  # back to normal: the rule may trip again later
+    for i in range(31, 35):  # healthy again, but for fewer than guard_windows log lines: still tripped
+        guard(routing(10 * i, healthy, entropy=1.2))
+    assert "dead_expert/0/3" in guard.tripped
+    guard(routing(350, healthy, entropy=1.2))  # the fifth: back to normal, the rule may trip again later
     assert "dead_expert/0/3" not in guard.tripped
 
-    for i in range(32, 36):  # a confident router (low entropy per token) that uses every expert: healthy
+    for i in range(36, 40):  # a confident router (low entropy per token) that uses every expert: healthy
         guard(routing(10 * i, healthy, entropy=0.1))
     assert alerts(control) == []
-    for i in range(36, 41):  # the tokens go to one expert: the load's entropy far under ln 4
+    for i in range(40, 45):  # the tokens go to one expert: the load's entropy far under ln 4
         guard(routing(10 * i, [0.97, 0.01, 0.01, 0.01], entropy=1.2))
     rules = [a.rule for a in alerts(control)]
     assert sorted(rules) == ["collapse", "dead_expert", "dead_expert", "dead_expert"]
@@ -62,6 +65,13 @@ def test_each_rule_trips_once_per_streak_and_not_on_healthy_figures():
     guard(steps(410, 9.0))  # 4.5x the running mean
     guard(steps(420, 1.8, tokens_per_sec=300))  # 3.5x slower per step than the median
     assert [(a.rule, a.action) for a in alerts(control)] == [("loss_spike", "pause"), ("slow_step", "warn")]
+    for i in range(43, 63):  # step times about the threshold, slow at every other log line: still one alert
+        guard(steps(10 * i, 1.8, tokens_per_sec=300 if i % 2 else 1000))
+    assert alerts(control) == []
+    for i in range(63, 68):  # five log lines at the usual speed: the rule is back to normal
+        guard(steps(10 * i, 1.8))
+    guard(steps(680, 1.8, tokens_per_sec=300))  # slow again: a new alert
+    assert [a.rule for a in alerts(control)] == ["slow_step"]
 
     for step, val in ((100, 2.0), (200, 2.1), (300, 2.2), (430, 2.3)):
         guard(EvalMetrics(step, 1.5, val, 0.0))

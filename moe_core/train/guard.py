@@ -17,7 +17,7 @@ The rules, and why these defaults (all in the `[guard]` section of a config file
 - slow steps: a log line's time per step above `guard_slow` (2x) the median so far: a thermal throttle,
   swap, a noisy neighbour. It only warns, whatever --on-alert says: the machine is slow, not the run.
 - validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
-Each rule trips once, until its figure is back to normal.
+Each rule trips once, until its figure is back to normal for `guard_windows` checks in a row.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Guard:
     def __init__(self, config: Config, control: Control, action: str):
         self.config, self.control, self.action = config, control, action
         self.tripped: set[str] = set()  # rules (per layer and expert) tripped and not yet back to normal
+        self._calm: dict[str, int] = {}  # tripped rule -> checks in a row without its figure being bad
         self._low: dict[tuple[int, int], int] = {}  # (layer, expert) -> log lines in a row under the share
         self._flat: dict[int, int] = {}  # layer -> log lines in a row under the entropy
         self._losses: deque[float] = deque(maxlen=50)
@@ -106,12 +107,19 @@ class Guard:
 
     def _check(self, rule: str, bad: bool, since: int, *said: str) -> None:
         """Trip `rule` if `bad` and not tripped already; said: the message, or an action and the message
-        (slow steps only warn: the machine is the problem, not the run)."""
+        (slow steps only warn: the machine is the problem, not the run). A tripped rule is back to normal
+        after `guard_windows` checks in a row without `bad`: a figure that hovers about its threshold (step
+        times on a busy machine, logged every step) would otherwise alert at every other log line."""
         action, message = said if len(said) == 2 else (self.action, said[0])
-        if not bad:
-            self.tripped.discard(rule)
-        elif rule not in self.tripped:
-            self._trip(rule, message, action if self.action != "warn" else "warn", since)
+        if bad:
+            self._calm.pop(rule, None)
+            if rule not in self.tripped:
+                self._trip(rule, message, action if self.action != "warn" else "warn", since)
+        elif rule in self.tripped:
+            self._calm[rule] = self._calm.get(rule, 0) + 1
+            if self._calm[rule] >= self.config.guard_windows:
+                self.tripped.discard(rule)
+                del self._calm[rule]
 
     def _trip(self, rule: str, message: str, action: str, since: int | None = None) -> None:
         self.tripped.add(rule)

@@ -16,6 +16,7 @@ validation curves in the loss chart; the other panels show the run in focus.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Iterable
 
 from textual.app import App
@@ -31,6 +32,9 @@ from tui.dashboard.sources import LocalTrainer
 from tui.notify import notification
 
 DRAIN_SECONDS = 0.25  # UI refresh period: a few updates a second, whatever the training speed
+# One ring (the bell, a desktop notification, a toast) per guard rule in this long, a toast's life: the
+# events panel lists every alert, and a rule tripping again and again must not flood the desktop.
+RING_SECONDS = 15.0
 
 
 class Dashboard(App[int]):
@@ -62,6 +66,7 @@ class Dashboard(App[int]):
             self.views[0].apply(event)
         self.dashboard = DashboardScreen()
         self._alerts_rung: list[int] | None = None  # alerts seen per run: those in its history ring no bell
+        self._rung_at: dict[str, float] = {}  # guard rule -> when it last rang (RING_SECONDS)
         self.exit_code = 0
         self.stopping = False
         self.signal_received: int | None = None  # set by the signal handler, acted on by `drain`
@@ -130,11 +135,15 @@ class Dashboard(App[int]):
         if not any(new):
             return
         alert = next(view.alert for view, fresh in zip(self.views, new) if fresh)
+        now = time.monotonic()
+        if now - self._rung_at.get(alert.rule, -RING_SECONDS) < RING_SECONDS:
+            return
+        self._rung_at[alert.rule] = now
         try:
             self._driver.write(notification("moe-tui", alert.message))  # noqa: SLF001 - Textual's own output
         except (AttributeError, OSError):
             self.bell()
-        self.notify(alert.message, title=f"guard: {alert.rule}", severity="warning", timeout=15)
+        self.notify(alert.message, title=f"guard: {alert.rule}", severity="warning", timeout=RING_SECONDS)
 
     def add_source(self, source) -> None:
         """Watch one more run (a viewer's `a` key), and put it in focus."""
