@@ -14,8 +14,8 @@ The rules, and why these defaults (all in the `[guard]` section of a config file
 - loss spike: a log line's loss above `guard_spike` (3x) its running mean: noise moves it by tens of
   per cent, divergence by multiples.
 - non-finite loss: the trainer checks that itself at each log line, stops, and raises the alert.
-- slow steps: a log line's time per step above `guard_slow` (2x) the median so far: a thermal throttle,
-  swap, a noisy neighbour. It only warns, whatever --on-alert says: the machine is slow, not the run.
+- slow steps: the time per step above `guard_slow` (2x) the median so far for `guard_windows` log lines
+  in a row: a thermal throttle, swap, a noisy neighbour (one slow line is noise). It only warns, whatever --on-alert says: the machine is slow, not the run.
 - validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
 Each rule trips once, until its figure is back to normal for `guard_windows` checks in a row.
 """
@@ -42,6 +42,7 @@ class Guard:
         self._flat: dict[int, int] = {}  # layer -> log lines in a row under the entropy
         self._losses: deque[float] = deque(maxlen=50)
         self._seconds: deque[float] = deque(maxlen=200)  # per step, per log line
+        self._slow = 0  # log lines in a row slower than guard_slow times the median
         self._vals: list[float] = []
         self._step = 0
 
@@ -69,9 +70,13 @@ class Guard:
         if e.tokens_per_sec > 0:
             per_step = 1.0 / e.tokens_per_sec
             if len(self._seconds) >= WARMUP_WINDOWS:
+                # Slow for guard_windows log lines in a row: one slow line is noise (a busy moment, a step
+                # logged alone); a throttled or swapping machine stays slow.
                 median = statistics.median(self._seconds)
-                self._check("slow_step", per_step > c.guard_slow * median, e.step, "warn",
-                            f"steps take {per_step / median:.1f}x their median time (step {e.step})")  # fmt: skip
+                self._slow = self._slow + 1 if per_step > c.guard_slow * median else 0
+                self._check("slow_step", self._slow >= c.guard_windows, e.step - self._slow * c.log_interval, "warn",
+                            f"steps take {per_step / median:.1f}x their median time, for {self._slow} log lines "
+                            f"(step {e.step})")  # fmt: skip
             self._seconds.append(per_step)
 
     def _on_routing(self, e: RouterStats) -> None:
