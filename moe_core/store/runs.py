@@ -199,8 +199,8 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def checkpoint(self, which: str = "latest", on_skip: Callable[[str], None] | None = None) -> Path:
-        """The folder of the newest intact step checkpoint, or of `best`, checked against its
-        manifest; `on_skip` hears of each newer checkpoint passed over, and why."""
+        """The folder of `which`: the newest intact step checkpoint ("latest"), `best` or "step-N", checked
+        against its manifest; `on_skip` hears of each newer checkpoint passed over, and why."""
         if which == "best":
             if not self.best_checkpoint.is_dir():
                 raise UserError(
@@ -219,6 +219,8 @@ class Run:
             raise UserError(
                 f"run '{self.name}' has no checkpoint {which}; use --checkpoint best, latest or one of {listed}"
             )
+        if which != "latest":
+            raise UserError(f"unknown checkpoint '{which}'; use --checkpoint latest, best or step-N (e.g. step-500)")
         folder, problems = newest_intact(self.checkpoints)
         if folder is None and problems:
             raise UserError(
