@@ -81,7 +81,7 @@ class Config:
     # the guard (moe_core/train/guard.py): rules on the figures a run reports, and what a trip does
     guard: bool = True
     on_alert: str = ""  # warn | pause | stop; "" = the front end's default (pause on a screen, else warn)
-    guard_windows: int = 5  # log lines an expert must stay dead (or a layer collapsed) to trip; normal, to trip again
+    guard_windows: int = 5  # log lines an expert stays dead (a layer collapsed) to trip, and normal to trip again
     guard_dead_share: float = 0.1  # an expert below this fraction of its fair share 1/E is dead
     guard_entropy: float = 0.3  # router entropy below this fraction of ln E: the layer has collapsed
     guard_spike: float = 3.0  # a window's loss this many times its running mean: a spike

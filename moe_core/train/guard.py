@@ -15,7 +15,8 @@ The rules, and why these defaults (all in the `[guard]` section of a config file
   per cent, divergence by multiples.
 - non-finite loss: the trainer checks that itself at each log line, stops, and raises the alert.
 - slow steps: the time per step above `guard_slow` (2x) the median so far for `guard_windows` log lines
-  in a row: a thermal throttle, swap, a noisy neighbour (one slow line is noise). It only warns, whatever --on-alert says: the machine is slow, not the run.
+  in a row: a thermal throttle, swap, a noisy neighbour (one slow line is noise). It only warns, whatever
+  --on-alert says: the machine is slow, not the run.
 - validation rising `guard_val_rises` (3) evaluations in a row: overfitting, or a learning rate too high.
 Each rule trips once, until its figure is back to normal for `guard_windows` checks in a row.
 """
