@@ -51,8 +51,9 @@ def probe(
     runs_dir: RunsDir = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Route any text through a checkpoint: the experts each character goes to, per layer, and the loss
-    on it; with --mask/--top-k/--capacity-factor, the changed model beside the unchanged one."""
+    """Route any text through a checkpoint: each character's experts, per layer, and its loss.
+
+    With --mask, --top-k or --capacity-factor, the changed model beside the unchanged one."""
     target = Run.open(runs_dir or default_runs_dir(), run)
     config = target.load_config()
     change = Intervention(parse_masks(" ".join(mask or []), config.n_layer), top_k, capacity_factor)
