@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, shared_data_dir
+from tests.conftest import QUIET_FLAGS, REPO, TINY_FLAGS, shared_data_dir
 from tests.test_tmux import MOE_TUI, TMUX, Terminal
 
 
@@ -66,6 +66,22 @@ def test_commands_that_neither_train_nor_sample_do_not_import_torch(trained_once
     assert code == (2 if args[0] in ("set", "watch") else 0), err
     assert "moe_core" in modules  # the listing is read right: the engine is imported, torch is not
     assert not {m for m in modules if m == "torch" or m.startswith("torch.")}
+
+
+def test_a_detached_start_leaves_torch_to_the_trainer_it_starts(tmp_path):
+    """`train --detach` returns as soon as its child trains: the child checks and trains, the command
+    that starts it need not wait for torch's imports as well."""
+    runs = tmp_path / "runs"
+    code, out, err, modules = moe_tui(
+        runs, "train", "simpsons", *TINY_FLAGS, *QUIET_FLAGS, "--run-name", "bg", "--detach"
+    )
+    try:
+        assert code == 0, err
+        assert re.search(r"training run 'bg' in the background as process \d+", out), out
+        assert "moe_core" in modules and not {m for m in modules if m == "torch" or m.startswith("torch.")}
+    finally:
+        stopped = moe_tui(runs, "stop", "bg")
+    assert stopped[0] == 0 and "stopped run 'bg' at step" in stopped[1], stopped
 
 
 def test_sampling_imports_torch_where_it_needs_it(trained_once):

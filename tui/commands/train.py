@@ -133,6 +133,10 @@ def train(
     """Train a model (Ctrl-C saves a checkpoint and prints the command to resume)."""
     if on_hangup not in (None, "keep", "stop"):
         raise UserError(f"--on-hangup must be keep or stop, got {on_hangup!r}")
+    if detach and not is_detached_child():
+        # This process starts the trainer and returns. The child checks everything and says what is wrong
+        # through this one, so this one need not import torch (a second or two).
+        raise typer.Exit(start_detached(list(invocation.ARGS)))
     from moe_core.session.training import TrainingSession
 
     session = TrainingSession(request_from_flags(ctx.params))
@@ -144,8 +148,6 @@ def train(
                 "in tmux or under nohup"
             )
         on_hangup = "stop"  # each process saves, and all exit 129
-    if detach and not is_detached_child():  # this process starts the trainer and returns; the child has both
-        raise typer.Exit(start_detached(list(invocation.ARGS)))
     use_dashboard = (
         session.ranks.leader
         and not (headless or detach)
