@@ -535,7 +535,7 @@ def test_series_buffer_is_bounded_and_keeps_the_shape():
 
 
 def record(path: Path = FIXTURE) -> None:
-    """Re-record the snapshot stream: 300 steps of a TINY simpsons run with one requested sample."""
+    """Re-record the snapshot stream: 300 steps of a TINY simpsons run (batches of 32) with one requested sample."""
     import tempfile
 
     from moe_core.model.sampling import SampleRequest
@@ -555,6 +555,7 @@ def record(path: Path = FIXTURE) -> None:
         shared_data_dir(),
         name="simpsons-demo",
         sink=sink,
+        batch_size=32,  # as the stream was first recorded: a new one would change every picture
         max_iters=1000,
         sample_interval=100,
         sample_tokens=160,

@@ -108,9 +108,10 @@ def test_a_pausing_alert_keeps_the_last_checkpoint_from_before_the_streak(tmp_pa
     assert [r["rule"] for r in log if r["event"] == "Alert"] == ["dead_expert"]
 
 
-# The recipe: eight experts, no balancing loss, a learning rate ten times too high.
-DYING = {**TINY, "num_experts": 8, "aux_loss_coef": 0, "lr": 0.03, "warmup_iters": 10, "max_iters": 100_000,
-         "eval_interval": 100_000, "sample_tokens": 0, "ckpt_interval": 50, "log_interval": 10}  # fmt: skip
+# The recipe of docs/steering.md: eight experts, no balancing loss, a learning rate ten times too high.
+DYING = {**TINY, "batch_size": 32, "num_experts": 8, "aux_loss_coef": 0, "lr": 0.03, "warmup_iters": 10,
+         "max_iters": 100_000, "eval_interval": 100_000, "sample_tokens": 0, "ckpt_interval": 50,
+         "log_interval": 10}  # fmt: skip
 
 
 def test_the_guard_pauses_a_run_whose_experts_die_and_a_set_brings_them_back(tmp_path):

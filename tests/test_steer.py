@@ -23,6 +23,7 @@ from tests.test_faults import records, wait_until
 # Dropout and router noise on: a change must land on the random streams exactly as it did first.
 STEER = {
     **TINY,
+    "batch_size": 32,  # steps slow enough that `set` and the kill land before the checkpoint at 100
     "router": "noisy_topk",
     "dropout": 0.05,
     "lr_schedule": "constant",
