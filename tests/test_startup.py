@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_core.live.lease import read_status
+from moe_core.store.runs import Run
 from tests.conftest import QUIET_FLAGS, REPO, TINY_FLAGS, shared_data_dir
 from tests.test_tmux import MOE_TUI, TMUX, Terminal
 
@@ -81,6 +84,9 @@ def test_a_detached_start_leaves_torch_to_the_trainer_it_starts(tmp_path):
         assert "moe_core" in modules and not {m for m in modules if m == "torch" or m.startswith("torch.")}
     finally:
         stopped = moe_tui(runs, "stop", "bg")
+        status = read_status(Run(runs / "bg"))
+        if status.state == "live":  # `stop` failed: no trainer may outlive the test
+            os.kill(status.pid, signal.SIGKILL)
     assert stopped[0] == 0 and "stopped run 'bg' at step" in stopped[1], stopped
 
 
