@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import torch
 from textual.app import App
 from textual.filter import dim_color
 from textual.widgets import Input
+from textual.widgets._footer import FooterKey
 
 from moe_core.bus import EventBus
 from moe_core.config import build_config
@@ -520,6 +522,28 @@ def test_layout_error(snap_compare):
 
 
 # -- the chart's cost does not grow with the run -------------------------------------------------
+
+
+def test_the_footer_keeps_no_key_it_no_longer_shows():
+    # The keys that apply change with the state (an evaluation greys Save and Eval out), and the Footer
+    # rebuilds its keys each time. Textual's kept every key it replaced: a viewer grew by megabytes an hour.
+    async def scenario():
+        app = Dashboard(replay=recorded_events())
+        async with app.run_test(size=(100, 30)) as pilot:
+            for i in range(20):
+                app.view.apply(StateChanged("evaluating" if i % 2 else "running"))
+                app.dashboard.refresh_panels()
+                await pilot.pause()
+            for _ in range(50):  # until the last rebuild is done: its old keys are still on screen until then
+                await pilot.pause()
+                gc.collect()
+                shown = list(app.query(FooterKey))
+                alive = [o for o in gc.get_objects() if isinstance(o, FooterKey)]
+                if len(alive) == len(shown):
+                    break
+            assert shown and len(alive) == len(shown), (len(alive), len(shown))
+
+    drive(scenario)
 
 
 def test_series_buffer_is_bounded_and_keeps_the_shape():

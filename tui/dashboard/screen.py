@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from moe_core.errors import UserError
 from moe_core.events import State
@@ -24,6 +24,7 @@ from tui.dashboard.probe_screen import ProbeScreen
 from tui.dashboard.run_view import CHART, EXPERTS, LOG, SAMPLES, STATUS, RunView
 from tui.dashboard.screens import AddRunDialog, ConfirmQuit, HelpScreen, SampleDialog, SettingsDialog
 from tui.dashboard.widgets.experts import ExpertPanel
+from tui.dashboard.widgets.footer import KeyFooter
 from tui.dashboard.widgets.loss_chart import LossChart
 from tui.dashboard.widgets.panels import EventsLog, SamplesPanel
 from tui.dashboard.widgets.status import StatusBar
@@ -86,7 +87,7 @@ class DashboardScreen(Screen):
             yield ExpertPanel(self.view, id="experts")
             yield SamplesPanel(self.view, "samples · newest first", id="samples")
             yield EventsLog(self.view, "events", id="events")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.show_focus()
