@@ -6,11 +6,11 @@ from textual.widgets import Footer
 
 
 class KeyFooter(Footer):
-    """Textual's Footer rebuilds its keys whenever the keys that apply change (an evaluation greys Save
-    and Eval out, the end of it brings them back), and each new key binds itself to the Footer's
-    `compact`. Textual (8.2.8) forgets the bindings of keys it removed only when `compact` changes, which
-    it never does here: every replaced key stayed in memory, a viewer of a run that evaluates often grew
-    by megabytes an hour."""
+    """Textual's Footer rebuilds its keys at every refresh of the bindings, and the dashboard refreshes
+    them at each change of the trainer's state (an evaluation greys Save and Eval out, its end brings
+    them back). Each new key binds itself to the Footer's `compact`. Textual (8.2.8) forgets the bindings
+    of keys it removed only when `compact` changes or the Footer closes, neither of which happens here:
+    every replaced key stayed in memory, a viewer of a run that evaluates often grew by megabytes an hour."""
 
     async def recompose(self) -> None:
         await super().recompose()
