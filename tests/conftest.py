@@ -150,37 +150,31 @@ def tree(path: Path) -> dict[str, tuple[int, float]]:
 
 def train_here(runs: Path, name: str, *extra: str) -> Path:
     """`moe-tui train simpsons` of a finished tiny run (30 steps, checkpoints and evaluations at 10, 20, 30),
-    in this process: no process start, no torch import. What it printed is kept beside it, in NAME.stdout
-    and NAME.stderr."""
+    in this process (`moe_tui_here`)."""
+    every_10 = ["--max-iters", "30", "--ckpt-interval", "10", "--eval-interval", "10"]
+    moe_tui_here(runs, name, "train", "simpsons", *TINY_FLAGS, *every_10, "--run-name", name, "--headless", *extra)
+    return runs / name
+
+
+def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) -> None:
+    """`moe-tui ARGS` (a command that trains) run to its end in this process, on `threads` torch threads if
+    given: no process start, no torch import. It must succeed. What it printed is kept in runs/NAME.stdout
+    and NAME.stderr. A test that compares its weights with a process's gives both the same thread count
+    (the process through `OMP_NUM_THREADS`): the order of the sums depends on it."""
+    runs.mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
     with (
         open(runs / f"{name}.stdout", "w") as out,
         open(runs / f"{name}.stderr", "w") as err,
         redirect_stdout(out),
         redirect_stderr(err),
     ):
-        code = main(
-            [
-                "train",
-                "simpsons",
-                *TINY_FLAGS,
-                "--max-iters",
-                "30",
-                "--ckpt-interval",
-                "10",
-                "--eval-interval",
-                "10",
-                "--run-name",
-                name,
-                "--headless",
-                "--data-dir",
-                str(shared_data_dir()),
-                "--runs-dir",
-                str(runs),
-                *extra,
-            ]
-        )
+        torch.set_num_threads(threads or before)
+        try:
+            code = main([*args, "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
+        finally:
+            torch.set_num_threads(before)
     assert code == 0, (runs / f"{name}.stderr").read_text()
-    return runs / name
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import torch
 from moe_core.errors import UserError
 from moe_core.parallel import ranks as distributed
 from moe_core.store.checkpoint import load_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, moe_tui_here
 from tests.expert_dispatch import CAPACITY_FACTORS, dispatch_on_two_ranks
 from tests.ranks import (
     DP_FLAGS,
@@ -45,10 +45,9 @@ from tests.ranks import (
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """The reference: one process, 40 steps."""
+    """The reference: one process (this one, on one thread, as each rank), 40 steps."""
     runs = tmp_path_factory.mktemp("straight")
-    done = train([*DP_FLAGS, "--run-name", "one"], runs)
-    assert done.returncode == 0, done.stderr
+    moe_tui_here(runs, "one", "train", "simpsons", *DP_FLAGS, "--run-name", "one", "--headless", threads=1)
     return runs / "one"
 
 

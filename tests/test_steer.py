@@ -16,7 +16,7 @@ from moe_core.live.client import live_client
 from moe_core.live.lease import read_status
 from moe_core.store.checkpoint import MODEL_FILE
 from moe_core.store.runs import Run
-from tests.conftest import TINY, as_flags, moe_tui, start_moe_tui
+from tests.conftest import TINY, as_flags, moe_tui, moe_tui_here, start_moe_tui
 from tests.ranks import DP_FLAGS
 from tests.test_faults import records, wait_until
 
@@ -42,7 +42,8 @@ def steps_logged(run: Path) -> int:
 def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_path):
     runs = tmp_path / "runs"
     killed = runs / "killed"
-    started = moe_tui(runs, "train", "simpsons", *as_flags(STEER), "--run-name", "killed", "--detach")
+    threads = {"OMP_NUM_THREADS": "1"}  # as the run it is compared with, trained in this process
+    started = moe_tui(runs, "train", "simpsons", *as_flags(STEER), "--run-name", "killed", "--detach", env=threads)
     assert started.returncode == 0, started.stderr
     wait_until(lambda: steps_logged(killed) >= 60, 120, "training past its first checkpoint")
 
@@ -56,7 +57,7 @@ def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_pat
     wait_until(lambda: read_status(Run.open(runs, "killed")).state == "crashed", 60, "the trainer to die")
     assert "lr = 0.001" in (killed / "config.toml").read_text()  # the current values, for the resume
 
-    resumed = moe_tui(runs, "train", "--resume", "killed", "--headless")
+    resumed = moe_tui(runs, "train", "--resume", "killed", "--headless", env=threads)
     assert resumed.returncode == 0, resumed.stderr
     # Resumed from step 50, the change logged after it is made again at its step; its events stay in the
     # log, once each (a resume cut short again still finds them).
@@ -69,11 +70,10 @@ def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_pat
     assert all(r["source"] == "moe-tui set" for r in again), again
 
     # The run that never stopped: the same flags to the step of the change, then those settings on.
-    assert moe_tui(runs, "train", "simpsons", *as_flags({**STEER, "max_iters": changed_at}), "--run-name", "straight",
-                   "--headless").returncode == 0  # fmt: skip
-    rest = moe_tui(runs, "train", "--resume", "straight", "--max-iters", "150", "--lr", "0.001",
-                   "--aux-loss-coef", "0.05", "--dropout", "0.2", "--headless")  # fmt: skip
-    assert rest.returncode == 0, rest.stderr
+    moe_tui_here(runs, "straight", "train", "simpsons", *as_flags({**STEER, "max_iters": changed_at}),
+                 "--run-name", "straight", "--headless", threads=1)  # fmt: skip
+    moe_tui_here(runs, "rest", "train", "--resume", "straight", "--max-iters", "150", "--lr", "0.001",
+                 "--aux-loss-coef", "0.05", "--dropout", "0.2", "--headless", threads=1)  # fmt: skip
     ours = load_file(killed / "checkpoints" / "step-00000150" / MODEL_FILE)
     theirs = load_file(runs / "straight" / "checkpoints" / "step-00000150" / MODEL_FILE)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
