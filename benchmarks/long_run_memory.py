@@ -55,6 +55,10 @@ SETTINGS = [
     "10000000",
     "--device",
     "cpu",
+    # The guard's alerts still come, but the run goes on: detached or on a screen it would pause at the
+    # first (validation loss rising, at step 50,000 of this run), and a paused run sends no events.
+    "--on-alert",
+    "warn",
 ]
 
 
