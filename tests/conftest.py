@@ -156,13 +156,18 @@ def train_here(runs: Path, name: str, *extra: str) -> Path:
     return runs / name
 
 
+# One torch thread for a process whose weights a test compares bit for bit with a run on one thread
+# (`moe_tui_here(..., threads=1)`): the order of the sums depends on the thread count. MKL reads its
+# own variable before OpenMP's.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) -> None:
     """`moe-tui ARGS` (a command that trains) run to its end in this process, on `threads` torch threads if
     given: no process start, no torch import. It must succeed. What it printed is kept in runs/NAME.stdout
-    and NAME.stderr. A test that compares its weights with a process's gives both the same thread count
-    (the process through `OMP_NUM_THREADS`): the order of the sums depends on it."""
+    and NAME.stderr. The thread count and torch's random state are put back afterwards."""
     runs.mkdir(parents=True, exist_ok=True)
-    before = torch.get_num_threads()
+    before, random_state = torch.get_num_threads(), torch.get_rng_state()
     with (
         open(runs / f"{name}.stdout", "w") as out,
         open(runs / f"{name}.stderr", "w") as err,
@@ -174,6 +179,7 @@ def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) 
             code = main([*args, "--data-dir", str(shared_data_dir()), "--runs-dir", str(runs)])
         finally:
             torch.set_num_threads(before)
+            torch.set_rng_state(random_state)
     assert code == 0, (runs / f"{name}.stderr").read_text()
 
 

@@ -31,7 +31,7 @@ from moe_core.store import runs as runs_module
 from moe_core.store.checkpoint import MODEL_FILE, load_checkpoint, newest_intact, step_checkpoints
 from moe_core.store.runs import Run
 from moe_core.train import checkpoint_writer
-from tests.conftest import REPO, TINY, as_flags, moe_tui_here, start_moe_tui
+from tests.conftest import ONE_THREAD, REPO, TINY, as_flags, moe_tui_here, start_moe_tui
 from tests.test_training import make_trainer
 from tui.cli import main
 
@@ -81,7 +81,6 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
     runs = tmp_path / "runs"
     flags = [*as_flags(kill_trials_settings(trials)), "--headless"]
     moe_tui_here(runs, "straight", "train", "simpsons", *flags, "--run-name", "straight", threads=1)
-    threads = {"OMP_NUM_THREADS": "1"}  # the straight run's, for the same sums
 
     rng = random.Random(trials)
     killed, last_checkpoint, corrupt_found, mid_write_kills, really_mid_write = runs / "killed", -1, 0, 0, 0
@@ -93,7 +92,7 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
         )
         log = tmp_path / f"trial-{trial}.log"
         with open(log, "w") as out:
-            proc = start_moe_tui(args, runs, stdout=out, env=threads)
+            proc = start_moe_tui(args, runs, stdout=out, env=ONE_THREAD)
         wait_until(lambda: "run 'killed'" in log.read_text() or proc.poll() is not None, 120, "training to start")
         assert proc.poll() is None, f"trial {trial} ended early: {proc.stderr.read()}"
         root = killed / "checkpoints"  # this process writes a checkpoint to .tmp-NAME-PID, then renames it
@@ -117,7 +116,9 @@ def test_kill_9_at_any_instant_loses_nothing_and_resumes_exactly(trials, tmp_pat
         last_checkpoint = newest
         Run.open(runs, "killed").load_vocab()  # the run folder stays usable
 
-    final = start_moe_tui(["train", "--resume", "killed", "--headless"], runs, stdout=subprocess.DEVNULL, env=threads)
+    final = start_moe_tui(
+        ["train", "--resume", "killed", "--headless"], runs, stdout=subprocess.DEVNULL, env=ONE_THREAD
+    )
     assert final.wait(timeout=600) == 0, final.stderr.read()
     assert corrupt_found == 0
     assert really_mid_write * 2 >= mid_write_kills, (

@@ -16,7 +16,7 @@ from moe_core.live.client import live_client
 from moe_core.live.lease import read_status
 from moe_core.store.checkpoint import MODEL_FILE
 from moe_core.store.runs import Run
-from tests.conftest import TINY, as_flags, moe_tui, moe_tui_here, start_moe_tui
+from tests.conftest import ONE_THREAD, TINY, as_flags, moe_tui, moe_tui_here, start_moe_tui
 from tests.ranks import DP_FLAGS
 from tests.test_faults import records, wait_until
 
@@ -42,8 +42,7 @@ def steps_logged(run: Path) -> int:
 def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_path):
     runs = tmp_path / "runs"
     killed = runs / "killed"
-    threads = {"OMP_NUM_THREADS": "1"}  # as the run it is compared with, trained in this process
-    started = moe_tui(runs, "train", "simpsons", *as_flags(STEER), "--run-name", "killed", "--detach", env=threads)
+    started = moe_tui(runs, "train", "simpsons", *as_flags(STEER), "--run-name", "killed", "--detach", env=ONE_THREAD)
     assert started.returncode == 0, started.stderr
     wait_until(lambda: steps_logged(killed) >= 60, 120, "training past its first checkpoint")
 
@@ -57,7 +56,7 @@ def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_pat
     wait_until(lambda: read_status(Run.open(runs, "killed")).state == "crashed", 60, "the trainer to die")
     assert "lr = 0.001" in (killed / "config.toml").read_text()  # the current values, for the resume
 
-    resumed = moe_tui(runs, "train", "--resume", "killed", "--headless", env=threads)
+    resumed = moe_tui(runs, "train", "--resume", "killed", "--headless", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     # Resumed from step 50, the change logged after it is made again at its step; its events stay in the
     # log, once each (a resume cut short again still finds them).
