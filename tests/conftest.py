@@ -162,10 +162,11 @@ def train_here(runs: Path, name: str, *extra: str) -> Path:
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) -> None:
+def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) -> str:
     """`moe-tui ARGS` (a command that trains) run to its end in this process, on `threads` torch threads if
     given: no process start, no torch import. It must succeed. What it printed is kept in runs/NAME.stdout
-    and NAME.stderr. The thread count and torch's random state are put back afterwards."""
+    and NAME.stderr; its stdout is returned. The thread count and torch's random state are put back
+    afterwards."""
     runs.mkdir(parents=True, exist_ok=True)
     before, random_state = torch.get_num_threads(), torch.get_rng_state()
     with (
@@ -181,6 +182,7 @@ def moe_tui_here(runs: Path, name: str, *args: str, threads: int | None = None) 
             torch.set_num_threads(before)
             torch.set_rng_state(random_state)
     assert code == 0, (runs / f"{name}.stderr").read_text()
+    return (runs / f"{name}.stdout").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY, as_flags, shared_data_dir
+from tests.conftest import REPO, TINY, as_flags, moe_tui_here, shared_data_dir
 
 # Batch 32 (16 a rank): the tolerances of test_distributed.py were measured with it.
 DP = {**TINY, "batch_size": 32, "warmup_iters": 400, "eval_interval": 20, "ckpt_interval": 20, "max_iters": 40}
@@ -54,6 +54,17 @@ def train(args: list[str], runs: Path, timeout: float = 300, env: dict | None = 
     process = start(["train", "simpsons", *args, "--headless"], runs, env=env)
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def finished(args: list[str], runs: Path) -> str:
+    """`train simpsons ARGS --headless` run to a successful end; returns its stdout. With `--nproc`, as real
+    processes; without, in this process on one torch thread, as the straight runs (its start is not what
+    the tests that call this test)."""
+    if "--nproc" not in args:
+        return moe_tui_here(runs, "finished", "train", "simpsons", *args, "--headless", threads=1)
+    done = train(args, runs)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def records(run: Path, event: str) -> list[dict]:
