@@ -56,12 +56,13 @@ def train(args: list[str], runs: Path, timeout: float = 300, env: dict | None = 
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def finished(args: list[str], runs: Path) -> str:
-    """`train simpsons ARGS --headless` run to a successful end; returns its stdout. With `--nproc`, as real
-    processes; without, in this process on one torch thread, as the straight runs (its start is not what
-    the tests that call this test)."""
-    if "--nproc" not in args:
-        return moe_tui_here(runs, "finished", "train", "simpsons", *args, "--headless", threads=1)
+def stdout_of_training(args: list[str], runs: Path) -> str:
+    """What `train simpsons ARGS --headless` printed, run to a successful end: as real processes with
+    `--nproc`; without it, in this process on one torch thread as the straight runs (its being a process
+    of its own is not what the tests that call this check)."""
+    if not any(arg.startswith("--nproc") for arg in args):
+        name = f"here-{len(list(runs.glob('here-*.stdout')))}"  # one per call, kept side by side
+        return moe_tui_here(runs, name, "train", "simpsons", *args, "--headless", threads=1)
     done = train(args, runs)
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -34,9 +34,9 @@ from tests.ranks import (
     cut_copy,
     evals,
     finish,
-    finished,
     records,
     start,
+    stdout_of_training,
     train,
     two_machines,
     wait_for_line,
@@ -103,7 +103,7 @@ def test_stopped_with_sigterm_and_resumed_on_another_count_it_matches_a_straight
     assert process.returncode == 143 and saved, out + err
     stopped = int(saved.group(1))
     assert 10 <= stopped < 40 and "resume with: moe-tui train --resume split" in err
-    assert f"resuming at step {stopped}" in finished(["--resume", "split", *nproc(then)], tmp_path)
+    assert f"resuming at step {stopped}" in stdout_of_training(["--resume", "split", *nproc(then)], tmp_path)
     run = tmp_path / "split"
     steps = [r["step"] for r in records(run, "StepMetrics")]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # the steps continue, none twice
@@ -188,7 +188,7 @@ def test_a_run_moves_between_expert_parallel_and_one_process_through_its_checkpo
     # The first 20 steps are those of a run above, trained that way: its checkpoint of step 20.
     source = request.getfixturevalue(first)
     cut_copy(source if isinstance(source, Path) else source.run, tmp_path / "moved", 20)
-    assert "resuming at step 20" in finished(["--resume", "moved", "--max-iters", "40", *then], tmp_path)
+    assert "resuming at step 20" in stdout_of_training(["--resume", "moved", "--max-iters", "40", *then], tmp_path)
     assert evals(straight)[40] == pytest.approx(evals(tmp_path / "moved")[40], abs=1e-3)
     a, b = weights(straight, 40), weights(tmp_path / "moved", 40)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-3

@@ -76,9 +76,10 @@ def test_a_stop_signal_to_the_launcher_or_any_rank_saves_and_all_exit_with_its_c
 NOISY = [*DP_FLAGS, "--dropout", "0.1", "--router", "noisy_topk", "--nproc", "2"]
 
 
-def same_run(one: Path, other: Path, step: int) -> bool:
+def assert_same_run(one: Path, other: Path, step: int) -> None:
     a, b = weights(one, step), weights(other, step)
-    return all(torch.equal(a[k], b[k]) for k in a) and evals(one)[step] == evals(other)[step]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], "weights differ"
+    assert evals(one)[step] == evals(other)[step]
 
 
 def test_resumed_with_its_experts_split_over_as_many_processes_it_is_the_straight_run_exactly(tmp_path):
@@ -87,7 +88,7 @@ def test_resumed_with_its_experts_split_over_as_many_processes_it_is_the_straigh
     cut_copy(tmp_path / "straight", tmp_path / "resumed", 20)  # as if stopped after its checkpoint of step 20
     done = train(["--resume", "resumed", "--max-iters", "40", "--nproc", "2", "--expert-parallel"], tmp_path)
     assert done.returncode == 0 and "resuming at step 20" in done.stdout, done.stderr
-    assert same_run(tmp_path / "straight", tmp_path / "resumed", 40)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 40)
 
 
 # Faults injected into the ranks through a sitecustomize module on PYTHONPATH, chosen by MOE_TUI_FAULT.
@@ -146,7 +147,7 @@ def test_a_rank_that_fails_alone_brings_every_rank_down_at_once_and_the_run_resu
     # With dropout and router noise, the run that failed and resumed is the one that never failed.
     straight = train([*NOISY, "--run-name", "straight"], tmp_path)
     assert straight.returncode == 0, straight.stderr
-    assert same_run(tmp_path / "straight", tmp_path / "f", 40)
+    assert_same_run(tmp_path / "straight", tmp_path / "f", 40)
 
 
 def test_a_checkpoint_being_written_when_a_rank_dies_is_written_before_rank_0_leaves(tmp_path):

@@ -56,7 +56,7 @@ def test_set_then_sigkill_then_resume_ends_as_the_run_that_never_stopped(tmp_pat
     wait_until(lambda: read_status(Run.open(runs, "killed")).state == "crashed", 60, "the trainer to die")
     assert "lr = 0.001" in (killed / "config.toml").read_text()  # the current values, for the resume
 
-    # The resume is not what is tested here: it runs in this process, on one thread as the trainer did.
+    # Resumed in this process, on one thread as the trainer ran (its being a process is not tested here).
     moe_tui_here(runs, "resumed", "train", "--resume", "killed", "--headless", threads=1)
     # Resumed from step 50, the change logged after it is made again at its step; its events stay in the
     # log, once each (a resume cut short again still finds them).
