@@ -61,8 +61,7 @@ def stdout_of_training(args: list[str], runs: Path) -> str:
     `--nproc`; without it, in this process on one torch thread as the straight runs (its being a process
     of its own is not what the tests that call this check)."""
     if not any(arg.startswith("--nproc") for arg in args):
-        name = f"here-{len(list(runs.glob('here-*.stdout')))}"  # one per call, kept side by side
-        return moe_tui_here(runs, name, "train", "simpsons", *args, "--headless", threads=1)
+        return moe_tui_here(runs, "trained-here", "train", "simpsons", *args, "--headless", threads=1)
     done = train(args, runs)
     assert done.returncode == 0, done.stderr
     return done.stdout
