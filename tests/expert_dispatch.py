@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from moe_core.config import Config
 from moe_core.model.moe import MoE
+from moe_core.optim import AdamW
 from moe_core.parallel.experts import ExpertParallel
 from moe_core.parallel.ranks import Ranks
 
@@ -38,7 +39,7 @@ def dispatch_once(rank: int, capacity_factor: float, results: str) -> None:
         Ranks(rank, 2),
         Config(num_experts=4, top_k=2, n_embd=6, n_head=1),
         holder,
-        torch.optim.AdamW(holder.parameters()),
+        AdamW([{"params": holder.parameters()}], lr=1e-3),
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         split, alone = layer(x), whole(x)

@@ -98,6 +98,17 @@ def test_sampling_imports_torch_where_it_needs_it(trained_once):
     assert "torch" in modules and "moe_core.model.sampling" in modules
 
 
+def test_training_leaves_torchs_compiler_unimported(tmp_path):
+    """Steps, an evaluation, a sample and checkpoints without `torch._dynamo` (1.5 s of imports, which
+    `torch.optim.AdamW` would bring: moe_core/optim.py); only --compile needs it."""
+    every_5 = ["--eval-interval", "5", "--sample-interval", "5", "--ckpt-interval", "5", "--max-iters", "10"]
+    code, out, err, modules = moe_tui(tmp_path, "train", "simpsons", *TINY_FLAGS, *every_5, "--headless")
+    assert code == 0, err
+    assert "sample @ step 10" in out and re.search(r"saved checkpoint at step 10 ", out), out
+    assert "torch" in modules and "moe_core.optim" in modules
+    assert not {m for m in modules if m.startswith("torch._dynamo")}
+
+
 def torch_loaded(pid: int) -> bool:
     """Whether the process has torch's library mapped: imported torch, at some point."""
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()

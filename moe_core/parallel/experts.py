@@ -38,6 +38,7 @@ from moe_core.config import Config
 from moe_core.errors import UserError
 from moe_core.model.dispatch import LocalDispatch, sort_by_expert
 from moe_core.model.moe import MoE, StackedExperts
+from moe_core.optim import AdamW
 from moe_core.parallel.ranks import Ranks, collective
 
 
@@ -130,7 +131,7 @@ class ExpertParallel:
     dispatcher in every MoE layer, the gradients, their norm, and the whole model back for checkpoints
     and samples."""
 
-    def __init__(self, ranks: Ranks, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, ranks: Ranks, config: Config, model: nn.Module, optimizer: AdamW):
         """From a whole model (and its optimizer) that every rank holds alike: this rank keeps its share."""
         check_expert_parallel(config, ranks.world)
         self.ranks = ranks
@@ -146,7 +147,7 @@ class ExpertParallel:
 
     # -- setting up ----------------------------------------------------------------------------
 
-    def _keep_own(self, optimizer: torch.optim.Optimizer) -> None:
+    def _keep_own(self, optimizer: AdamW) -> None:
         """Drop the other ranks' experts from the model and from its optimizer's moments (the same
         Parameter objects keep their place in the optimizer), and send each layer's rows to the ranks."""
         own = slice(self.first, self.first + self.per_rank)
@@ -184,7 +185,7 @@ class ExpertParallel:
         return {name: self._gather(p.detach(), to_host) for name, p in self.experts.items()}
 
     def whole_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+        self, model: nn.Module, optimizer: AdamW, state: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model's weights and training state (`Learner.state_dict()`) as one process would have them, every expert and
         its moments gathered on rank 0's host memory, one tensor at a time (the other ranks send theirs

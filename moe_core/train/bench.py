@@ -17,6 +17,7 @@ import torch
 
 from moe_core.config import Config
 from moe_core.model.transformer import MoETransformer, reference_generate
+from moe_core.optim import AdamW
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _Stepper:
         torch.manual_seed(config.seed)
         self.model = MoETransformer(config, vocab_size).to(device)
         self.forward = torch.compile(self.model) if compile else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, fused=True)
+        self.optimizer = AdamW([{"params": self.model.parameters()}], lr=config.lr)
         g = torch.Generator().manual_seed(0)
         shape = (config.batch_size, config.block_size)
         self.x = torch.randint(vocab_size, shape, generator=g).to(device)
@@ -73,7 +74,7 @@ class _Stepper:
             with _autocast(self.device):
                 out = self.forward(self.x, self.y)
             loss = out.loss + self.aux * out.aux_loss + self.z * out.z_loss
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
         _sync(self.device)

@@ -20,6 +20,7 @@ from moe_core.events import EvalMetrics, ExpertChars, SettingsChanged
 from moe_core.model.routes import RouteCounter
 from moe_core.model.sampling import SampleRequest, complete
 from moe_core.model.transformer import MoETransformer
+from moe_core.optim import AdamW
 from moe_core.parallel.experts import ExpertParallel
 from moe_core.parallel.ranks import SINGLE, Ranks, on_cpu, set_rng_state
 from moe_core.train.step_log import StepWindow
@@ -69,14 +70,14 @@ class Learner:
         self.expert_parallel: ExpertParallel | None = None
         self.window = StepWindow(ranks)  # the steps since the last log line
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> AdamW:
         # Decay matrices only (nanoGPT): biases, LayerNorm gains and embeddings' scale stay free.
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95), fused=True)
+        return AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95))
 
     # -- what a checkpoint holds -----------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Learner:
         with self.autocast:
             out = self.forward(x, y)
         loss = out.loss + c.aux_loss_coef * out.aux_loss + c.z_loss_coef * out.z_loss
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         limit = c.grad_clip if c.grad_clip > 0 else math.inf
         if self.expert_parallel:
