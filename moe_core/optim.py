@@ -2,9 +2,9 @@
 parameter groups and the moments held here instead of by `torch.optim.AdamW`.
 
 Why not `torch.optim.AdamW` itself: its base class imports torch's compiler (`torch._dynamo`) when it
-is built and at each step, compiled or not, and that import takes about 1.5 s of CPU on 2 cores, as
-much as importing torch: every training start, resume, fork and rank paid it before its first step. The
-update is the same call with the same arguments, so the weights come out the same to the bit, and
+is built and at each step, compiled or not, and that import takes about 1.3 s of CPU on 2 cores, about
+as much as importing torch: every training start, resume, fork and rank paid it before its first step.
+The update is the same call with the same arguments, so the weights come out the same to the bit, and
 `state_dict()` has `torch.optim.AdamW`'s layout, so a checkpoint written by either loads into the
 other (both checked in tests/test_optim.py).
 
@@ -101,12 +101,19 @@ class AdamW:
                 f"the saved optimizer holds parameter groups of {[len(g['params']) for g in groups]} parameters, "
                 f"this model's {sizes}"
             )
-        params = self._params()
-        self.param_groups = [{**s, "params": own["params"]} for own, s in zip(self.param_groups, groups, strict=True)]
-        self.state = {}
+        # A parameter's saved index is where the saved groups list it (as torch.optim matches them).
+        params = dict(zip((i for group in groups for i in group["params"]), self._params()))
+        moments = {}
         for i, state in saved["state"].items():
-            p = params[int(i)]
-            self.state[p] = {k: v.to(p.device, torch.float32 if k == "step" else p.dtype) for k, v in state.items()}
+            if i not in params:
+                raise ValueError(f"the saved optimizer holds moments for a parameter {i!r} that its groups do not list")
+            p = params[i]
+            # A step saved as a number (older torch) becomes the tensor the fused kernel counts in.
+            moments[p] = {
+                k: torch.as_tensor(v).to(p.device, torch.float32 if k == "step" else p.dtype) for k, v in state.items()
+            }
+        self.param_groups = [{**s, "params": own["params"]} for own, s in zip(self.param_groups, groups, strict=True)]
+        self.state = moments
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

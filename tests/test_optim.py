@@ -73,9 +73,15 @@ def test_a_checkpoint_of_either_resumes_in_the_other_as_the_straight_run(text):
     assert_same(from_ours, straight)
 
 
-def test_a_checkpoint_of_another_model_is_refused_naming_the_groups(text):
-    learner = trained(text, "ours", 0)
-    saved = learner.optimizer.state_dict()
-    saved["param_groups"][1]["params"] = saved["param_groups"][1]["params"][:-1]
+def test_a_checkpoint_of_another_model_is_refused_naming_what_does_not_fit(text):
+    # ValueError: what resuming turns into "checkpoint ... does not fit this model" (moe_core/train/checkpointing.py).
+    optimizer = trained(text, "ours", 1).optimizer
+    fewer = optimizer.state_dict()
+    fewer["param_groups"][1]["params"] = fewer["param_groups"][1]["params"][:-1]
     with pytest.raises(ValueError, match=r"groups of \[\d+, \d+\] parameters, this model's \[\d+, \d+\]"):
-        learner.optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(fewer)
+    stray = optimizer.state_dict()
+    stray["state"] = {**stray["state"], -1: stray["state"][0]}
+    with pytest.raises(ValueError, match="moments for a parameter -1 that its groups do not list"):
+        optimizer.load_state_dict(stray)
+    assert {float(s["step"]) for s in optimizer.state.values()} == {1.0}  # left as it was
