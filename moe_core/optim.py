@@ -95,11 +95,10 @@ class AdamW:
         """The inverse of `state_dict()`, from this class or `torch.optim.AdamW`: the saved hyperparameters
         replace the groups' own, and the moments move to their parameter's device and dtype."""
         groups = saved["param_groups"]
-        sizes = [len(group["params"]) for group in self.param_groups]
-        if [len(group["params"]) for group in groups] != sizes:
+        saved_sizes, sizes = ([len(g["params"]) for g in gs] for gs in (groups, self.param_groups))
+        if saved_sizes != sizes:
             raise ValueError(
-                f"the saved optimizer holds parameter groups of {[len(g['params']) for g in groups]} parameters, "
-                f"this model's {sizes}"
+                f"the saved optimizer holds parameter groups of {saved_sizes} parameters, this model's {sizes}"
             )
         # A parameter's saved index is where the saved groups list it (as torch.optim matches them).
         params = dict(zip((i for group in groups for i in group["params"]), self._params()))

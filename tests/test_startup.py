@@ -99,7 +99,7 @@ def test_sampling_imports_torch_where_it_needs_it(trained_once):
 
 
 def test_training_leaves_torchs_compiler_unimported(tmp_path):
-    """Steps, an evaluation, a sample and checkpoints without `torch._dynamo` (1.5 s of imports, which
+    """Steps, an evaluation, a sample and checkpoints without `torch._dynamo` (1.3 s of imports, which
     `torch.optim.AdamW` would bring: moe_core/optim.py); only --compile needs it."""
     every_5 = ["--eval-interval", "5", "--sample-interval", "5", "--ckpt-interval", "5", "--max-iters", "10"]
     code, out, err, modules = moe_tui(tmp_path, "train", "simpsons", *TINY_FLAGS, *every_5, "--headless")
